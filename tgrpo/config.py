@@ -1,0 +1,227 @@
+"""The run's one typed config: a YAML file plus command-line overrides, help text on every field, validation.
+
+    python train_grpo.py --config configs/default.yaml --learning_rate 1e-4 --max_steps 20
+
+Everything a user types is checked here (or in `data.validate_dataset`) before any process group, engine or model
+starts, and a problem is raised as one `ConfigError` line that names the field and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input: printed as one line by rank 0, then every rank exits with status 2."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # --- model -----------------------------------------------------------------------------------------------
+    model: str = _f("tiny", "Local Hugging Face model folder (config.json, weights, tokenizer), or 'tiny' for the "
+                    "embedded tiny Qwen2 model, built into cache_dir on first use.")
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "Weights dtype for the policy, reference and vLLM. auto: bfloat16 on GPU, float32 on CPU.")
+    cache_dir: str = _f(".cache", "Where the embedded tiny model and tokenizer are built.")
+
+    # --- data ------------------------------------------------------------------------------------------------
+    train_data: str = _f("data/arith_train.json", "Training prompts: a chatml JSON file of rows "
+                         "{messages: [...], answer: ...}.")
+    prompt_column: str = _f("messages", "Column holding the chat messages of the prompt.")
+    answer_column: str = _f("answer", "Column holding the reference answer the rewards compare against.")
+    system_prompt: str = _f("Solve the problem. Put only the final answer inside <answer></answer>.",
+                            "System message put before each prompt that has none; empty string for none.")
+    max_prompt_length: int = _f(256, "Prompts longer than this many tokens are dropped (with a count).")
+
+    # --- placement -------------------------------------------------------------------------------------------
+    rollout_ranks: str = _f("0-0", "Closed range(s) of global ranks that drive vLLM engines, e.g. '0-1' or '0,2-3'.")
+    policy_ranks: str = _f("1-2", "Closed range(s) of global ranks that train the policy with DeepSpeed ZeRO-3.")
+    backend: Literal["auto", "nccl", "gloo"] = _f("auto", "Collective backend: auto picks nccl with GPUs, else gloo.")
+    dist_timeout_s: int = _f(600, "Timeout of every collective and of start-up, in seconds: a rank that never "
+                             "joins or a peer that died ends the job after this long.")
+
+    # --- rollout ---------------------------------------------------------------------------------------------
+    prompts_per_step: int = _f(16, "Prompts per step over all rollout ranks.")
+    num_generations: int = _f(8, "Completions sampled per prompt (the GRPO group size).")
+    max_completion_length: int = _f(32, "Most new tokens per completion.")
+    temperature: float = _f(1.0, "Sampling temperature of the rollout (must be > 0: groups need diversity).")
+    top_p: float = _f(1.0, "Nucleus sampling of the rollout.")
+    vllm_gpu_memory_utilization: float = _f(0.5, "Share of GPU memory a vLLM engine may take (GPU only).")
+    vllm_cpu_kvcache_gib: int = _f(1, "KV cache size of a CPU vLLM engine, in GiB (CPU only).")
+    vllm_enforce_eager: bool = _f(False, "Skip CUDA graph capture in vLLM (faster start, slower decode).")
+
+    # --- rewards ---------------------------------------------------------------------------------------------
+    reward_funcs: list[str] = _f(["math", "format"], "Rewards to sum, by name (see tgrpo/rewards.py).")
+    reward_weights: list[float] = _f([1.0, 0.2], "Weight of each reward in reward_funcs.")
+
+    # --- algorithm -------------------------------------------------------------------------------------------
+    learning_rate: float = _f(1e-6, "AdamW learning rate of the policy.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
+    epsilon: float = _f(0.2, "Lower clip range of the ratio: clip(r, 1 - epsilon, ...).")
+    epsilon_high: Optional[float] = _f(None, "Upper clip range (DAPO clip-higher); defaults to epsilon.")
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = _f(
+        "dapo", "Loss normaliser: dapo token mean over the batch; grpo per-sequence mean; dr_grpo constant; "
+                "bnpo token mean per micro-batch.")
+    scale_rewards: Literal["group", "batch", "none"] = _f("group", "Divide advantages by the group's reward "
+                                                          "std, the batch's, or not at all.")
+    beta: float = _f(0.0, "KL coefficient to the frozen reference model; 0 loads no reference.")
+    kl_estimator: Literal["k1", "k2", "k3"] = _f("k3", "KL estimator used in the loss.")
+    micro_batch_size: int = _f(8, "Sequences per forward/backward on each policy rank.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    deepspeed_config: str = _f("zero3.json", "DeepSpeed config; its 'auto' values are filled from this config.")
+
+    # --- loop and output -------------------------------------------------------------------------------------
+    max_steps: int = _f(30, "GRPO steps to run.")
+    seed: int = _f(42, "Seed of data order, sampling and initialisation.")
+    output_dir: str = _f("output", "Tensorboard, samples.jsonl and checkpoints go here.")
+    save_steps: int = _f(0, "Write an HF checkpoint every this many steps (0: only after the last step).")
+    num_samples_to_log: int = _f(4, "Completions written to samples.jsonl per step.")
+    sync_bucket_mb: int = _f(1024, "Size of the flat buckets in which weights go from policy to rollout, in MiB.")
+    sync_check: bool = _f(False, "After every sync, check that the rollout engine's greedy tokens and "
+                          "logprobs equal the policy's on a few prompts; stop the run if not.")
+    sync_check_prompts: int = _f(4, "Prompts used by sync_check.")
+    sync_check_atol: float = _f(1e-3, "Largest allowed |logprob difference| in sync_check.")
+
+    # --- derived, not user-set -------------------------------------------------------------------------------
+    def validate(self, world_size: int) -> "Placement":
+        from tgrpo.placement import Placement
+
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        _check(len(self.reward_funcs) == len(self.reward_weights),
+               f"reward_funcs has {len(self.reward_funcs)} names but reward_weights has {len(self.reward_weights)}"
+               " weights: give one weight per reward")
+        from tgrpo.rewards import REWARD_FUNCS
+        for name in self.reward_funcs:
+            _check(name in REWARD_FUNCS, f"unknown reward '{name}' in reward_funcs: choose from {sorted(REWARD_FUNCS)}")
+        for name in ("prompts_per_step", "num_generations", "max_completion_length", "micro_batch_size",
+                     "max_steps", "max_prompt_length", "sync_bucket_mb", "dist_timeout_s"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(self.num_generations >= 2, f"num_generations must be >= 2 (advantages compare completions of a "
+                                          f"prompt), got {self.num_generations}")
+        _check(self.temperature > 0, f"temperature must be > 0 for sampled groups, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(0 <= self.epsilon < 1 and self.epsilon_high >= 0,
+               f"epsilon must be in [0, 1) and epsilon_high >= 0, got {self.epsilon}, {self.epsilon_high}")
+        _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        _check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
+        placement = Placement.from_config(self, world_size)
+        _check(self.prompts_per_step % placement.num_rollout == 0,
+               f"prompts_per_step={self.prompts_per_step} must be divisible by the {placement.num_rollout} rollout "
+               "ranks")
+        samples = self.prompts_per_step * self.num_generations
+        per_step = placement.num_policy * self.micro_batch_size
+        _check(samples % per_step == 0,
+               f"prompts_per_step * num_generations = {samples} must be divisible by policy ranks * "
+               f"micro_batch_size = {placement.num_policy} * {self.micro_batch_size}: every policy rank runs the "
+               "same number of micro-batches")
+        _check(self.model == "tiny" or os.path.isfile(os.path.join(self.model, "config.json")),
+               f"model '{self.model}' is not a model folder (no config.json there): give a local Hugging Face "
+               "model folder (download it first on clusters without internet) or 'tiny'")
+        _check(os.path.isfile(self.deepspeed_config),
+               f"deepspeed_config '{self.deepspeed_config}' does not exist: point it at a DeepSpeed JSON such as "
+               "zero3.json")
+        _check(os.path.exists(self.train_data),
+               f"train_data '{self.train_data}' does not exist: give a chatml JSON file")
+        return placement
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def _field_parser(tp):
+    """argparse `type`, `nargs` and `choices` for a field's annotation."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        return _field_parser(inner)
+    if origin is Literal:
+        return {"type": str, "choices": list(args)}
+    if origin is list:
+        return {"type": args[0], "nargs": "+"}
+    if tp is bool:
+        return {"type": _parse_bool, "metavar": "BOOL"}
+    return {"type": tp}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_grpo.py", description="GRPO with vLLM rollout ranks and DeepSpeed ZeRO-3 policy ranks in one "
+        "torchrun world. Values come from the defaults, then --config YAML, then these flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of field: value pairs.")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"] + f" (default: "
+                            f"{f.default if f.default_factory is dataclasses.MISSING else f.default_factory()})",
+                            **_field_parser(hints[f.name]))
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then command-line flags. Raises ConfigError on unknown or ill-typed keys."""
+    parser = build_parser()
+    parser.error = lambda message: (_ for _ in ()).throw(ConfigError(message))  # one line, not usage + exit
+    args = vars(parser.parse_args(argv))
+    values: dict = {}
+    if args.get("config"):
+        path = args.pop("config")
+        _check(os.path.isfile(path), f"config file '{path}' does not exist")
+        with open(path) as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        _check(isinstance(loaded, dict), f"config file '{path}' must hold a mapping of field: value")
+        values.update(_coerce_yaml(loaded, path))
+    args.pop("config", None)
+    values.update(args)
+    return Config(**values)
+
+
+def _coerce_yaml(loaded: dict, path: str) -> dict:
+    """Type-check YAML values through the same parsers as the command line, so both fail the same way."""
+    hints = typing.get_type_hints(Config)
+    names = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for key, value in loaded.items():
+        _check(key in names, f"unknown field '{key}' in {path}: see python train_grpo.py --help")
+        spec = _field_parser(hints[key])
+        if value is None:
+            out[key] = None
+            continue
+        try:
+            if spec.get("nargs"):
+                value = [spec["type"](v) for v in (value if isinstance(value, list) else [value])]
+            else:
+                value = spec["type"](value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"field '{key}' in {path}: {e}") from None
+        if "choices" in spec:
+            _check(value in spec["choices"], f"field '{key}' in {path} must be one of {spec['choices']}, got "
+                                             f"'{value}'")
+        out[key] = value
+    return out

@@ -1,0 +1,57 @@
+"""Process start-up and shutdown: init with timeouts, rank-0 printing, one-line errors with rank and role."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def print0(*args, **kwargs) -> None:
+    if env_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def pick_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(backend: str, timeout_s: int) -> None:
+    """The world's default group; a rank that never joins makes the others fail after timeout_s."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def make_default_group(group: dist.ProcessGroup) -> None:
+    """Make `group` this rank's default group. DeepSpeed ZeRO-3 issues some collectives on the default group (a
+    barrier in stage-3 set-up, a broadcast in assert_ints_same_as_other_ranks), so it only runs on a subset of the
+    world if that subset is the default group. Private torch API: kept here alone, and tested."""
+    dist.distributed_c10d._update_default_pg(group)
+
+
+def report_error_and_exit(rank: int, role: str, exc: BaseException, log_dir: str) -> None:
+    """One line on stderr naming rank, role and cause; the traceback goes to a per-rank file. Exits at once without
+    tearing down process groups, which would wait on the peers that this failure leaves hanging."""
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, f"error-rank{rank}.log")
+    with open(path, "w") as f:
+        traceback.print_exception(exc, file=f)
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(f"[rank {rank} {role}] error: {type(exc).__name__}: {cause} (traceback: {path})", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    os._exit(1)

@@ -1,0 +1,126 @@
+"""The embedded default model: a tiny Qwen2 and a BPE tokenizer trained here, built once into the cache folder.
+
+No hub is reached: the tokenizer is trained with `tokenizers` on the bundled data, the model is initialised from a
+`Qwen2Config` (head_dim 64, which vLLM's CPU attention accepts) and given a short supervised warm-up on the answer
+format, so that GRPO starts from a model that sometimes answers right, as it would from an SFT checkpoint.
+
+    python -m tgrpo.tiny [cache_dir]     # build (or find) it and print its folder
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import sys
+
+TINY_NAME = "tiny-qwen2-v1"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEFAULT_SYSTEM = "Solve the problem. Put only the final answer inside <answer></answer>."
+WARMUP_STEPS = 150
+
+
+def tiny_model_dir(cache_dir: str) -> str:
+    return os.path.join(os.path.abspath(cache_dir), TINY_NAME)
+
+
+def ensure_tiny_model(cache_dir: str, data_path: str = "data/arith_train.json") -> str:
+    """Build the tiny model unless a complete one is there; safe when several ranks call it at once."""
+    out = tiny_model_dir(cache_dir)
+    if os.path.isfile(os.path.join(out, "done")):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(out, "done")):
+            _build(out, data_path)
+    return out
+
+
+def _conversations(data_path: str) -> list[list[dict]]:
+    with open(data_path) as f:
+        rows = json.load(f)
+    convs = []
+    for row in rows:
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(row["messages"])
+        convs.append(messages + [{"role": "assistant", "content": f"<answer>{row['answer']}</answer>"}])
+    return convs
+
+
+def _train_tokenizer(convs: list[list[dict]]):
+    from jinja2 import Template
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    template = Template(CHAT_TEMPLATE)
+    texts = [template.render(messages=c, add_generation_prompt=False) for c in convs]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=512)
+
+
+def _build(out: str, data_path: str) -> None:
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    convs = _conversations(data_path)
+    tokenizer = _train_tokenizer(convs)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+    model = Qwen2ForCausalLM(config)
+    _warm_up(model, tokenizer, convs)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
+    open(os.path.join(tmp, "done"), "w").close()
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:
+    """A few supervised steps on the answers: the model learns the format and a little arithmetic."""
+    import torch
+
+    rng = random.Random(0)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(WARMUP_STEPS):
+        batch = rng.sample(convs, 32)
+        ids, labels = [], []
+        for conv in batch:
+            prompt = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(conv, tokenize=False)
+            p, f = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
+            ids.append(f)
+            labels.append([-100] * len(p) + f[len(p):])
+        width = max(map(len, ids))
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        label_ids = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.eval()
+
+
+if __name__ == "__main__":
+    print(ensure_tiny_model(sys.argv[1] if len(sys.argv) > 1 else ".cache"))

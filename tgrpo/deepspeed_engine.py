@@ -1,0 +1,85 @@
+"""Every call into DeepSpeed lives here (pinned: deepspeed 0.19.8).
+
+The policy (and, with beta > 0, the frozen reference) are ZeRO-3 engines over the policy group, which each policy
+rank has made its default group before calling in here (see distributed.make_default_group).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+# transformers' ZeRO-3 hook reads this object while it is alive: from_pretrained then loads each weight straight
+# into its partition (deepspeed.zero.Init) instead of materialising the whole model on every rank.
+_hf_ds_configs: list = []
+
+
+def load_config(path: str, cfg, *, bf16: bool, samples_per_rank: int, dp_size: int, hidden_size: int) -> dict:
+    """zero3.json with its "auto" values filled from our config and the model's width, as the HF Trainer does."""
+    with open(path) as f:
+        ds = json.load(f)
+    gas = samples_per_rank // cfg.micro_batch_size
+    fill = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": cfg.micro_batch_size * gas * dp_size,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = bf16
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(f"{path}: zero_optimization.stage must be 3 (the policy is trained with ZeRO-3)")
+    sized = {"reduce_bucket_size": hidden_size * hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in sized.items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    ds.pop("optimizer", None)  # we pass our AdamW; a JSON optimizer would need DeepSpeed's fused ops on CPU
+    ds.pop("scheduler", None)
+    return ds
+
+
+def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainable: bool, lr: float = 0.0,
+                 weight_decay: float = 0.0, gradient_checkpointing: bool = False):
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # Binds deepspeed.comm to the torch.distributed state we made; its world is then the policy group.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    _hf_ds_configs.append(HfDeepSpeedConfig(ds_config))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.config.use_cache = False
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        return engine
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def full_shape(param: torch.nn.Parameter) -> list[int]:
+    """The whole parameter's shape: a ZeRO-3 partitioned parameter reports numel() == 0 outside a gather."""
+    return list(getattr(param, "ds_shape", param.shape))
+
+
+def gathered(params: list[torch.nn.Parameter]):
+    """Context in which every listed parameter is whole on every policy rank; a collective over the policy group."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else 0.0

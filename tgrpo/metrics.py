@@ -1,0 +1,77 @@
+"""Rank-0 output: tensorboard scalars, metrics.jsonl, samples.jsonl and a progress bar. Other ranks get a no-op."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+
+def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, float]:
+    """One step's scalars from every sample and every rank's timings."""
+    rewards = [s.reward for s in samples]
+    lengths = [len(s.completion_ids) for s in samples]
+    out = {
+        "reward/mean": statistics.fmean(rewards),
+        "reward/std": statistics.pstdev(rewards),
+        "completion/length_mean": statistics.fmean(lengths),
+        "completion/truncated_fraction": statistics.fmean(float(s.truncated) for s in samples),
+    }
+    for name in samples[0].reward_parts:
+        out[f"reward/{name}"] = statistics.fmean(s.reward_parts[name] for s in samples)
+    if "math" in samples[0].reward_parts:
+        out["accuracy"] = statistics.fmean(float(s.reward_parts["math"] >= 1.0) for s in samples)
+    generate_s = max(r["generate_s"] for r in rollout)
+    out["time/generate_s"] = generate_s
+    out["time/reward_s"] = max(r["reward_s"] for r in rollout)
+    out["throughput/generate_tokens_per_s"] = sum(r["generated_tokens"] for r in rollout) / max(generate_s, 1e-9)
+    for key, value in train.items():
+        if "/" in key:
+            out[key] = value
+        else:
+            prefix = "throughput" if key.endswith("_per_s") else "time" if key.endswith("_s") else "policy"
+            out[f"{prefix}/{key}"] = value
+    return out
+
+
+class Metrics:
+    def __init__(self, cfg, enabled: bool, start_step: int = 0):
+        self.enabled = enabled
+        self.cfg = cfg
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        self.metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
+        self.samples_file = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+
+    def log(self, step: int, samples: list, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        self.metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.metrics_file.flush()
+        for s in samples[:self.cfg.num_samples_to_log]:
+            self.samples_file.write(json.dumps({
+                "step": step, "prompt": s.prompt_text, "completion": s.completion_text, "answer": s.answer,
+                "reward": s.reward, "reward_parts": s.reward_parts, "advantage": s.advantage,
+                "truncated": s.truncated}) + "\n")
+        self.samples_file.flush()
+        self.bar.update(1)
+        self.bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", step_s=f"{scalars['time/step_s']:.1f}")
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.metrics_file.close()
+            self.samples_file.close()

@@ -1,0 +1,178 @@
+"""One GRPO job: every rank runs `main`; its role (rollout or policy) decides which half of each step it does.
+
+A step, as one batch sees it:
+  rollout ranks:  prompts -> vLLM -> rewards -> advantages ---.
+  data group:     all_gather of the samples  <-----------------'
+  policy ranks:   their slice of the samples -> loss -> ZeRO-3 step
+  sync group:     gathered buckets, broadcast policy -> rollout, loaded into vLLM
+  data group:     policy metrics -> rank 0, which logs
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from tgrpo import checkpoint, data, distributed, sync
+from tgrpo.config import Config, ConfigError, load_config
+from tgrpo.metrics import Metrics, step_metrics
+from tgrpo.placement import POLICY, ROLLOUT, build_groups
+
+
+class JobError(RuntimeError):
+    """A failure every rank learns of at the same point (a failed sync check): rank 0 reports it once."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    rank, world_size = distributed.env_rank(), distributed.env_world_size()
+    try:
+        cfg = load_config(argv)
+        placement = cfg.validate(world_size)
+    except ConfigError as e:
+        _fail_once(rank, e, status=2)
+    role = placement.role(rank)
+    _quiet_libraries()
+    try:
+        _run(cfg, placement, rank, role)
+    except (ConfigError, JobError) as e:
+        _fail_once(rank, e, status=2 if isinstance(e, ConfigError) else 1)
+    except BaseException as e:  # noqa: BLE001 - every other failure: one line per failing rank, then exit
+        distributed.report_error_and_exit(rank, role, e, os.path.join(cfg.output_dir, "logs"))
+
+
+def _fail_once(rank: int, error: Exception, status: int) -> None:
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
+
+
+def _quiet_libraries() -> None:
+    """Rank 0's progress bar is the output; engines log warnings and errors only."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def resolve_model(cfg: Config) -> str:
+    if cfg.model == "tiny":
+        from tgrpo.tiny import ensure_tiny_model
+
+        return ensure_tiny_model(cfg.cache_dir, cfg.train_data)
+    return cfg.model
+
+
+def _dtypes(cfg: Config) -> tuple[str, torch.dtype]:
+    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    return name, getattr(torch, name)
+
+
+def _run(cfg: Config, placement, rank: int, role: str) -> None:
+    model_dir = resolve_model(cfg)
+    distributed.init(distributed.pick_backend(cfg.backend), cfg.dist_timeout_s)
+    groups = build_groups(placement, distributed.pick_backend(cfg.backend), cfg.dist_timeout_s)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype_name, dtype = _dtypes(cfg)
+    is_source = rank == placement.sync_source
+
+    # Pre-flight: rollout ranks read and check the data before any engine starts; every rank learns the verdict.
+    worker, problem = None, None
+    if role == ROLLOUT:
+        try:
+            from tgrpo.rollout import RolloutWorker
+
+            worker = RolloutWorker(cfg, placement, rank, model_dir)
+        except ConfigError as e:
+            problem = str(e)
+    verdicts: list = [None] * placement.world_size
+    dist.all_gather_object(verdicts, problem, group=groups.data)
+    if any(verdicts):
+        raise ConfigError(next(v for v in verdicts if v))
+
+    log = Metrics(cfg, enabled=rank == 0)
+    if worker is not None and worker.dropped:
+        print(f"[rank {rank} rollout] dropped {worker.dropped} prompts longer than max_prompt_length", flush=True)
+    if role == ROLLOUT:
+        worker.start_engine(dtype_name)
+        policy = None
+    else:
+        from tgrpo.policy import PolicyWorker
+
+        distributed.make_default_group(groups.policy)
+        policy = PolicyWorker(cfg, placement, groups, model_dir, device, dtype)
+
+    plan = [sync.model_plan(policy.model, cfg.sync_bucket_mb << 20) if is_source else None]
+    dist.broadcast_object_list(plan, group=groups.data, group_src=placement.sync_source)
+    plan = plan[0]
+
+    for step in range(cfg.max_steps):
+        t_step = time.perf_counter()
+        local = worker.rollout(step) if role == ROLLOUT else ([], None)
+        everyone: list = [None] * placement.world_size
+        dist.all_gather_object(everyone, local, group=groups.data)
+        samples = [s for rank_samples, _ in everyone for s in rank_samples]
+        rollout_metrics = [m for _, m in everyone if m is not None]
+
+        train_metrics: dict = {}
+        if role == POLICY:
+            index = placement.policy.index(rank)
+            train_metrics = policy.train_step(samples, data.rank_slice(samples, index, placement.num_policy))
+
+        t_sync = time.perf_counter()
+        if role == POLICY:
+            sync.send_weights(policy.model, plan, groups.sync, groups.sync_src, is_source, device)
+        else:
+            sync.receive_weights(worker.engine, plan, groups.sync, groups.sync_src)
+        train_metrics["sync_s"] = time.perf_counter() - t_sync
+
+        if cfg.sync_check:
+            train_metrics.update(_sync_check(cfg, placement, groups, worker, policy, step, rank))
+        shared = [train_metrics if is_source else None]
+        dist.broadcast_object_list(shared, group=groups.data, group_src=placement.sync_source)
+        train_metrics = shared[0]
+        if cfg.sync_check and not train_metrics["sync_check/passed"]:
+            raise JobError(f"sync check failed after step {step + 1}: vLLM's greedy tokens or logprobs differ from "
+                           f"the policy's (token match {train_metrics['sync_check/token_match']:.3f}, max logprob "
+                           f"diff {train_metrics['sync_check/max_logprob_diff']:.2e})")
+
+        done = step + 1
+        if role == POLICY and ((cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps):
+            path = checkpoint.save_hf(policy.model, plan, model_dir, cfg.output_dir, done, is_writer=is_source)
+            if is_source:
+                print(f"saved {path}", flush=True) if rank == 0 else None
+        scalars = step_metrics(samples, rollout_metrics, train_metrics)
+        scalars["time/step_s"] = time.perf_counter() - t_step
+        log.log(done, samples, scalars)
+
+    dist.barrier(group=groups.data)  # checkpoints written before anyone reports success
+    log.message(f"done: {cfg.max_steps} steps; outputs in {cfg.output_dir}")
+    log.close()
+    if worker is not None:
+        worker.engine.shutdown()
+    dist.destroy_process_group()
+
+
+def _sync_check(cfg, placement, groups, worker, policy, step: int, rank: int) -> dict:
+    """Greedy tokens and logprobs of each rollout engine against the policy's own on the same sequences."""
+    mine = None
+    if worker is not None:
+        prompts = [p.prompt_ids for p in worker.step_prompts(step)[:cfg.sync_check_prompts]]
+        mine = (prompts, worker.greedy(prompts))
+    everyone: list = [None] * placement.world_size
+    dist.all_gather_object(everyone, mine, group=groups.data)
+    if policy is None:
+        return {}
+    prompts = [p for entry in everyone if entry for p in entry[0]]
+    engine_out = [g for entry in everyone if entry for g in entry[1]]
+    policy_out = policy.score_sequences(prompts, [tokens for tokens, _ in engine_out])
+    matched = sum(tokens == argmax for (tokens, _), (argmax, _) in zip(engine_out, policy_out))
+    diffs = [abs(a - b) for (_, lp_e), (_, lp_p) in zip(engine_out, policy_out) for a, b in zip(lp_e, lp_p)]
+    max_diff = max(diffs, default=0.0)
+    token_match = matched / max(1, len(engine_out))
+    return {"sync_check/token_match": token_match, "sync_check/max_logprob_diff": max_diff,
+            "sync_check/passed": float(token_match == 1.0 and max_diff <= cfg.sync_check_atol)}

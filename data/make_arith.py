@@ -15,12 +15,13 @@ WORD = [
     ("There are {a} birds on a tree and {b} more arrive. How many birds are there?", lambda a, b: a + b),
     ("{name} reads {a} pages a day for {b} days. How many pages is that?", lambda a, b: a * b),
 ]
+MAX_OPERAND = 5  # small enough that the tiny model learns the facts in a minute of warm-up
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 def row(rng: random.Random) -> dict:
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
     if rng.random() < 0.7:
         op = rng.choice(list(OPS))
         if op == "-" and b > a:

@@ -14,14 +14,14 @@ import os
 import random
 import sys
 
-TINY_NAME = "tiny-qwen2-v1"
+TINY_NAME = "tiny-qwen2-v2"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEFAULT_SYSTEM = "Solve the problem. Put only the final answer inside <answer></answer>."
-WARMUP_STEPS = 150
+WARMUP_STEPS = 300
 
 
 def tiny_model_dir(cache_dir: str) -> str:
@@ -100,6 +100,7 @@ def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:
 
     rng = random.Random(0)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    decay = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: max(0.05, 1 - i / WARMUP_STEPS))
     model.train()
     for _ in range(WARMUP_STEPS):
         batch = rng.sample(convs, 32)
@@ -118,6 +119,7 @@ def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:
         loss = model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss
         loss.backward()
         optim.step()
+        decay.step()
         optim.zero_grad()
     model.eval()
 

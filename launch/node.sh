@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Start this node's share of the job: bash launch/node.sh NODE_RANK MASTER_ADDR [-- train_grpo.py arguments]
+#
+# Reads the node count and this node's process count from the hostfile and runs torchrun with a static
+# rendezvous (--master_addr/--master_port/--node_rank), which keeps global rank 0 on the master node.
+# Environment: HOSTFILE (hostfile), MASTER_PORT (29631), CONFIG (configs/default.yaml), PYTHON (.venv's python),
+# LOG_DIR (output/logs). NCCL_*/GLOO_* variables (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE, ...)
+# pass through to every rank.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage="usage: bash launch/node.sh NODE_RANK MASTER_ADDR [-- train_grpo.py arguments]"
+NODE_RANK=${1:?$usage}
+MASTER_ADDR=${2:?$usage}
+shift 2
+if [ "${1:-}" = "--" ]; then shift; fi
+
+HOSTFILE=${HOSTFILE:-hostfile}
+MASTER_PORT=${MASTER_PORT:-29631}
+CONFIG=${CONFIG:-configs/default.yaml}
+LOG_DIR=${LOG_DIR:-output/logs}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+
+[ -f "$HOSTFILE" ] || { echo "error: hostfile '$HOSTFILE' not found: write one line 'host slots=N' per node" >&2; exit 2; }
+mapfile -t SLOTS < <(grep -v '^\s*\(#\|$\)' "$HOSTFILE" | sed -n 's/^\s*\S\+\s\+slots=\([0-9]\+\)\s*$/\1/p')
+NODES=$(grep -cv '^\s*\(#\|$\)' "$HOSTFILE" || true)
+if [ "${#SLOTS[@]}" -ne "$NODES" ] || [ "$NODES" -eq 0 ]; then
+  echo "error: $HOSTFILE: every non-comment line must read 'host slots=N' (found $NODES lines, ${#SLOTS[@]} valid)" >&2
+  exit 2
+fi
+if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NODES" ]; then
+  echo "error: NODE_RANK '$NODE_RANK' is not one of the $NODES nodes of $HOSTFILE (0-$((NODES - 1)))" >&2
+  exit 2
+fi
+WORLD_SIZE=0
+for s in "${SLOTS[@]}"; do WORLD_SIZE=$((WORLD_SIZE + s)); done
+NPROC=${SLOTS[$NODE_RANK]}
+
+# Bad input stops here, in one line, before any process group or engine starts.
+"$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@"
+
+mkdir -p "$LOG_DIR"
+echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT" \
+  "(log: $LOG_DIR/node$NODE_RANK.log)"
+"$PYTHON" -m torch.distributed.run --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  train_grpo.py --config "$CONFIG" "$@" 2>&1 | tee "$LOG_DIR/node$NODE_RANK.log"

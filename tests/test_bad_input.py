@@ -1,0 +1,56 @@
+"""Bad input: one clear line naming the problem and the fix, exit status 2, before any engine starts."""
+import json
+import sys
+
+import pytest
+
+from helpers import run, torchrun
+
+
+def _rows(tmp_path, rows) -> str:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--rollout_ranks", "0-1", "--policy_ranks", "1-2"], "in both rollout_ranks"),
+    (["--rollout_ranks", "0-0", "--policy_ranks", "1-1"], "have no role"),
+    (["--rollout_ranks", "0-0", "--policy_ranks", "1-3"], "beyond the world size 3"),
+    (["--model", "/no/such/model"], "is not a model folder"),
+    (["--learning_rate", "fast"], "invalid float value"),
+    ("no-answer", "no answer in 'answer'"),
+    ("no-prompt", "holds no prompt"),
+])
+def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
+    if args == "no-answer":
+        args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": GOOD["messages"], "answer": ""}])]
+    elif args == "no-prompt":
+        args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": [], "answer": "3"}])]
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *args], timeout=120, env={"PYTHON": sys.executable})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert "EngineCore" not in result.stdout + result.stderr  # nothing started
+
+
+def test_bad_hostfile_and_node_rank(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=2\nnode-b gpus=2\n")
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1"], timeout=30, env={"HOSTFILE": str(hostfile)})
+    assert result.returncode == 2 and "host slots=N" in result.stderr
+    result = run(["bash", "launch/node.sh", "3", "127.0.0.1"], timeout=30)
+    assert result.returncode == 2 and "NODE_RANK '3'" in result.stderr
+
+
+def test_torchrun_bad_row_found_by_rollout_rank_ends_every_rank(tmp_path):
+    """Without the launcher's pre-flight, the rollout rank finds the bad row; all ranks stop, rank 0 says it once."""
+    data = _rows(tmp_path, [GOOD] * 20 + [{"messages": GOOD["messages"]}])
+    result = torchrun(["train_grpo.py", "--train_data", data, "--output_dir", str(tmp_path / "out")], timeout=300)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert len(ours) == 1 and "no answer" in ours[0], result.stderr[-3000:]
+    assert "EngineCore" not in result.stderr

@@ -1,0 +1,88 @@
+"""Config parsing, placement validation and bucket planning: pure, fast, no process groups."""
+import dataclasses
+
+import pytest
+import torch
+
+from tgrpo.config import Config, ConfigError, build_parser, load_config
+from tgrpo.placement import Placement, parse_ranges
+from tgrpo.sync import plan_buckets
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 3.0e-4\nmax_steps: 7\nreward_funcs: [math]\nreward_weights: [1.0]\n")
+    cfg = load_config(["--config", str(path), "--max_steps", "9", "--sync_check", "true"])
+    assert cfg.learning_rate == 3e-4 and cfg.max_steps == 9 and cfg.sync_check is True
+    assert cfg.reward_funcs == ["math"] and cfg.reward_weights == [1.0]
+
+
+def test_help_lists_every_field_with_text():
+    text = build_parser().format_help()
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name}" in text and f.metadata["help"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max_steps", "many"], "invalid int value"),
+    (["--loss_type", "ppo"], "invalid choice"),
+    (["--unknown_flag", "1"], "unrecognized arguments"),
+])
+def test_bad_flags_raise_one_line(argv, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_yaml_keys_and_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rte: 1.0\n")
+    with pytest.raises(ConfigError, match="unknown field 'learning_rte'"):
+        load_config(["--config", str(path)])
+    path.write_text("max_steps: ten\n")
+    with pytest.raises(ConfigError, match="field 'max_steps'"):
+        load_config(["--config", str(path)])
+
+
+def test_parse_ranges():
+    assert parse_ranges("0-2", "x") == [0, 1, 2]
+    assert parse_ranges("0,2-3", "x") == [0, 2, 3]
+    for bad in ("a-b", "3-1", "0-1,1"):
+        with pytest.raises(ConfigError):
+            parse_ranges(bad, "x")
+
+
+@pytest.mark.parametrize("rollout, policy, world, words", [
+    ("0-1", "1-2", 3, "in both"),
+    ("0-0", "1-1", 3, "have no role"),
+    ("0-0", "1-3", 3, "beyond the world size"),
+    ("0-0", "x", 3, "not a rank range"),
+])
+def test_bad_placement(rollout, policy, world, words):
+    cfg = Config(rollout_ranks=rollout, policy_ranks=policy)
+    with pytest.raises(ConfigError, match=words):
+        Placement.from_config(cfg, world)
+
+
+def test_placement_roles_and_sync_group():
+    p = Placement.from_config(Config(rollout_ranks="2-3", policy_ranks="0-1"), 4)
+    assert p.role(0) == "policy" and p.role(3) == "rollout"
+    assert p.sync_source == 0 and p.sync_ranks == (0, 2, 3)
+
+
+def test_validate_checks_batch_divisibility_and_model_path():
+    with pytest.raises(ConfigError, match="divisible by policy ranks"):
+        Config(prompts_per_step=3, num_generations=2, micro_batch_size=4).validate(3)
+    with pytest.raises(ConfigError, match="not a model folder"):
+        Config(model="/no/such/model").validate(3)
+    with pytest.raises(ConfigError, match="unknown reward"):
+        Config(reward_funcs=["math", "nope"], reward_weights=[1, 1]).validate(3)
+
+
+def test_plan_buckets_packs_in_order_and_splits_by_size_and_dtype():
+    f32, bf16 = torch.float32, torch.bfloat16
+    params = [("a", [4, 4], f32), ("b", [8], f32), ("c", [100], f32), ("d", [2], f32), ("e", [3], bf16)]
+    plan = plan_buckets(params, bucket_bytes=100)  # 25 float32 values
+    assert [[n for n, *_ in b.params] for b in plan] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert plan[0].params[1] == ("b", [8], 16, 8) and plan[0].numel == 24
+    assert [b.dtype for b in plan] == ["float32", "float32", "float32", "bfloat16"]

@@ -1,0 +1,33 @@
+"""Check a job before torchrun starts it: config, placement against the world size, model folder, data rows.
+
+    python -m tgrpo.preflight WORLD_SIZE [train_grpo.py arguments]
+
+Prints one line and exits 2 on bad input; builds the embedded tiny model if it is asked for and missing, so that
+the ranks do not race to build it.
+"""
+import sys
+
+from tgrpo.config import ConfigError, load_config
+
+
+def main() -> None:
+    try:
+        world_size = int(sys.argv[1])
+    except (IndexError, ValueError):
+        sys.exit("usage: python -m tgrpo.preflight WORLD_SIZE [train_grpo.py arguments]")
+    try:
+        cfg = load_config(sys.argv[2:])
+        cfg.validate(world_size)
+        from transformers import AutoTokenizer
+
+        from tgrpo import data
+        from tgrpo.trainer import resolve_model
+
+        data.load_prompts(cfg, AutoTokenizer.from_pretrained(resolve_model(cfg)))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

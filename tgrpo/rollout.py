@@ -85,4 +85,4 @@ class RolloutWorker:
 def _seed(seed: int, step: int, index: int) -> int:
     """The sampling seed of a (run seed, step, rollout rank): a resumed run samples what the uninterrupted one
     would have."""
-    return random.Random(f"{seed}-{step}-{index}").randrange(2**31 - 1)
+    return random.Random(f"{seed}-{step}-{index}").randrange(2**30)

@@ -76,11 +76,17 @@ def send_weights(model: torch.nn.Module, plan: list[Bucket], group, group_src: i
     return sent
 
 
-def receive_weights(engine, plan: list[Bucket], group, group_src: int) -> None:
-    """Rollout side: each bucket lands in the engine's shared buffer and is loaded before the next arrives."""
+def receive_weights(engine, plan: list[Bucket], group, group_src: int, device: torch.device) -> None:
+    """Rollout side: each bucket lands in the engine's shared buffer and is loaded before the next arrives.
+    NCCL receives on the GPU, so there the bucket is staged on the device and copied over."""
     engine.begin_update()
     for bucket in plan:
         buffer = engine.weight_buffer(bucket.numel, bucket.torch_dtype)
-        dist.broadcast(buffer, group=group, group_src=group_src)
+        if device.type == "cuda":
+            staging = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device)
+            dist.broadcast(staging, group=group, group_src=group_src)
+            buffer.copy_(staging)
+        else:
+            dist.broadcast(buffer, group=group, group_src=group_src)
         engine.load_bucket(bucket.numel, bucket.torch_dtype, bucket.params)
     engine.finish_update()

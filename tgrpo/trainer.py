@@ -127,7 +127,7 @@ def _run(cfg: Config, placement, rank: int, role: str) -> None:
         if role == POLICY:
             sync.send_weights(policy.model, plan, groups.sync, groups.sync_src, is_source, device)
         else:
-            sync.receive_weights(worker.engine, plan, groups.sync, groups.sync_src)
+            sync.receive_weights(worker.engine, plan, groups.sync, groups.sync_src, device)
         train_metrics["sync_s"] = time.perf_counter() - t_sync
 
         if cfg.sync_check:

@@ -29,9 +29,6 @@ class WeightReceiver:
     A weight update is begin, one load per bucket, finish: vLLM's layerwise reload defers each layer's processing
     (CPU repacking, fused qkv) until all its weights are in, so a bucket may end in the middle of a layer."""
 
-    def tgrpo_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-
     def tgrpo_begin_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
@@ -58,7 +55,13 @@ class WeightReceiver:
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str):
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:
+        if on_gpu:
+            # vLLM's worker takes the first visible GPU; make that this rank's GPU (the engine's child process reads
+            # the variable when it starts; CUDA in this process is already bound).
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[torch.cuda.current_device()]
+        else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm_cpu_kvcache_gib))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         from vllm import LLM
@@ -68,6 +71,9 @@ class RolloutEngine:
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
             enforce_eager=cfg.vllm_enforce_eager, logprobs_mode="processed_logprobs",
             worker_extension_cls="tgrpo.vllm_engine.WeightReceiver", enable_prefix_caching=True,
+            # A chunked prefill discards a sampled token and rewinds the request's generator, which vLLM's CPU
+            # runner cannot do ('CPU Generator does not use offset'); whole prefills keep per-request seeds working.
+            enable_chunked_prefill=False,
         )
         self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
         self._shm: torch.Tensor | None = None
@@ -76,14 +82,13 @@ class RolloutEngine:
                  top_p: float, seed: int | None) -> list[list[Completion]]:
         """n completions per prompt, each with the logprob of every sampled token.
 
-        `seed` reseeds the worker's generator before the batch, so a batch's samples depend only on the seed and
-        the weights (a resumed run samples as the uninterrupted one did). Per-request seeds would do the same, but
-        vLLM's CPU runner fails on them once a prefill is chunked ('CPU Generator does not use offset')."""
+        Prompt i gets seed + i*n and its j-th sample seed + i*n + j (vLLM adds j): each sample depends only on the
+        seed, its prompt and the weights, not on how the scheduler batched it, so a resumed run samples what the
+        uninterrupted one did."""
         from vllm import SamplingParams, TokensPrompt
 
-        if seed is not None:
-            self.llm.collective_rpc("tgrpo_seed", args=(seed,))
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0)
+        params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+                                 seed=None if seed is None else seed + i * n) for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         return [[Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)], o.text,
                             str(o.finish_reason)) for o in out.outputs] for out in outputs]

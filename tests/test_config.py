@@ -66,8 +66,33 @@ def test_bad_placement(rollout, policy, world, words):
 
 def test_placement_roles_and_sync_group():
     p = Placement.from_config(Config(rollout_ranks="2-3", policy_ranks="0-1"), 4)
-    assert p.role(0) == "policy" and p.role(3) == "rollout"
+    assert p.roles(0) == {"policy"} and p.roles(3) == {"rollout"}
     assert p.sync_source == 0 and p.sync_ranks == (0, 2, 3)
+
+
+def test_tensor_parallel_engines_and_reference_ranks():
+    cfg = Config(rollout_ranks="0-3", policy_ranks="4-5", reference_ranks="6-7", beta=0.1,
+                 rollout_tensor_parallel_size=2)
+    p = Placement.from_config(cfg, 8, local_world_size=8)
+    assert p.engine_ranks == (0, 2) and p.sync_ranks == (0, 2, 4) and p.roles(7) == {"reference"}
+
+
+def test_colocated_gives_every_rank_both_roles():
+    p = Placement.from_config(Config(rollout_ranks="all", policy_ranks="all", colocate=True), 2)
+    assert p.roles(1) == {"rollout", "policy"} and p.engine_ranks == (0, 1)
+    with pytest.raises(ConfigError, match="set both to 'all'"):
+        Placement.from_config(Config(rollout_ranks="0-0", policy_ranks="all", colocate=True), 2)
+
+
+@pytest.mark.parametrize("kwargs, world, local, words", [
+    (dict(rollout_ranks="0-2", policy_ranks="3-3", rollout_tensor_parallel_size=2), 4, 4, "do not split"),
+    (dict(rollout_ranks="1-2", policy_ranks="0,3", rollout_tensor_parallel_size=2), 4, 2, "crosses a node"),
+    (dict(rollout_ranks="0-0", policy_ranks="1-1", reference_ranks="1-1", beta=0.1), 2, 2, "another role"),
+    (dict(rollout_ranks="0-0", policy_ranks="1-1", reference_ranks="2-2"), 3, 3, "beta=0 loads no reference"),
+])
+def test_bad_engine_and_reference_placement(kwargs, world, local, words):
+    with pytest.raises(ConfigError, match=words):
+        Placement.from_config(Config(**kwargs), world, local)
 
 
 def test_validate_checks_batch_divisibility_and_model_path():

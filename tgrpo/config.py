@@ -46,8 +46,15 @@ class Config:
     max_prompt_length: int = _f(256, "Prompts longer than this many tokens are dropped (with a count).")
 
     # --- placement -------------------------------------------------------------------------------------------
-    rollout_ranks: str = _f("0-0", "Closed range(s) of global ranks that drive vLLM engines, e.g. '0-1' or '0,2-3'.")
+    rollout_ranks: str = _f("0-0", "Closed range(s) of global ranks whose GPUs hold vLLM engines, e.g. '0-1', "
+                            "'0,2-3' or 'all'.")
     policy_ranks: str = _f("1-2", "Closed range(s) of global ranks that train the policy with DeepSpeed ZeRO-3.")
+    reference_ranks: str = _f("", "Ranks of their own for the frozen reference model (beta > 0), ZeRO-3 over them; "
+                              "empty keeps the reference on the policy ranks.")
+    colocate: bool = _f(False, "Every rank both rolls out and trains (rollout_ranks = policy_ranks = 'all'); on GPU "
+                        "vLLM sleeps while the policy trains. False: split placement, each rank one role.")
+    rollout_tensor_parallel_size: int = _f(1, "GPUs per vLLM engine: each engine spans this many consecutive "
+                                           "rollout ranks of one node, the first of which drives it.")
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "Collective backend: auto picks nccl with GPUs, else gloo.")
     dist_timeout_s: int = _f(600, "Timeout of every collective and of start-up, in seconds: a rank that never "
                              "joins or a peer that died ends the job after this long.")
@@ -96,7 +103,7 @@ class Config:
     sync_check_atol: float = _f(1e-3, "Largest allowed |logprob difference| in sync_check.")
 
     # --- derived, not user-set -------------------------------------------------------------------------------
-    def validate(self, world_size: int) -> "Placement":
+    def validate(self, world_size: int, local_world_size: int | None = None) -> "Placement":
         from tgrpo.placement import Placement
 
         if self.epsilon_high is None:
@@ -108,7 +115,8 @@ class Config:
         for name in self.reward_funcs:
             _check(name in REWARD_FUNCS, f"unknown reward '{name}' in reward_funcs: choose from {sorted(REWARD_FUNCS)}")
         for name in ("prompts_per_step", "num_generations", "max_completion_length", "micro_batch_size",
-                     "max_steps", "max_prompt_length", "sync_bucket_mb", "dist_timeout_s"):
+                     "max_steps", "max_prompt_length", "sync_bucket_mb", "dist_timeout_s",
+                     "rollout_tensor_parallel_size"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(self.num_generations >= 2, f"num_generations must be >= 2 (advantages compare completions of a "
                                           f"prompt), got {self.num_generations}")
@@ -119,16 +127,20 @@ class Config:
                f"epsilon must be in [0, 1) and epsilon_high >= 0, got {self.epsilon}, {self.epsilon_high}")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         _check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
-        placement = Placement.from_config(self, world_size)
-        _check(self.prompts_per_step % placement.num_rollout == 0,
-               f"prompts_per_step={self.prompts_per_step} must be divisible by the {placement.num_rollout} rollout "
-               "ranks")
+        placement = Placement.from_config(self, world_size, local_world_size)
+        _check(self.prompts_per_step % placement.num_engines == 0,
+               f"prompts_per_step={self.prompts_per_step} must be divisible by the {placement.num_engines} rollout "
+               "engines")
         samples = self.prompts_per_step * self.num_generations
         per_step = placement.num_policy * self.micro_batch_size
         _check(samples % per_step == 0,
                f"prompts_per_step * num_generations = {samples} must be divisible by policy ranks * "
                f"micro_batch_size = {placement.num_policy} * {self.micro_batch_size}: every policy rank runs the "
                "same number of micro-batches")
+        if placement.reference:
+            per = len(placement.reference) * self.micro_batch_size
+            _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by "
+                   f"reference ranks * micro_batch_size = {per}")
         _check(self.model == "tiny" or os.path.isfile(os.path.join(self.model, "config.json")),
                f"model '{self.model}' is not a model folder (no config.json there): give a local Hugging Face "
                "model folder (download it first on clusters without internet) or 'tiny'")

@@ -5,7 +5,9 @@ rank has made its default group before calling in here (see distributed.make_def
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 
 import torch
 
@@ -54,18 +56,32 @@ def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainab
     # Binds deepspeed.comm to the torch.distributed state we made; its world is then the policy group.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     _hf_ds_configs.append(HfDeepSpeedConfig(ds_config))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model.config.use_cache = False
-    if not trainable:
-        model.eval()
-        model.requires_grad_(False)
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-        return engine
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine
+    with _launcher_world_is_default_group():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.config.use_cache = False
+        if not trainable:
+            model.eval()
+            model.requires_grad_(False)
+            return deepspeed.initialize(model=model, config=ds_config)[0]
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)[0]
+
+
+@contextlib.contextmanager
+def _launcher_world_is_default_group():
+    """DeepSpeed's zero.Init refuses a one-rank group when the launcher's WORLD_SIZE is larger (it takes that for
+    a mistake). Here the one-rank policy group is the intended world: say so for the length of the call."""
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(torch.distributed.get_world_size())
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved
 
 
 def full_shape(param: torch.nn.Parameter) -> list[int]:

@@ -18,6 +18,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_local_world_size() -> int | None:
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value else None
+
+
 def print0(*args, **kwargs) -> None:
     if env_rank() == 0:
         print(*args, **kwargs, flush=True)

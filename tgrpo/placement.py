@@ -1,10 +1,20 @@
 """Global ranks -> roles, and every process group of the job, built here in one order on every rank.
 
-A rank's role is decided once, from closed rank ranges in the config ("0-0", "1-2", "0,2-3"). The groups:
-- data:   every rank, always gloo. Rollout batches and metrics travel here as pickled objects; it is small traffic
-          and gloo keeps it off the GPU and free of NCCL's device rules.
-- policy: the policy ranks. DeepSpeed ZeRO-3 partitions over this group (it becomes their default group).
-- sync:   the sync source (the first policy rank) and every rollout rank. Weights are broadcast here.
+One process per GPU (or per CPU slot). Roles come from closed rank ranges in the config ("0-3", "0,2-3", "all"):
+- rollout:   ranks whose GPUs hold vLLM engines. With rollout_tensor_parallel_size = k, each engine spans k
+             consecutive rollout ranks of one node; the first drives the engine, the other k-1 lend it their GPU.
+- policy:    ranks that train with DeepSpeed ZeRO-3.
+- reference: ranks of their own holding the frozen reference (ZeRO-3 over them); empty puts it on the policy ranks.
+Split placement gives every rank one role. Colocated placement (colocate: true) gives every rank both rollout and
+policy: each trains a ZeRO-3 shard and drives (or lends its GPU to) an engine that sleeps while the policy trains.
+
+The groups:
+- data:      every rank, always gloo. Samples and metrics travel here as pickled objects: small traffic that gloo
+             keeps off the GPU and free of NCCL's device rules.
+- policy:    the policy ranks; ZeRO-3 partitions over it (it becomes their default group).
+- reference: the reference ranks, when they are ranks of their own (likewise their default group).
+- sync:      split placement: the sync source (the first policy rank) and every engine-driving rank; weights are
+             broadcast here. Colocated ranks load the weights they gather themselves and need no sync group.
 """
 from __future__ import annotations
 
@@ -15,13 +25,18 @@ import torch.distributed as dist
 
 from tgrpo.config import ConfigError
 
-ROLLOUT, POLICY = "rollout", "policy"
+ROLLOUT, POLICY, REFERENCE = "rollout", "policy", "reference"
 
 
-def parse_ranges(text: str, field: str) -> list[int]:
-    """'0-1,4' -> [0, 1, 4]. Closed ranges, like RLinf's placement strings."""
+def parse_ranges(text: str, field: str, world_size: int | None = None) -> list[int]:
+    """'0-1,4' -> [0, 1, 4]; 'all' -> every rank; '' -> none. Closed ranges, like RLinf's placement strings."""
+    text = str(text).replace(" ", "")
+    if text == "":
+        return []
+    if text == "all" and world_size is not None:
+        return list(range(world_size))
     ranks: list[int] = []
-    for part in str(text).replace(" ", "").split(","):
+    for part in text.split(","):
         lo, sep, hi = part.partition("-")
         try:
             first, last = int(lo), int(hi if sep else lo)
@@ -41,30 +56,67 @@ class Placement:
     world_size: int
     rollout: tuple[int, ...]
     policy: tuple[int, ...]
+    reference: tuple[int, ...] = ()
+    tensor_parallel: int = 1
+    colocated: bool = False
 
     @classmethod
-    def from_config(cls, cfg, world_size: int) -> "Placement":
-        rollout = parse_ranges(cfg.rollout_ranks, "rollout_ranks")
-        policy = parse_ranges(cfg.policy_ranks, "policy_ranks")
-        both = sorted(set(rollout) & set(policy))
-        if both:
-            raise ConfigError(f"ranks {both} are in both rollout_ranks='{cfg.rollout_ranks}' and policy_ranks="
-                              f"'{cfg.policy_ranks}': give each rank one role")
-        beyond = sorted(r for r in rollout + policy if r >= world_size)
+    def from_config(cls, cfg, world_size: int, local_world_size: int | None = None) -> "Placement":
+        rollout = parse_ranges(cfg.rollout_ranks, "rollout_ranks", world_size)
+        policy = parse_ranges(cfg.policy_ranks, "policy_ranks", world_size)
+        reference = parse_ranges(cfg.reference_ranks, "reference_ranks", world_size)
+        tp = cfg.rollout_tensor_parallel_size
+        if not rollout or not policy:
+            raise ConfigError("rollout_ranks and policy_ranks must each name at least one rank")
+        beyond = sorted(r for r in rollout + policy + reference if r >= world_size)
         if beyond:
             raise ConfigError(f"ranks {beyond} are beyond the world size {world_size} (ranks 0-{world_size - 1}): "
                               "shrink the ranges or launch more processes")
-        missing = sorted(set(range(world_size)) - set(rollout) - set(policy))
+        if cfg.colocate:
+            if sorted(rollout) != sorted(policy):
+                raise ConfigError(f"colocate=true puts rollout and policy on the same ranks, but rollout_ranks="
+                                  f"'{cfg.rollout_ranks}' and policy_ranks='{cfg.policy_ranks}' differ: set both "
+                                  "to 'all'")
+        else:
+            both = sorted(set(rollout) & set(policy))
+            if both:
+                raise ConfigError(f"ranks {both} are in both rollout_ranks='{cfg.rollout_ranks}' and policy_ranks="
+                                  f"'{cfg.policy_ranks}': give each rank one role, or set colocate=true")
+        twice = sorted(set(reference) & (set(rollout) | set(policy)))
+        if twice:
+            raise ConfigError(f"ranks {twice} are in reference_ranks='{cfg.reference_ranks}' and in another role: "
+                              "reference ranks hold the reference model alone")
+        if reference and cfg.beta == 0:
+            raise ConfigError("reference_ranks are given but beta=0 loads no reference model: set beta > 0 or "
+                              "leave reference_ranks empty")
+        missing = sorted(set(range(world_size)) - set(rollout) - set(policy) - set(reference))
         if missing:
             raise ConfigError(f"ranks {missing} of the {world_size} launched have no role: cover every rank with "
-                              "rollout_ranks and policy_ranks")
-        if not rollout or not policy:
-            raise ConfigError("rollout_ranks and policy_ranks must each name at least one rank")
-        return cls(world_size, tuple(sorted(rollout)), tuple(sorted(policy)))
+                              "rollout_ranks, policy_ranks and reference_ranks")
+        rollout = sorted(rollout)
+        if len(rollout) % tp:
+            raise ConfigError(f"{len(rollout)} rollout ranks do not split into engines of "
+                              f"rollout_tensor_parallel_size={tp} GPUs each")
+        node = local_world_size or world_size
+        for first in rollout[::tp]:
+            block = list(range(first, first + tp))
+            if rollout[rollout.index(first):rollout.index(first) + tp] != block:
+                raise ConfigError(f"an engine of {tp} GPUs needs {tp} consecutive rollout ranks, but rollout_ranks="
+                                  f"'{cfg.rollout_ranks}' breaks at rank {first}")
+            if first // node != block[-1] // node:
+                raise ConfigError(f"the engine on ranks {first}-{block[-1]} crosses a node boundary ({node} "
+                                  "processes per node): an engine's GPUs must be on one node")
+        return cls(world_size, tuple(rollout), tuple(sorted(policy)), tuple(sorted(reference)), tp,
+                   bool(cfg.colocate))
 
     @property
-    def num_rollout(self) -> int:
-        return len(self.rollout)
+    def engine_ranks(self) -> tuple[int, ...]:
+        """The ranks that drive an engine: the first of each tensor-parallel block."""
+        return self.rollout[::self.tensor_parallel]
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.engine_ranks)
 
     @property
     def num_policy(self) -> int:
@@ -76,32 +128,41 @@ class Placement:
 
     @property
     def sync_ranks(self) -> tuple[int, ...]:
-        return tuple(sorted((self.sync_source, *self.rollout)))
+        return tuple(sorted({self.sync_source, *self.engine_ranks}))
 
-    def role(self, rank: int) -> str:
-        return ROLLOUT if rank in self.rollout else POLICY
+    def roles(self, rank: int) -> set[str]:
+        return {role for role, ranks in ((ROLLOUT, self.rollout), (POLICY, self.policy),
+                                         (REFERENCE, self.reference)) if rank in ranks}
+
+    def role_name(self, rank: int) -> str:
+        """For messages: 'rollout', 'policy', 'rollout+policy', ..."""
+        return "+".join(r for r in (ROLLOUT, POLICY, REFERENCE) if r in self.roles(rank))
 
 
 @dataclass
 class Groups:
     data: dist.ProcessGroup
     policy: dist.ProcessGroup | None
+    reference: dist.ProcessGroup | None
     sync: dist.ProcessGroup | None
     sync_src: int  # the sync source's rank inside the sync group
-    data_policy_src: int  # the first policy rank's rank inside the data group
 
 
 def build_groups(placement: Placement, backend: str, timeout_s: int) -> Groups:
-    """Every rank must call new_group for every group, in the same order, including groups it is not in."""
+    """Every rank must call new_group for every group, in the same order, including groups it is not in. Each
+    group gets the timeout explicitly: sub-groups do not all inherit init_process_group's."""
     timeout = timedelta(seconds=timeout_s)
+    rank = dist.get_rank()
     data = dist.new_group(list(range(placement.world_size)), backend="gloo", timeout=timeout)
     policy = dist.new_group(list(placement.policy), backend=backend, timeout=timeout)
-    sync = dist.new_group(list(placement.sync_ranks), backend=backend, timeout=timeout)
-    rank = dist.get_rank()
+    reference = (dist.new_group(list(placement.reference), backend=backend, timeout=timeout)
+                 if placement.reference else None)
+    sync = (dist.new_group(list(placement.sync_ranks), backend=backend, timeout=timeout)
+            if not placement.colocated else None)
     return Groups(
         data=data,
         policy=policy if rank in placement.policy else None,
-        sync=sync if rank in placement.sync_ranks else None,
+        reference=reference if rank in placement.reference else None,
+        sync=sync if rank in placement.sync_ranks and not placement.colocated else None,
         sync_src=placement.sync_ranks.index(placement.sync_source),
-        data_policy_src=placement.sync_source,
     )

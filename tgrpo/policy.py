@@ -31,7 +31,13 @@ def collate(samples, pad_id: int, device: torch.device) -> dict[str, torch.Tenso
         comp_mask[i, :c] = 1
         rollout_logp[i, :c] = torch.tensor(s.rollout_logprobs)
     positions = (attn.cumsum(1) - 1).clamp(min=0)
-    batch = {"input_ids": ids, "attention_mask": attn, "position_ids": positions, "completion_mask": comp_mask,
+    extra = {}
+    if all(getattr(s, "ref_logprobs", None) is not None for s in samples):
+        ref = torch.zeros((B, C), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            ref[i, :len(s.ref_logprobs)] = torch.tensor(s.ref_logprobs)
+        extra["ref_logp"] = ref
+    batch = {**extra, "input_ids": ids, "attention_mask": attn, "position_ids": positions, "completion_mask": comp_mask,
              "completion_ids": ids[:, P:], "rollout_logp": rollout_logp,
              "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32)}
     return {k: v.to(device) for k, v in batch.items()}
@@ -45,23 +51,53 @@ def forward_logits(model, batch: dict, temperature: float) -> torch.Tensor:
     return out.logits[:, :-1].float() / temperature
 
 
+def _ds_config(cfg, model_dir: str, dtype: torch.dtype, samples_per_rank: int, dp_size: int) -> dict:
+    from transformers import AutoConfig
+
+    return deepspeed_engine.load_config(cfg.deepspeed_config, cfg, bf16=dtype == torch.bfloat16,
+                                        samples_per_rank=samples_per_rank, dp_size=dp_size,
+                                        hidden_size=AutoConfig.from_pretrained(model_dir).hidden_size)
+
+
+class ReferenceWorker:
+    """The frozen reference on ranks of its own: ZeRO-3 over the reference group, logprobs for its slice."""
+
+    def __init__(self, cfg, placement, model_dir: str, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.device = cfg, device
+        per_rank = cfg.prompts_per_step * cfg.num_generations // len(placement.reference)
+        ds_config = _ds_config(cfg, model_dir, dtype, per_rank, len(placement.reference))
+        self.engine = deepspeed_engine.build_engine(model_dir, ds_config, dtype, trainable=False)
+        self.pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
+
+    @torch.no_grad()
+    def logprobs(self, samples: list) -> list[list[float]]:
+        out = []
+        size = self.cfg.micro_batch_size
+        for i in range(0, len(samples), size):
+            chunk = samples[i:i + size]
+            batch = collate(chunk, self.pad_id, self.device)
+            logp = algorithm.token_logprobs(forward_logits(self.engine, batch, self.cfg.temperature),
+                                            batch["completion_ids"])
+            out.extend(logp[j, :len(s.completion_ids)].tolist() for j, s in enumerate(chunk))
+        return out
+
+
 class PolicyWorker:
     def __init__(self, cfg, placement, groups, model_dir: str, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.cfg, self.groups, self.device = cfg, groups, device
         self.dp_size = placement.num_policy
         samples_per_rank = cfg.prompts_per_step * cfg.num_generations // self.dp_size
-        hidden = AutoConfig.from_pretrained(model_dir).hidden_size
-        ds_config = deepspeed_engine.load_config(cfg.deepspeed_config, cfg, bf16=dtype == torch.bfloat16,
-                                                 samples_per_rank=samples_per_rank, dp_size=self.dp_size,
-                                                 hidden_size=hidden)
+        ds_config = _ds_config(cfg, model_dir, dtype, samples_per_rank, self.dp_size)
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.engine = deepspeed_engine.build_engine(
             model_dir, ds_config, dtype, trainable=True, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
             gradient_checkpointing=cfg.gradient_checkpointing)
         self.reference = (deepspeed_engine.build_engine(model_dir, ds_config, dtype, trainable=False)
-                          if cfg.beta > 0 else None)
+                          if cfg.beta > 0 and not placement.reference else None)
         self.pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
 
     @property
@@ -86,8 +122,8 @@ class PolicyWorker:
             with torch.no_grad():
                 entropy = algorithm.entropy_from_logits(logits)
             del logits
-            ref_logp = None
-            if self.reference is not None:
+            ref_logp = batch.get("ref_logp")
+            if ref_logp is None and self.reference is not None:
                 with torch.no_grad():
                     ref_logp = algorithm.token_logprobs(forward_logits(self.reference, batch, cfg.temperature),
                                                         batch["completion_ids"])

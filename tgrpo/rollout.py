@@ -27,6 +27,7 @@ class Sample:
     prompt_text: str
     completion_text: str
     reward_parts: dict[str, float] = field(default_factory=dict)
+    ref_logprobs: list[float] | None = None  # filled in by reference ranks of their own
 
 
 class RolloutWorker:
@@ -34,8 +35,9 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        self.index = placement.rollout.index(rank)  # this rank's share of the prompts
-        self.num_rollout = placement.num_rollout
+        self.index = placement.engine_ranks.index(rank)  # this engine's share of the prompts
+        self.num_engines = placement.num_engines
+        self.placement = placement
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.prompts, self.dropped = data.load_prompts(cfg, self.tokenizer)
         self.model_dir = model_dir
@@ -46,11 +48,12 @@ class RolloutWorker:
         cfg = self.cfg
         self.engine = RolloutEngine(self.model_dir, dtype=dtype, seed=cfg.seed + self.index,
                                     max_model_len=cfg.max_prompt_length + cfg.max_completion_length, cfg=cfg,
-                                    tag=f"rank{self.rank}")
+                                    tag=f"rank{self.rank}", tensor_parallel_size=self.placement.tensor_parallel,
+                                    sleep_mode=self.placement.colocated)
 
     def step_prompts(self, step: int) -> list[data.Prompt]:
         indices = data.step_indices(len(self.prompts), self.cfg.prompts_per_step, step, self.cfg.seed)
-        return [self.prompts[i] for i in data.rank_slice(indices, self.index, self.num_rollout)]
+        return [self.prompts[i] for i in data.rank_slice(indices, self.index, self.num_engines)]
 
     def rollout(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         cfg = self.cfg

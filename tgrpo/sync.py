@@ -50,16 +50,19 @@ def model_plan(model: torch.nn.Module, bucket_bytes: int) -> list[Bucket]:
                         bucket_bytes)
 
 
-def iter_gathered_buckets(model: torch.nn.Module, plan: list[Bucket], device: torch.device, fill: bool):
+def iter_gathered_buckets(model: torch.nn.Module, plan: list[Bucket], device: torch.device, fill: bool,
+                          buffer=None):
     """Yield (bucket, flat tensor or None) with the bucket's parameters gathered. Every policy rank must iterate
-    (the gather is a collective); only ranks with fill=True pay for the copy into the flat tensor."""
+    (the gather is a collective); only ranks with fill=True pay for the copy into the flat tensor, which is
+    buffer(numel, dtype) when given (an engine's shared buffer), else a new tensor on device."""
     by_name = dict(model.named_parameters())
     for bucket in plan:
         params = [by_name[name] for name, *_ in bucket.params]
         with deepspeed_engine.gathered(params):
             flat = None
             if fill:
-                flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device)
+                flat = (buffer(bucket.numel, bucket.torch_dtype) if buffer is not None else
+                        torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device))
                 for (_, _, offset, numel), param in zip(bucket.params, params):
                     flat[offset:offset + numel].copy_(param.data.reshape(-1))
             yield bucket, flat
@@ -74,6 +77,19 @@ def send_weights(model: torch.nn.Module, plan: list[Bucket], group, group_src: i
             dist.broadcast(flat, group=group, group_src=group_src)
             sent += flat.numel() * flat.element_size()
     return sent
+
+
+def load_colocated(model: torch.nn.Module, plan: list[Bucket], engine, device: torch.device) -> None:
+    """Colocated: every policy rank gathers each bucket anyway, so a rank that drives an engine copies it straight
+    into the engine's buffer; nothing is broadcast. Ranks without an engine (tensor-parallel helpers) pass None."""
+    if engine is not None:
+        engine.begin_update()
+    for bucket, _ in iter_gathered_buckets(model, plan, device, fill=engine is not None,
+                                           buffer=engine.weight_buffer if engine is not None else None):
+        if engine is not None:
+            engine.load_bucket(bucket.numel, bucket.torch_dtype, bucket.params)
+    if engine is not None:
+        engine.finish_update()
 
 
 def receive_weights(engine, plan: list[Bucket], group, group_src: int, device: torch.device) -> None:

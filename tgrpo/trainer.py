@@ -19,7 +19,7 @@ import torch.distributed as dist
 from tgrpo import checkpoint, data, distributed, sync
 from tgrpo.config import Config, ConfigError, load_config
 from tgrpo.metrics import Metrics, step_metrics
-from tgrpo.placement import POLICY, ROLLOUT, build_groups
+from tgrpo.placement import POLICY, REFERENCE, build_groups
 
 
 class JobError(RuntimeError):
@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     rank, world_size = distributed.env_rank(), distributed.env_world_size()
     try:
         cfg = load_config(argv)
-        placement = cfg.validate(world_size)
+        placement = cfg.validate(world_size, distributed.env_local_world_size())
     except ConfigError as e:
         _fail_once(rank, e, status=2)
-    role = placement.role(rank)
+    role = placement.role_name(rank)
     _quiet_libraries()
     try:
-        _run(cfg, placement, rank, role)
+        _run(cfg, placement, rank)
     except (ConfigError, JobError) as e:
         _fail_once(rank, e, status=2 if isinstance(e, ConfigError) else 1)
     except BaseException as e:  # noqa: BLE001 - every other failure: one line per failing rank, then exit
@@ -72,17 +72,20 @@ def _dtypes(cfg: Config) -> tuple[str, torch.dtype]:
     return name, getattr(torch, name)
 
 
-def _run(cfg: Config, placement, rank: int, role: str) -> None:
+def _run(cfg: Config, placement, rank: int) -> None:
     model_dir = resolve_model(cfg)
-    distributed.init(distributed.pick_backend(cfg.backend), cfg.dist_timeout_s)
-    groups = build_groups(placement, distributed.pick_backend(cfg.backend), cfg.dist_timeout_s)
+    backend = distributed.pick_backend(cfg.backend)
+    distributed.init(backend, cfg.dist_timeout_s)
+    groups = build_groups(placement, backend, cfg.dist_timeout_s)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype_name, dtype = _dtypes(cfg)
+    roles = placement.roles(rank)
     is_source = rank == placement.sync_source
+    drives_engine = rank in placement.engine_ranks
 
-    # Pre-flight: rollout ranks read and check the data before any engine starts; every rank learns the verdict.
+    # Pre-flight: engine ranks read and check the data before any engine starts; every rank learns the verdict.
     worker, problem = None, None
-    if role == ROLLOUT:
+    if drives_engine:
         try:
             from tgrpo.rollout import RolloutWorker
 
@@ -97,14 +100,20 @@ def _run(cfg: Config, placement, rank: int, role: str) -> None:
     log = Metrics(cfg, enabled=rank == 0)
     if worker is not None and worker.dropped:
         print(f"[rank {rank} rollout] dropped {worker.dropped} prompts longer than max_prompt_length", flush=True)
-    if role == ROLLOUT:
+    if drives_engine:  # first: colocated on a GPU, vLLM sizes its KV cache from the memory it finds free
         worker.start_engine(dtype_name)
-        policy = None
-    else:
+    policy = reference = None
+    if POLICY in roles:
         from tgrpo.policy import PolicyWorker
 
         distributed.make_default_group(groups.policy)
         policy = PolicyWorker(cfg, placement, groups, model_dir, device, dtype)
+    elif REFERENCE in roles:
+        from tgrpo.policy import ReferenceWorker
+
+        distributed.make_default_group(groups.reference)
+        reference = ReferenceWorker(cfg, placement, model_dir, device, dtype)
+    engine = worker.engine if worker is not None else None
 
     plan = [sync.model_plan(policy.model, cfg.sync_bucket_mb << 20) if is_source else None]
     dist.broadcast_object_list(plan, group=groups.data, group_src=placement.sync_source)
@@ -112,26 +121,34 @@ def _run(cfg: Config, placement, rank: int, role: str) -> None:
 
     for step in range(cfg.max_steps):
         t_step = time.perf_counter()
-        local = worker.rollout(step) if role == ROLLOUT else ([], None)
+        local = worker.rollout(step) if worker is not None else ([], None)
         everyone: list = [None] * placement.world_size
         dist.all_gather_object(everyone, local, group=groups.data)
         samples = [s for rank_samples, _ in everyone for s in rank_samples]
         rollout_metrics = [m for _, m in everyone if m is not None]
+        if placement.colocated and engine is not None:
+            engine.sleep()
+        if placement.reference:
+            _attach_reference_logprobs(placement, groups, reference, samples, rank)
 
         train_metrics: dict = {}
-        if role == POLICY:
+        if policy is not None:
             index = placement.policy.index(rank)
             train_metrics = policy.train_step(samples, data.rank_slice(samples, index, placement.num_policy))
 
         t_sync = time.perf_counter()
-        if role == POLICY:
+        if placement.colocated:
+            if engine is not None:
+                engine.wake_up()
+            sync.load_colocated(policy.model, plan, engine, device)
+        elif policy is not None:
             sync.send_weights(policy.model, plan, groups.sync, groups.sync_src, is_source, device)
-        else:
-            sync.receive_weights(worker.engine, plan, groups.sync, groups.sync_src, device)
+        elif engine is not None:
+            sync.receive_weights(engine, plan, groups.sync, groups.sync_src, device)
         train_metrics["sync_s"] = time.perf_counter() - t_sync
 
         if cfg.sync_check:
-            train_metrics.update(_sync_check(cfg, placement, groups, worker, policy, step, rank))
+            train_metrics.update(_sync_check(cfg, placement, groups, worker, policy, step))
         shared = [train_metrics if is_source else None]
         dist.broadcast_object_list(shared, group=groups.data, group_src=placement.sync_source)
         train_metrics = shared[0]
@@ -141,10 +158,10 @@ def _run(cfg: Config, placement, rank: int, role: str) -> None:
                            f"diff {train_metrics['sync_check/max_logprob_diff']:.2e})")
 
         done = step + 1
-        if role == POLICY and ((cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps):
+        if policy is not None and ((cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps):
             path = checkpoint.save_hf(policy.model, plan, model_dir, cfg.output_dir, done, is_writer=is_source)
-            if is_source:
-                print(f"saved {path}", flush=True) if rank == 0 else None
+            if is_source and rank == 0:
+                log.message(f"saved {path}")
         scalars = step_metrics(samples, rollout_metrics, train_metrics)
         scalars["time/step_s"] = time.perf_counter() - t_step
         log.log(done, samples, scalars)
@@ -152,12 +169,28 @@ def _run(cfg: Config, placement, rank: int, role: str) -> None:
     dist.barrier(group=groups.data)  # checkpoints written before anyone reports success
     log.message(f"done: {cfg.max_steps} steps; outputs in {cfg.output_dir}")
     log.close()
-    if worker is not None:
-        worker.engine.shutdown()
+    if engine is not None:
+        engine.shutdown()
     dist.destroy_process_group()
 
 
-def _sync_check(cfg, placement, groups, worker, policy, step: int, rank: int) -> dict:
+def _attach_reference_logprobs(placement, groups, reference, samples: list, rank: int) -> None:
+    """Reference ranks of their own score equal slices of the batch; every rank gets every sample's logprobs."""
+    mine = None
+    if reference is not None:
+        index = placement.reference.index(rank)
+        size = len(samples) // len(placement.reference)
+        mine = (index * size, reference.logprobs(samples[index * size:(index + 1) * size]))
+    everyone: list = [None] * placement.world_size
+    dist.all_gather_object(everyone, mine, group=groups.data)
+    for entry in everyone:
+        if entry is not None:
+            start, logprobs = entry
+            for offset, values in enumerate(logprobs):
+                samples[start + offset].ref_logprobs = values
+
+
+def _sync_check(cfg, placement, groups, worker, policy, step: int) -> dict:
     """Greedy tokens and logprobs of each rollout engine against the policy's own on the same sequences."""
     mine = None
     if worker is not None:

@@ -53,16 +53,25 @@ class WeightReceiver:
 
 
 class RolloutEngine:
-    def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str):
-        on_gpu = torch.cuda.is_available()
+    def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
+                 tensor_parallel_size: int = 1, sleep_mode: bool = False):
+        self.on_gpu = on_gpu = torch.cuda.is_available()
         if on_gpu:
-            # vLLM's worker takes the first visible GPU; make that this rank's GPU (the engine's child process reads
-            # the variable when it starts; CUDA in this process is already bound).
+            # vLLM's workers take the first visible GPUs: make those this rank's GPU and the next tp-1 (the engine's
+            # child processes read the variable when they start; CUDA in this process is already bound).
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ids[torch.cuda.current_device()]
+            first = torch.cuda.current_device()
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[first:first + tensor_parallel_size])
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm_cpu_kvcache_gib))
+            if tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                # vLLM's default binding wants a NUMA node per CPU worker; give each worker its own share of cores
+                cores = sorted(os.sched_getaffinity(0))
+                size = max(1, len(cores) // tensor_parallel_size)
+                shares = [cores[i * size:(i + 1) * size] or cores[-1:] for i in range(tensor_parallel_size)]
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, s)) for s in shares)
+        self.sleep_mode = sleep_mode and on_gpu  # the CPU backend has no sleep mode; CPU memory is not the limit
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         from vllm import LLM
 
@@ -70,6 +79,7 @@ class RolloutEngine:
             model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
             enforce_eager=cfg.vllm_enforce_eager, logprobs_mode="processed_logprobs",
+            tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
             worker_extension_cls="tgrpo.vllm_engine.WeightReceiver", enable_prefix_caching=True,
             # A chunked prefill discards a sampled token and rewinds the request's generator, which vLLM's CPU
             # runner cannot do ('CPU Generator does not use offset'); whole prefills keep per-request seeds working.
@@ -110,6 +120,15 @@ class RolloutEngine:
     def finish_update(self) -> None:
         self.llm.collective_rpc("tgrpo_finish_update")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def sleep(self) -> None:
+        """Colocated on GPU: free the weights and KV cache for the policy's training step."""
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def shutdown(self) -> None:
         if os.path.exists(self._shm_path):

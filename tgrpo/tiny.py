@@ -22,13 +22,15 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEFAULT_SYSTEM = "Solve the problem. Put only the final answer inside <answer></answer>."
 WARMUP_STEPS = 300
+# Always the bundled prompts, whatever train_data a run names: the tiny model is the same on every machine.
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "arith_train.json")
 
 
 def tiny_model_dir(cache_dir: str) -> str:
     return os.path.join(os.path.abspath(cache_dir), TINY_NAME)
 
 
-def ensure_tiny_model(cache_dir: str, data_path: str = "data/arith_train.json") -> str:
+def ensure_tiny_model(cache_dir: str) -> str:
     """Build the tiny model unless a complete one is there; safe when several ranks call it at once."""
     out = tiny_model_dir(cache_dir)
     if os.path.isfile(os.path.join(out, "done")):
@@ -37,7 +39,7 @@ def ensure_tiny_model(cache_dir: str, data_path: str = "data/arith_train.json") 
     with open(out + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isfile(os.path.join(out, "done")):
-            _build(out, data_path)
+            _build(out, BUNDLED_DATA)
     return out
 
 

@@ -63,7 +63,7 @@ def resolve_model(cfg: Config) -> str:
     if cfg.model == "tiny":
         from tgrpo.tiny import ensure_tiny_model
 
-        return ensure_tiny_model(cfg.cache_dir, cfg.train_data)
+        return ensure_tiny_model(cfg.cache_dir)
     return cfg.model
 
 

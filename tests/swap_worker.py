@@ -8,6 +8,7 @@ from tgrpo.distributed import make_default_group
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank = dist.get_rank()
+world = dist.new_group([0, 1, 2], timeout=timedelta(seconds=60))
 policy = dist.new_group([1, 2], timeout=timedelta(seconds=60))
 sync = dist.new_group([0, 1], timeout=timedelta(seconds=60))
 if rank in (1, 2):
@@ -23,3 +24,5 @@ if rank in (0, 1):
     dist.broadcast(t, group=sync, group_src=1)  # group-relative source: rank 1 is index 1 of [0, 1]
     assert t.item() == 42.0, t.item()
 print(f"rank {rank} ok", flush=True)
+dist.barrier(group=world)  # no rank leaves while others still use its connections
+dist.destroy_process_group()

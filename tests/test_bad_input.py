@@ -30,7 +30,8 @@ def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
         args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": GOOD["messages"], "answer": ""}])]
     elif args == "no-prompt":
         args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": [], "answer": "3"}])]
-    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *args], timeout=120, env={"PYTHON": sys.executable})
+    # the first case that reads data builds the tiny model (a minute or more on a busy 2-core machine)
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *args], timeout=600, env={"PYTHON": sys.executable})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr

@@ -75,7 +75,9 @@ def _build(out: str, data_path: str) -> None:
 
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the build runs inside pre-flight checks, whose stderr is one line
     convs = _conversations(data_path)
     tokenizer = _train_tokenizer(convs)
     torch.manual_seed(0)

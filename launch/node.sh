@@ -4,8 +4,8 @@
 # Reads the node count and this node's process count from the hostfile and runs torchrun with a static
 # rendezvous (--master_addr/--master_port/--node_rank), which keeps global rank 0 on the master node.
 # Environment: HOSTFILE (hostfile), MASTER_PORT (29631), CONFIG (configs/default.yaml), PYTHON (.venv's python),
-# LOG_DIR (output/logs). NCCL_*/GLOO_* variables (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE, ...)
-# pass through to every rank.
+# LOG_DIR (output/logs), JOIN_TIMEOUT_S (600: how long the nodes wait for each other at start-up).
+# NCCL_*/GLOO_* variables (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE, ...) pass through to every rank.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,7 @@ HOSTFILE=${HOSTFILE:-hostfile}
 MASTER_PORT=${MASTER_PORT:-29631}
 CONFIG=${CONFIG:-configs/default.yaml}
 LOG_DIR=${LOG_DIR:-output/logs}
+JOIN_TIMEOUT_S=${JOIN_TIMEOUT_S:-600}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -42,8 +43,16 @@ NPROC=${SLOTS[$NODE_RANK]}
 "$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@"
 
 mkdir -p "$LOG_DIR"
-echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT" \
-  "(log: $LOG_DIR/node$NODE_RANK.log)"
+log="$LOG_DIR/node$NODE_RANK.log"
+echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT (log: $log)"
+set +e
 "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  train_grpo.py --config "$CONFIG" "$@" 2>&1 | tee "$LOG_DIR/node$NODE_RANK.log"
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --rdzv_conf "timeout=$JOIN_TIMEOUT_S" --max_restarts 0 \
+  train_grpo.py --config "$CONFIG" "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -ne 0 ] && grep -q "clients joined\|waiting for clients\|Timed out after .* seconds" "$log"; then
+  echo "error: not all $NODES nodes of $HOSTFILE met at $MASTER_ADDR:$MASTER_PORT within JOIN_TIMEOUT_S=$JOIN_TIMEOUT_S s:" \
+    "start launch/node.sh on every host, with the same MASTER_ADDR, and check that the port is reachable" >&2
+fi
+exit "$status"

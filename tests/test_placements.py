@@ -24,9 +24,12 @@ def test_tensor_parallel_engine_and_reference_on_its_own_rank(tmp_path):
 
 
 def test_colocated_every_rank_rolls_out_and_trains(tmp_path):
+    """Two ranks, each a ZeRO-3 shard of the policy, a shard of the reference (beta > 0) and a vLLM engine that
+    loads the weights its rank gathers."""
     result = torchrun([*SHORT, "--colocate", "true", "--rollout_ranks", "all", "--policy_ranks", "all",
-                       "--output_dir", str(tmp_path)], nproc=2, timeout=900)
+                       "--beta", "0.05", "--output_dir", str(tmp_path)], nproc=2, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = _metrics(tmp_path)
     assert [m["sync_check/passed"] for m in metrics] == [1.0, 1.0, 1.0]
-    assert len(metrics) == 3 and all(m["policy/grad_norm"] > 0 for m in metrics)
+    assert all(m["policy/grad_norm"] > 0 for m in metrics)
+    assert abs(metrics[0]["policy/kl"]) < 1e-6 and metrics[2]["policy/kl"] > 0

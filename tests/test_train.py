@@ -104,13 +104,3 @@ def test_checkpoint_loads_in_vllm(trained):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "VLLM-TEXT" in result.stdout and "<answer>" in result.stdout
 
-
-def test_reference_model_kl_starts_at_zero_and_grows(tmp_path):
-    """beta > 0 loads a frozen ZeRO-3 reference: identical to the policy at step 1 (KL 0), apart after updates."""
-    result = torchrun(["train_grpo.py", "--config", "configs/default.yaml", "--max_steps", "3", "--beta", "0.05",
-                       "--prompts_per_step", "8", "--micro_batch_size", "8", "--output_dir", str(tmp_path)],
-                      timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    kl = [json.loads(line)["policy/kl"] for line in open(tmp_path / "metrics.jsonl")]
-    assert abs(kl[0]) < 1e-6, kl
-    assert 0 < kl[2] < 1.0, kl

@@ -10,6 +10,20 @@ import torch
 import torch.distributed as dist
 
 
+def adopt_slurm_env() -> None:
+    """Started by srun (one task per GPU) rather than torchrun: take rank and world from SLURM's variables.
+    The master is MASTER_ADDR if set, else the node srun was launched from (the allocation's first node)."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "SLURM_NTASKS_PER_NODE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["SLURM_NTASKS_PER_NODE"].split("(")[0]
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    os.environ.setdefault("MASTER_PORT", "29631")
+
+
 def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -27,6 +27,7 @@ class JobError(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> None:
+    distributed.adopt_slurm_env()
     rank, world_size = distributed.env_rank(), distributed.env_world_size()
     try:
         cfg = load_config(argv)

@@ -1,0 +1,255 @@
+"""Launch scripts: check.sh (cluster readiness), slurm.sbatch (per-node task), tmux.sh (start, stop)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, free_port, run, torchrun
+
+PYTHON = {"PYTHON": sys.executable}
+
+
+def test_check_sh_passes_with_the_hostfile_world(tmp_path):
+    result = run(["bash", "launch/check.sh", "0", "127.0.0.1"], timeout=180,
+                 env={**PYTHON, "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    # the process table: one row per rank of the default hostfile (localhost slots=3)
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["rank", "node", "host"])
+    rows = [line.split() for line in lines[header + 2:header + 5]]
+    assert [r[0] for r in rows] == ["0", "1", "2"] and [r[3] for r in rows] == ["0", "1", "2"], result.stdout
+    assert all(r[4] == "cpu" for r in rows), result.stdout
+    assert any(line.startswith("all_reduce ") for line in lines) and any(line.startswith("broadcast ") for line in lines)
+    report = json.loads(next(line for line in lines if line.startswith("{")))
+    assert report["check"] == "ok" and report["world_size"] == 3 and report["backend"] == "gloo"
+    assert [r["size_mib"] for r in report["all_reduce"]] == [1, 4, 16, 64]
+    assert all(r["algbw_gbps"] > 0 for r in report["all_reduce"] + report["broadcast"])
+
+
+def test_check_sh_fails_in_one_line_on_a_wrong_count(tmp_path):
+    result = run(["bash", "launch/check.sh", "0", "127.0.0.1", "4"], timeout=120,
+                 env={**PYTHON, "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path), "CHECK_SIZES_MIB": "1"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: world size is 3") and "expected 4" in lines[0], result.stderr
+
+
+CORRUPTING_CHECK = '''
+import os, sys
+import torch.distributed as dist
+sys.path.insert(0, os.path.join({root!r}, "launch"))
+import check_cluster
+
+real_all_reduce, done = dist.all_reduce, []
+
+def all_reduce(tensor, *args, **kwargs):  # rank 2 gets one wrong value from its first large all-reduce
+    work = real_all_reduce(tensor, *args, **kwargs)
+    if os.environ["RANK"] == "2" and tensor.numel() > 1000 and not done:
+        done.append(1)
+        tensor[5] += 1
+    return work
+
+dist.all_reduce = all_reduce
+sys.exit(check_cluster.main())
+'''
+
+
+def test_check_finds_a_wrong_all_reduce_value(tmp_path):
+    script = tmp_path / "corrupting_check.py"
+    script.write_text(CORRUPTING_CHECK.format(root=ROOT))
+    result = torchrun([str(script), "--expected", "3", "--sizes_mib", "1"], nproc=3, timeout=120)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == ["error: all-reduce of 1 MiB on rank 2: 1 of 262144 values wrong"], result.stderr[-3000:]
+    assert '"check": "ok"' not in result.stdout
+
+
+def test_check_sh_missing_node_ends_with_a_clear_line(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\nnode-b slots=1\n")
+    result = run(["bash", "launch/check.sh", "0", "127.0.0.1"], timeout=60,
+                 env={**PYTHON, "HOSTFILE": str(hostfile), "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path),
+                      "CHECK_TIMEOUT_S": "3"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not all meet" in lines[0] and "1/2 clients joined" in lines[0], result.stderr
+
+
+SCONTROL = r'''#!/usr/bin/env python3
+"""Stand-in for SLURM's `scontrol show hostnames LIST`: expands node[01-02],gpu[7,9] and plain names."""
+import re, sys
+assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
+for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", sys.argv[3]):
+    m = re.fullmatch(r"(.*)\[(.*)\]", part)
+    for r in (m.group(2).split(",") if m else []):
+        a, _, b = r.partition("-")
+        for i in range(int(a), int(b or a) + 1):
+            print(f"{m.group(1)}{i:0{len(a)}d}")
+    if not m:
+        print(part)
+'''
+
+# srun stand-in: runs the step's command once per node of a 2-node job, as SLURM would on each node
+SRUN = '''#!/usr/bin/env bash
+while [ "${1#--}" != "$1" ]; do shift; done
+for id in 0 1; do SLURM_NODEID=$id "$@" || exit; done
+'''
+
+# node.sh runs $PYTHON twice: the pre-flight (passes here) and torchrun (printed here instead of run)
+FAKE_PYTHON = '''#!/usr/bin/env bash
+if [ "$2" = tgrpo.preflight ]; then exit 0; fi
+echo "PYTHON $*"
+'''
+
+
+def _slurm_env(tmp_path, node_id: int, **extra) -> dict:
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    for name, text in {"scontrol": SCONTROL, "python": FAKE_PYTHON, "srun": SRUN}.items():
+        (stub / name).write_text(text)
+        (stub / name).chmod(0o755)
+    return {"PATH": f"{stub}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]",
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": str(node_id), "SLURM_GPUS_ON_NODE": "4",
+            "LOG_DIR": str(tmp_path / f"logs{node_id}"), "MASTER_PORT": "", "DRY_RUN": "", **extra}
+
+
+@pytest.mark.parametrize("node_id", [0, 1])
+def test_slurm_task_runs_node_sh_with_this_nodes_rank(tmp_path, node_id):
+    env = _slurm_env(tmp_path, node_id, DRY_RUN="1")
+    result = run(["bash", "launch/slurm.sbatch", "--task", "--", "--max_steps", "5"], timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    logs = tmp_path / f"logs{node_id}"
+    assert result.stdout.strip() == (f"HOSTFILE={logs}/hostfile MASTER_PORT=24242 LOG_DIR={logs} "
+                                     f"bash launch/node.sh {node_id} node01 -- --max_steps 5")
+    hosts = [line for line in (logs / "hostfile").read_text().splitlines() if not line.startswith("#")]
+    assert hosts == ["node01 slots=4", "node02 slots=4"]
+
+
+def test_sbatch_batch_step_runs_one_task_per_node(tmp_path):
+    env = _slurm_env(tmp_path, 0, DRY_RUN="1", SLURM_NODEID="", SLURM_SUBMIT_DIR=ROOT, LOG_DIR=str(tmp_path / "logs"))
+    result = run(["bash", "launch/slurm.sbatch", "--", "--max_steps", "5"], timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("job 4242: nodes node[01-02], master node01, 4 processes per node"), lines
+    logs = tmp_path / "logs"
+    assert lines[1:] == [f"HOSTFILE={logs}/hostfile MASTER_PORT=24242 LOG_DIR={logs} "
+                         f"bash launch/node.sh {node} node01 -- --max_steps 5" for node in (0, 1)], lines
+
+
+@pytest.mark.parametrize("node_id", [0, 1])
+def test_slurm_task_gives_the_exact_torchrun_command(tmp_path, node_id):
+    """The real node.sh runs, with a python stand-in that prints the torchrun command it is given."""
+    env = _slurm_env(tmp_path, node_id, PYTHON=str(tmp_path / "bin" / "python"), SLURM_GPUS_ON_NODE="",
+                     GPUS_PER_NODE="2")
+    result = run(["bash", "launch/slurm.sbatch", "--task", "--", "--max_steps", "5"], timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    torchrun = [line.split() for line in result.stdout.splitlines() if line.startswith("PYTHON ")]
+    assert len(torchrun) == 1 and torchrun[0][1:3] == ["-m", "torch.distributed.run"], result.stdout
+    # torchrun's own options (node.sh may add more, e.g. timeouts), then the script and its arguments
+    words = torchrun[0][3:]
+    script = words.index("train_grpo.py")
+    options = dict(zip(words[:script:2], words[1:script:2]))
+    assert {k: options.get(k) for k in ("--nnodes", "--node_rank", "--nproc_per_node", "--master_addr",
+                                        "--master_port")} == \
+        {"--nnodes": "2", "--node_rank": str(node_id), "--nproc_per_node": "2", "--master_addr": "node01",
+         "--master_port": "24242"}, result.stdout
+    assert words[script:] == ["train_grpo.py", "--config", "configs/default.yaml", "--max_steps", "5"]
+
+
+def test_slurm_task_outside_slurm_says_so(tmp_path):
+    env = {k: "" for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODEID")}
+    result = run(["bash", "launch/slurm.sbatch", "--task"], timeout=30, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: SLURM_JOB_ID is not set"), result.stderr
+
+
+def test_tmux_dry_run_uses_ssh_for_other_hosts(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    me = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    hostfile.write_text(f"{me} slots=2\nnode-b slots=1\n")
+    result = run(["bash", "launch/tmux.sh", "start", "--", "--max_steps", "2"], timeout=30,
+                 env={"DRY_RUN": "1", "HOSTFILE": str(hostfile), "TMUX_SESSION": "t"})
+    assert result.returncode == 0, result.stderr
+    node0, node1 = result.stdout.strip().splitlines()
+    root = os.path.realpath(ROOT)
+    assert node0.startswith(f"node0: cd {root} && env TGRPO_TMUX_RUN=t:{root} ") and \
+        f"bash launch/node.sh 0 {me} -- --max_steps 2;" in node0, node0
+    assert node1.startswith("node1: ssh -tt node-b ") and f"launch/node.sh\\ 1\\ {me}\\ --\\ --max_steps\\ 2;" in node1
+    hostfile.write_text("localhost slots=2\nnode-b slots=1\n")
+    result = run(["bash", "launch/tmux.sh", "start"], timeout=30, env={"DRY_RUN": "1", "HOSTFILE": str(hostfile)})
+    assert result.returncode == 2 and "must be a name the other hosts can reach" in result.stderr
+
+
+def _tagged(tag: str) -> set[int]:
+    """Live (not zombie) processes whose environment carries tmux.sh's tag."""
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"TGRPO_TMUX_RUN={tag}".encode() in environ and state != "Z":
+            pids.add(int(pid))
+    return pids
+
+
+def _run_processes(marker: str) -> dict[int, str]:
+    """Live torchrun and train_grpo.py processes whose command line names `marker` (the run's output dir)."""
+    procs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in args and ("train_grpo.py" in args or "torch.distributed.run" in args):
+            procs[int(pid)] = args
+    return procs
+
+
+def _wait_for(predicate, timeout: float, every: float = 2.0):
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value or time.time() > deadline:
+            return value
+        time.sleep(every)
+
+
+def test_tmux_start_runs_the_job_and_stop_ends_it(tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (apt-get install -y tmux)")
+    session = f"tgrpo-test-{os.getpid()}"
+    out = tmp_path / "out"
+    log = tmp_path / "logs" / "node0.log"
+    env = {**PYTHON, "TMUX_SESSION": session, "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path / "logs"),
+           "STOP_GRACE_S": "15"}
+    tag = f"{session}:{os.path.realpath(ROOT)}"
+    tail = lambda: log.read_text()[-3000:] if log.exists() else "(no node0.log)"
+    try:
+        result = run(["bash", "launch/tmux.sh", "start", "--", "--max_steps", "2", "--output_dir", str(out)],
+                     timeout=60, env=env)
+        assert result.returncode == 0 and f"tmux session '{session}'" in result.stdout, result.stderr
+        again = run(["bash", "launch/tmux.sh", "start"], timeout=30, env=env)
+        assert again.returncode == 2 and "already exists" in again.stderr
+        # torchrun and its 3 ranks, every one tagged (the ranks run in sessions of their own, so only the tag finds them)
+        procs = _wait_for(lambda: len(_run_processes(str(out))) >= 4 and _run_processes(str(out)), 120)
+        assert procs, f"torchrun and 3 ranks did not start within 120 s\n{tail()}"
+        assert set(procs) <= _tagged(tag), (procs, _tagged(tag))
+        metrics = out / "metrics.jsonl"
+        has_step = lambda: metrics.exists() and metrics.read_text().strip()
+        assert _wait_for(has_step, 330), f"no step within 330 s\n{tail()}"
+        assert "step" in json.loads(metrics.read_text().splitlines()[0])
+    finally:
+        stop = run(["bash", "launch/tmux.sh", "stop"], timeout=90, env=env)
+    assert stop.returncode == 0, stop.stderr
+    assert f"tmux session '{session}' closed" in stop.stdout, stop.stdout
+    assert not _tagged(tag), stop.stdout
+    assert not _run_processes(str(out)), _run_processes(str(out))
+    assert subprocess.run(["tmux", "has-session", "-t", f"={session}"], capture_output=True).returncode != 0

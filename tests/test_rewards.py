@@ -1,11 +1,14 @@
-"""tgrpo.rewards on real answer strings: math-verify equivalence, malformed output, format, score(), threads."""
+"""tgrpo.rewards on real answer strings: math-verify equivalence, malformed output, format, threads, and the
+RewardScorer with builtin and user rewards and its config checks (the remote service: test_remote_reward.py)."""
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tgrpo import rewards
-from tgrpo.rewards import REWARD_FUNCS, extract_answer, format_reward, math_reward, score
+from tgrpo.config import Config, ConfigError
+from tgrpo.rewards import (REWARD_FUNCS, RewardError, RewardScorer, check_reward_config, extract_answer,
+                           format_reward, math_reward)
 
 # (completion, gold answer): equivalent forms that must earn 1.0
 CORRECT = [
@@ -129,23 +132,108 @@ def test_format_reward(completion, expected):
     assert REWARD_FUNCS["format"](completion, "7") == expected
 
 
-def test_score_weights_and_raw_values():
+def _cfg(**overrides) -> Config:
+    return Config(**{"reward_workers": 2, **overrides})
+
+
+def test_scorer_weights_and_raw_values():
+    # math_reward runs on the scorer's pool threads, so through its worker interpreters
     completions = ["<answer>7</answer>", "<think>hm</think><answer>8</answer>", "it is 7", "<answer>0.5</answer>."]
     answers = ["7", "7", "7", "1/2"]
-    totals, raw = score(completions, answers, ["math", "format"], [1.0, 0.2])
-    assert raw == {"math": [1.0, 0.0, 0.0, 1.0], "format": [1.0, 1.0, 0.0, 0.0]}
-    assert totals == pytest.approx([1.2, 0.2, 0.0, 1.0])
-    assert score([], [], ["math"], [1.0]) == ([], {"math": []})
+    with RewardScorer(_cfg(reward_funcs=["math", "format"], reward_weights=[1.0, 0.2])) as scorer:
+        totals, raw, stats = scorer.score(["q"] * 4, completions, answers)
+        assert raw == {"math": [1.0, 0.0, 0.0, 1.0], "format": [1.0, 1.0, 0.0, 0.0]}
+        assert totals == pytest.approx([1.2, 0.2, 0.0, 1.0])
+        assert stats["remote_failures"] == 0 and stats["reward_s"] > 0
+        assert scorer.score([], [], [])[:2] == ([], {"math": [], "format": []})
+        with pytest.raises(ValueError, match="2 prompts, 2 completions and 1 answers"):
+            scorer.score(["q", "q"], ["<answer>7</answer>", "x"], ["7"])
 
 
-def test_score_rejects_unknown_name_and_bad_lengths():
-    with pytest.raises(ValueError, match=r"unknown reward 'accuracy'.*\['format', 'math'\]") as err:
-        score(["<answer>7</answer>"], ["7"], ["math", "accuracy"], [1.0, 1.0])
+@pytest.mark.parametrize("module", ["reward_fixtures", "tests.reward_fixtures"])
+def test_scorer_user_function_with_builtin(module):
+    names = ["format", f"{module}:length_reward", f"{module}:contains_answer"]
+    completions = ["<answer>7</answer>", "7", "", "x" * 30]
+    with RewardScorer(_cfg(reward_funcs=names, reward_weights=[1.0, 0.5, 2.0])) as scorer:
+        totals, raw, _ = scorer.score([""] * 4, completions, ["7", "7", "7", "7"])
+    assert list(raw) == names  # keyed by the names as configured, in their order
+    assert raw[names[1]] == pytest.approx([1.0, 0.1, 0.0, 1.0])
+    assert raw[names[2]] == [1.0, 1.0, 0.0, 0.0]
+    assert totals == pytest.approx([3.5, 2.05, 0.0, 0.5])
+
+
+def test_scorer_runs_slow_checks_side_by_side():
+    # 8 checks of 0.5 s on 4 workers take about 1 s, not 4 s
+    with RewardScorer(_cfg(reward_funcs=["reward_fixtures:slow_reward"], reward_weights=[1.0],
+                           reward_workers=4)) as scorer:
+        start = time.monotonic()
+        totals, _, stats = scorer.score(["q"] * 8, ["c"] * 8, ["a"] * 8)
+    assert totals == [1.0] * 8
+    assert time.monotonic() - start < 2.5 and stats["reward_s"] < 2.5
+
+
+def test_scorer_raising_user_function_names_it():
+    name = "reward_fixtures:raising_reward"
+    with RewardScorer(_cfg(reward_funcs=["format", name], reward_weights=[1.0, 1.0])) as scorer:
+        with pytest.raises(RewardError, match=rf"reward function '{name}' raised ValueError: cannot score this "
+                                              r"one on completion 'a boom'") as err:
+            scorer.score(["q"] * 3, ["ok", "a boom", "ok"], ["7"] * 3)
+        assert "\n" not in str(err.value) and isinstance(err.value.__cause__, ValueError)
+        assert scorer.score(["q"], ["ok"], ["7"])[0] == [1.0]  # the scorer still works afterwards
+
+
+def test_scorer_rejects_a_non_number():
+    with RewardScorer(_cfg(reward_funcs=["reward_fixtures:text_reward"], reward_weights=[1.0])) as scorer:
+        with pytest.raises(RewardError, match=r"'reward_fixtures:text_reward' returned '1.0' .*finite float"):
+            scorer.score(["q"], ["c"], ["a"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(reward_funcs=["math", "accuracy"], reward_weights=[1, 1]),
+     r"unknown reward 'accuracy' in reward_funcs: choose from \['math', 'format'\], 'remote'"),
+    (dict(reward_funcs=["math", ":f"], reward_weights=[1, 1]), "unknown reward ':f'"),
+    (dict(reward_funcs=["math", "format"], reward_weights=[1.0]),
+     "reward_funcs has 2 names but reward_weights has 1 weights: give one weight per reward"),
+    (dict(reward_funcs=[], reward_weights=[]), "reward_funcs is empty"),
+    (dict(reward_funcs=["math", "math"], reward_weights=[1, 1]), "names a reward twice"),
+    (dict(reward_funcs=["no_such_module_xyz:f"], reward_weights=[1]),
+     r"reward 'no_such_module_xyz:f': cannot import module 'no_such_module_xyz' \(No module named "
+     r"'no_such_module_xyz'\): put the folder that holds it on PYTHONPATH"),
+    (dict(reward_funcs=["reward_fixtures:nope"], reward_weights=[1]),
+     r"reward 'reward_fixtures:nope': module 'reward_fixtures' \(.*reward_fixtures.py\) has no 'nope'"),
+    (dict(reward_funcs=["reward_fixtures:NOT_A_FUNCTION"], reward_weights=[1]),
+     r"'NOT_A_FUNCTION' in module 'reward_fixtures' .* is a int, not a function"),
+    (dict(reward_funcs=["remote"], reward_weights=[1]), "reward 'remote' needs reward_url"),
+    (dict(reward_funcs=["remote"], reward_weights=[1], reward_url="localhost:8000/score"),
+     r"reward_url 'localhost:8000/score' is not an http\(s\):// URL"),
+    (dict(reward_funcs=["remote"], reward_weights=[1], reward_url="ftp://host/x"), "is not an http"),
+    (dict(reward_workers=0), "reward_workers must be >= 1, got 0"),
+    (dict(reward_max_concurrency=0), "reward_max_concurrency must be >= 1, got 0"),
+    (dict(reward_batch_size=0), "reward_batch_size must be >= 1, got 0"),
+    (dict(reward_retries=-1), "reward_retries must be >= 0, got -1"),
+    (dict(reward_timeout_s=0), "reward_timeout_s must be > 0 seconds, got 0"),
+    (dict(reward_on_failure="ignore"), "reward_on_failure must be 'fail' or 'zero'"),
+])
+def test_check_reward_config_rejects(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        check_reward_config(_cfg(**overrides))
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="2 reward names but 1 weights"):
-        score(["<answer>7</answer>"], ["7"], ["math", "format"], [1.0])
-    with pytest.raises(ValueError, match="2 completions but 1 answers"):
-        score(["<answer>7</answer>", "x"], ["7"], ["math"], [1.0])
+    with pytest.raises(ConfigError, match=message):  # the scorer checks too, before it starts anything
+        RewardScorer(_cfg(**overrides))
+
+
+def test_check_reward_config_reports_a_broken_module(tmp_path, monkeypatch):
+    (tmp_path / "broken_reward_mod.py").write_text("def f(c, a):\n    return (\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"importing module 'broken_reward_mod' raised SyntaxError") as err:
+        check_reward_config(_cfg(reward_funcs=["broken_reward_mod:f"], reward_weights=[1]))
+    assert "\n" not in str(err.value)
+
+
+def test_check_reward_config_accepts_good_ones():
+    check_reward_config(Config())  # the defaults
+    check_reward_config(_cfg(reward_funcs=["remote", "math", "reward_fixtures:length_reward"],
+                             reward_weights=[1, 1, 0.1], reward_url="https://rewards.example:8443/score"))
 
 
 def test_math_reward_from_worker_threads():

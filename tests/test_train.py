@@ -37,7 +37,7 @@ def test_every_sync_makes_vllm_match_the_policy(trained):
         assert m["sync_check/token_match"] == 1.0, m
         assert m["sync_check/max_logprob_diff"] < 1e-3, m
     # vLLM's sampling logprobs equal the trainer's on the very tokens it sampled, every step
-    assert max(m["policy/logprob_mismatch_max"] for m in metrics) < 1e-3
+    assert max(m["mismatch/logprob_abs_diff_max"] for m in metrics) < 1e-3
 
 
 def test_policy_moved_away_from_the_initial_weights(trained):

@@ -2,7 +2,7 @@
 
     python train_grpo.py --config configs/default.yaml --learning_rate 1e-4 --max_steps 20
 
-Everything a user types is checked here (or in `data.validate_dataset`) before any process group, engine or model
+Everything a user types is checked here (data rows in `data.load_prompts`) before any process group, engine or model
 starts, and a problem is raised as one `ConfigError` line that names the field and the fix.
 """
 from __future__ import annotations
@@ -37,8 +37,12 @@ class Config:
     cache_dir: str = _f(".cache", "Where the embedded tiny model and tokenizer are built.")
 
     # --- data ------------------------------------------------------------------------------------------------
-    train_data: str = _f("data/arith_train.json", "Training prompts: a chatml JSON file of rows "
-                         "{messages: [...], answer: ...}.")
+    train_data: str = _f("data/arith_train.json", "Training prompts: a .json/.jsonl/.parquet file or a datasets "
+                         "save_to_disk folder of rows {messages: [...], answer: ...} (chatml; 'conversations' too).")
+    eval_data: str = _f("", "Held-out prompts in the same formats, evaluated every eval_steps; empty for none.")
+    eval_steps: int = _f(0, "Evaluate every this many steps (and after the last); 0 turns evaluation off.")
+    eval_k: int = _f(4, "Samples per eval prompt at the rollout temperature for mean@k (greedy pass@1 always).")
+    eval_max_prompts: int = _f(256, "Evaluate on at most this many eval prompts (the first ones).")
     prompt_column: str = _f("messages", "Column holding the chat messages of the prompt.")
     answer_column: str = _f("answer", "Column holding the reference answer the rewards compare against.")
     system_prompt: str = _f("Solve the problem. Put only the final answer inside <answer></answer>.",
@@ -70,8 +74,18 @@ class Config:
     vllm_enforce_eager: bool = _f(False, "Skip CUDA graph capture in vLLM (faster start, slower decode).")
 
     # --- rewards ---------------------------------------------------------------------------------------------
-    reward_funcs: list[str] = _f(["math", "format"], "Rewards to sum, by name (see tgrpo/rewards.py).")
+    reward_funcs: list[str] = _f(["math", "format"], "Rewards to sum: 'math', 'format', 'remote' (the HTTP service "
+                                 "at reward_url) or 'module:function' (your f(completion, answer) -> float).")
     reward_weights: list[float] = _f([1.0, 0.2], "Weight of each reward in reward_funcs.")
+    reward_url: str = _f("", "URL of a remote reward service for 'remote': POST {prompts, completions, answers} "
+                         "-> {scores}.")
+    reward_timeout_s: float = _f(30.0, "Timeout of one remote reward request, in seconds.")
+    reward_retries: int = _f(3, "Retries of a failed remote reward request (with backoff) before giving up.")
+    reward_max_concurrency: int = _f(8, "Remote reward requests in flight at once.")
+    reward_batch_size: int = _f(64, "Completions per remote reward request.")
+    reward_on_failure: Literal["fail", "zero"] = _f("fail", "When the remote service stays down: fail the run, "
+                                                    "or score zero and count it (reward/remote_failures).")
+    reward_workers: int = _f(4, "Threads that score local rewards, so slow checks overlap.")
 
     # --- algorithm -------------------------------------------------------------------------------------------
     learning_rate: float = _f(1e-6, "AdamW learning rate of the policy.")
@@ -84,8 +98,26 @@ class Config:
                 "bnpo token mean per micro-batch.")
     scale_rewards: Literal["group", "batch", "none"] = _f("group", "Divide advantages by the group's reward "
                                                           "std, the batch's, or not at all.")
+    dual_clip: Optional[float] = _f(None, "Dual-clip constant c > 1: for negative advantages the loss is capped at "
+                                    "-A*c (off when unset).")
+    num_iterations: int = _f(1, "Optimisation passes over each step's batch (GRPO's mu); > 1 ratios against the "
+                             "logprobs before the first pass.")
+    mini_batches: int = _f(1, "Optimizer steps per pass: the step's batch is split into this many mini-batches.")
     beta: float = _f(0.0, "KL coefficient to the frozen reference model; 0 loads no reference.")
     kl_estimator: Literal["k1", "k2", "k3"] = _f("k3", "KL estimator used in the loss.")
+    kl_in_reward: bool = _f(False, "Subtract beta * KL (k1, summed over the completion) from the reward instead of "
+                            "adding beta * KL to the loss.")
+    tis_cap: float = _f(0.0, "Truncated importance sampling: weight each token's loss by min(pi_train/pi_vllm, "
+                        "tis_cap) to correct the vLLM/trainer mismatch; 0 turns it off.")
+    mask_truncated_completions: bool = _f(False, "Completions cut at max_completion_length count nothing in the "
+                                          "loss.")
+    overlong_buffer_length: int = _f(0, "DAPO soft overlong penalty: completions longer than max_completion_length "
+                                     "minus this lose up to overlong_penalty_factor; 0 turns it off.")
+    overlong_penalty_factor: float = _f(1.0, "Largest overlong penalty.")
+    dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal and sample more prompts until the "
+                                "batch is full again (DAPO).")
+    max_sampling_rounds: int = _f(4, "With dynamic_sampling: most generation rounds per step before training on "
+                                  "what there is.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward on each policy rank.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     deepspeed_config: str = _f("zero3.json", "DeepSpeed config; its 'auto' values are filled from this config.")
@@ -111,12 +143,12 @@ class Config:
         _check(len(self.reward_funcs) == len(self.reward_weights),
                f"reward_funcs has {len(self.reward_funcs)} names but reward_weights has {len(self.reward_weights)}"
                " weights: give one weight per reward")
-        from tgrpo.rewards import REWARD_FUNCS
-        for name in self.reward_funcs:
-            _check(name in REWARD_FUNCS, f"unknown reward '{name}' in reward_funcs: choose from {sorted(REWARD_FUNCS)}")
+        from tgrpo.rewards import check_reward_config
+        check_reward_config(self)
         for name in ("prompts_per_step", "num_generations", "max_completion_length", "micro_batch_size",
                      "max_steps", "max_prompt_length", "sync_bucket_mb", "dist_timeout_s",
-                     "rollout_tensor_parallel_size"):
+                     "rollout_tensor_parallel_size", "num_iterations", "mini_batches", "eval_k",
+                     "max_sampling_rounds"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(self.num_generations >= 2, f"num_generations must be >= 2 (advantages compare completions of a "
                                           f"prompt), got {self.num_generations}")
@@ -127,16 +159,26 @@ class Config:
                f"epsilon must be in [0, 1) and epsilon_high >= 0, got {self.epsilon}, {self.epsilon_high}")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         _check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
+        _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
+        _check(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1, got {self.dual_clip}")
+        _check(self.tis_cap >= 0, f"tis_cap must be >= 0 (0 turns it off), got {self.tis_cap}")
+        _check(0 <= self.overlong_buffer_length < self.max_completion_length,
+               f"overlong_buffer_length must be in [0, max_completion_length), got {self.overlong_buffer_length}")
+        _check(not self.kl_in_reward or self.beta > 0, "kl_in_reward needs beta > 0 (the KL coefficient)")
+        _check(not self.eval_steps or bool(self.eval_data), "eval_steps is set but eval_data is empty: name a "
+                                                           "held-out prompt file or set eval_steps 0")
+        _check(not self.eval_data or os.path.exists(self.eval_data),
+               f"eval_data '{self.eval_data}' does not exist")
         placement = Placement.from_config(self, world_size, local_world_size)
         _check(self.prompts_per_step % placement.num_engines == 0,
                f"prompts_per_step={self.prompts_per_step} must be divisible by the {placement.num_engines} rollout "
                "engines")
         samples = self.prompts_per_step * self.num_generations
-        per_step = placement.num_policy * self.micro_batch_size
+        per_step = placement.num_policy * self.micro_batch_size * self.mini_batches
         _check(samples % per_step == 0,
                f"prompts_per_step * num_generations = {samples} must be divisible by policy ranks * "
-               f"micro_batch_size = {placement.num_policy} * {self.micro_batch_size}: every policy rank runs the "
-               "same number of micro-batches")
+               f"micro_batch_size * mini_batches = {placement.num_policy} * {self.micro_batch_size} * "
+               f"{self.mini_batches}: every policy rank runs the same number of micro-batches")
         if placement.reference:
             per = len(placement.reference) * self.micro_batch_size
             _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by "

@@ -1,14 +1,30 @@
 """Prompts: loaded with `datasets`, checked row by row, put through the chat template, handed out per step.
 
+Accepted data: a .json file (a JSON list or JSON lines), a .jsonl file, a .parquet file, or a folder written by
+`Dataset.save_to_disk` (a `DatasetDict` folder too: its 'train' split, or its only split). The prompt is the column
+`prompt_column` ('messages'; a missing 'messages' falls back to 'conversations'), holding chatml messages
+{role, content}, ShareGPT messages {from: human|gpt|system, value}, or a plain string; a trailing assistant turn
+is cut off (the model generates the answer, which is in `answer_column`).
+
 The order is a deterministic shuffle per epoch, so the prompts of step s depend only on (seed, s): a resumed run
 continues with the same prompts, and rollout rank i takes the i-th slice of the step's prompts.
 """
 from __future__ import annotations
 
+import math
+import os
 import random
 from dataclasses import dataclass
 
 from tgrpo.config import ConfigError
+
+FORMATS = ("a .json file (JSON list or JSON lines), a .jsonl file, a .parquet file, or a folder written by "
+           "datasets' save_to_disk")
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FALLBACK_PROMPT_COLUMN = "conversations"  # used when the default 'messages' column is missing
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+_CHUNK = 512  # rows put through the chat template and tokenized at once
 
 
 @dataclass
@@ -18,50 +34,155 @@ class Prompt:
     answer: str
 
 
-def _load_rows(path: str):
+def _first_line(e: BaseException) -> str:
+    """The first line of the innermost cause: datasets wraps the real parse error in generic ones."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ if e.__cause__ is not None else e.__context__
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _read(path: str, label: str):
+    """The rows of `path` as a `datasets.Dataset`."""
     import datasets
 
     datasets.disable_progress_bars()
+    if not path or not os.path.exists(path):
+        raise ConfigError(f"{label} '{path}' does not exist: give {FORMATS}")
+    if os.path.isdir(path):
+        try:
+            rows = datasets.load_from_disk(path)
+        except Exception as e:
+            raise ConfigError(f"{label} '{path}' is a folder but could not be read by datasets.load_from_disk "
+                              f"({_first_line(e)}): give {FORMATS}") from None
+        if isinstance(rows, datasets.DatasetDict):
+            splits = list(rows)
+            if "train" in rows:
+                return rows["train"]
+            if len(splits) == 1:
+                return rows[splits[0]]
+            raise ConfigError(f"{label} '{path}' is a DatasetDict with splits {splits} and none named 'train': "
+                              "save the split to use on its own, or name it 'train'")
+        return rows
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _BUILDERS:
+        raise ConfigError(f"{label} '{path}' has an unknown extension '{ext}': give {FORMATS}")
     try:
-        return datasets.load_dataset("json", data_files=path, split="train")
-    except Exception as e:  # datasets wraps parse errors in several types; the first line says what broke
-        raise ConfigError(f"train_data '{path}' could not be read as JSON rows: {str(e).splitlines()[0]}") from None
+        return datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train")
+    except Exception as e:  # datasets wraps parse errors in several types; the innermost says what broke
+        raise ConfigError(f"{label} '{path}' could not be read as {ext} rows: {_first_line(e)}") from None
 
 
-def _messages(value, row: int, cfg) -> list[dict]:
-    if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(isinstance(m, dict) and m.get("role") and
-                                                 isinstance(m.get("content"), str) for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise ConfigError(f"train_data row {row}: '{cfg.prompt_column}' holds no prompt (want a list of "
-                      "{role, content} messages or a string): fix the row or set --prompt_column")
+def _message(m, row: int, column: str, label: str) -> dict:
+    """One message as {role, content}, from chatml {role, content} or ShareGPT {from, value}."""
+    if not isinstance(m, dict):
+        raise ConfigError(f"{label} row {row}: '{column}' holds no prompt (a message is {type(m).__name__}, want "
+                          "{role, content} or {from, value}): fix the row or set --prompt_column")
+    role, content = m.get("role"), m.get("content")
+    if role is None and m.get("from") is not None:  # ShareGPT (both kinds of keys may exist after Arrow unifies)
+        source = str(m["from"])
+        role = _SHAREGPT_ROLES.get(source.lower())
+        if role is None:
+            raise ConfigError(f"{label} row {row}: '{column}' holds a message from '{source}': ShareGPT 'from' "
+                              f"must be one of {sorted(_SHAREGPT_ROLES)}")
+    if content is None:
+        content = m.get("value")
+    if not role or not isinstance(content, str):
+        raise ConfigError(f"{label} row {row}: '{column}' holds no prompt (want a list of {{role, content}} or "
+                          "{from, value} messages or a string): fix the row or set --prompt_column")
+    return {"role": str(role), "content": content}
 
 
-def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], int]:
-    """All usable prompts and the number dropped for being longer than max_prompt_length."""
-    rows = _load_rows(cfg.train_data)
-    for column in (cfg.prompt_column, cfg.answer_column):
-        if column not in rows.column_names:
-            raise ConfigError(f"train_data '{cfg.train_data}' has no column '{column}' (columns: {rows.column_names})"
-                              ": set --prompt_column / --answer_column")
-    prompts, dropped = [], 0
-    for i, row in enumerate(rows):
-        messages = _messages(row[cfg.prompt_column], i, cfg)
-        answer = row[cfg.answer_column]
-        if answer is None or not str(answer).strip():
-            raise ConfigError(f"train_data row {i}: no answer in '{cfg.answer_column}': every row needs one")
-        if cfg.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > cfg.max_prompt_length:
-            dropped += 1
-            continue
-        prompts.append(Prompt(ids, text, str(answer)))
-    if len(prompts) < cfg.prompts_per_step:
-        raise ConfigError(f"train_data has {len(prompts)} usable prompts ({dropped} longer than max_prompt_length="
-                          f"{cfg.max_prompt_length}), fewer than prompts_per_step={cfg.prompts_per_step}")
+def _messages(value, row: int, column: str, label: str) -> list[dict]:
+    """The prompt's messages: a string becomes one user turn; a trailing assistant turn (the answer) is cut."""
+    if isinstance(value, str):
+        messages = [{"role": "user", "content": value}] if value.strip() else []
+    elif isinstance(value, (list, tuple)):
+        messages = [_message(m, row, column, label) for m in value]
+    else:
+        messages = []
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not any(m["role"] != "system" for m in messages):
+        raise ConfigError(f"{label} row {row}: '{column}' holds no prompt (want a list of {{role, content}} or "
+                          "{from, value} messages or a string, with a turn besides the system and final assistant "
+                          "ones): fix the row or set --prompt_column")
+    return messages
+
+
+def _answer(value) -> str | None:
+    """The reference answer as a string; None when missing. Integral floats (Arrow turns a column of ints and
+    floats into floats) are written as ints: 3.0 -> '3'."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return str(int(value))
+    text = str(value)
+    return text if text.strip() else None
+
+
+def _label(cfg, path: str | None) -> str:
+    if path is None or path == cfg.train_data:
+        return "train_data"
+    if path == getattr(cfg, "eval_data", None):
+        return "eval_data"
+    return f"data '{path}'"
+
+
+def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None = None,
+                 need: int | None = None) -> tuple[list[Prompt], int]:
+    """The usable prompts of `path` (default cfg.train_data) and the number dropped for being longer than
+    max_prompt_length.
+
+    limit: stop after this many usable prompts (the first ones; later rows are not read). need: fewest usable
+    prompts, else ConfigError (default cfg.prompts_per_step). Every row read is checked; a bad one is a ConfigError.
+    """
+    label = _label(cfg, path)
+    path = cfg.train_data if path is None else path
+    rows = _read(path, label)
+    columns = rows.column_names
+    prompt_column = cfg.prompt_column
+    if prompt_column not in columns and prompt_column == "messages" and _FALLBACK_PROMPT_COLUMN in columns:
+        prompt_column = _FALLBACK_PROMPT_COLUMN
+    for column in (prompt_column, cfg.answer_column):
+        if column not in columns:
+            raise ConfigError(f"{label} '{path}' has no column '{column}' (columns: {columns}): set --prompt_column "
+                              "/ --answer_column")
+    rows = rows.select_columns(list(dict.fromkeys([prompt_column, cfg.answer_column])))
+    if limit is not None and limit <= 0:
+        rows = rows.select([])
+    prompts: list[Prompt] = []
+    dropped = 0
+    row = 0
+    for batch in rows.iter(batch_size=_CHUNK):
+        texts, answers = [], []
+        for value, raw_answer in zip(batch[prompt_column], batch[cfg.answer_column]):
+            messages = _messages(value, row, prompt_column, label)
+            answer = _answer(raw_answer)
+            if answer is None:
+                raise ConfigError(f"{label} row {row}: no answer in '{cfg.answer_column}': every row needs one")
+            if cfg.system_prompt and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": cfg.system_prompt}] + messages
+            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            answers.append(answer)
+            row += 1
+        for text, ids, answer in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], answers):
+            if len(ids) > cfg.max_prompt_length:
+                dropped += 1
+                continue
+            prompts.append(Prompt(list(ids), text, answer))
+            if limit is not None and len(prompts) >= limit:
+                break
+        if limit is not None and len(prompts) >= limit:
+            break
+    wanted = f"prompts_per_step={cfg.prompts_per_step}" if need is None else f"the {need} needed"
+    need = cfg.prompts_per_step if need is None else need
+    if len(prompts) < need:
+        raise ConfigError(f"{label} has {len(prompts)} usable prompts ({dropped} longer than max_prompt_length="
+                          f"{cfg.max_prompt_length}), fewer than {wanted}")
     return prompts, dropped
 
 

@@ -23,6 +23,9 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
     generate_s = max(r["generate_s"] for r in rollout)
     out["time/generate_s"] = generate_s
     out["time/reward_s"] = max(r["reward_s"] for r in rollout)
+    out["rollout/groups_dropped"] = sum(r["groups_dropped"] for r in rollout)
+    out["rollout/sampling_rounds"] = max(r["rounds"] for r in rollout)
+    out["reward/remote_failures"] = sum(r["remote_failures"] for r in rollout)
     out["throughput/generate_tokens_per_s"] = sum(r["generated_tokens"] for r in rollout) / max(generate_s, 1e-9)
     for key, value in train.items():
         if "/" in key:

@@ -1,13 +1,22 @@
-"""Rewards for GRPO: answer extraction, math-verify correctness, and output format."""
+"""Rewards for GRPO: answer extraction, math-verify correctness, output format, user functions, a remote service."""
 import atexit
+import functools
+import importlib
 import itertools
 import json
+import math
+import os
 import re
 import select
 import subprocess
 import sys
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
@@ -99,18 +108,246 @@ def format_reward(completion: str, answer: str | None = None) -> float:
 REWARD_FUNCS: dict[str, Callable[[str, str], float]] = {"math": math_reward, "format": format_reward}
 
 
-def score(completions: list[str], answers: list[str], names: list[str],
-          weights: list[float]) -> tuple[list[float], dict[str, list[float]]]:
-    """Weighted sum of the named rewards per completion, and each named reward's raw values."""
-    if len(names) != len(weights):
-        raise ValueError(f"got {len(names)} reward names but {len(weights)} weights: give one weight per reward")
-    if len(completions) != len(answers):
-        raise ValueError(f"got {len(completions)} completions but {len(answers)} answers: give one answer each")
-    if unknown := [n for n in names if n not in REWARD_FUNCS]:
-        raise ValueError(f"unknown reward {unknown[0]!r}: choose from {sorted(REWARD_FUNCS)}")
-    raw = {name: [REWARD_FUNCS[name](c, a) for c, a in zip(completions, answers)] for name in names}
-    totals = [float(sum(w * raw[n][i] for n, w in zip(names, weights))) for i in range(len(completions))]
-    return totals, raw
+BUILTIN = tuple(REWARD_FUNCS)  # names that need no import
+REMOTE = "remote"
+_RETRY_BASE_S = 0.5  # backoff before retry k is _RETRY_BASE_S * 2**(k-1): 0.5 s, 1 s, 2 s...
+
+
+class RewardError(RuntimeError):
+    """A reward could not be computed: a user function raised or the remote service stayed down."""
+
+
+def _line(text: object, limit: int = 300) -> str:  # errors are shown as one line
+    return " ".join(str(text).split())[:limit]
+
+
+def _load(name: str) -> Callable[[str, str], float]:
+    """The function behind a builtin or 'module:function' name; ConfigError (one line) if there is none."""
+    from tgrpo.config import ConfigError  # here, not on top: math worker interpreters run this file without tgrpo
+
+    if name in REWARD_FUNCS:
+        return REWARD_FUNCS[name]
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise ConfigError(f"unknown reward '{name}' in reward_funcs: choose from {list(BUILTIN)}, '{REMOTE}' "
+                          "(needs reward_url) or 'module:function' naming your f(completion, answer) -> float")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"reward '{name}': cannot import module '{module_name}' ({_line(e)}): put the folder "
+                          f"that holds it on PYTHONPATH (working directory: {os.getcwd()})") from None
+    except Exception as e:  # the module itself is broken: a traceback would hide which reward it was
+        raise ConfigError(f"reward '{name}': importing module '{module_name}' raised {type(e).__name__}: "
+                          f"{_line(e)}: fix that module") from None
+    where = f"module '{module_name}' ({getattr(module, '__file__', None) or 'no file'})"
+    try:
+        func = functools.reduce(getattr, attr.split("."), module)
+    except AttributeError:
+        raise ConfigError(f"reward '{name}': {where} has no '{attr}': check the function's name") from None
+    if not callable(func):
+        raise ConfigError(f"reward '{name}': '{attr}' in {where} is a {type(func).__name__}, not a function: name "
+                          "an f(completion, answer) -> float") from None
+    return func
+
+
+def check_reward_config(cfg) -> None:
+    """Raise ConfigError (one line naming the problem and the fix) on any bad reward_* field; imports user rewards."""
+    from tgrpo.config import ConfigError
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    names, weights = list(cfg.reward_funcs), list(cfg.reward_weights)
+    check(len(names) > 0, "reward_funcs is empty: name at least one reward, e.g. [math, format]")
+    check(len(names) == len(weights), f"reward_funcs has {len(names)} names but reward_weights has {len(weights)} "
+                                      "weights: give one weight per reward")
+    check(all(math.isfinite(w) for w in weights), f"reward_weights must be finite numbers, got {weights}")
+    check(len(set(names)) == len(names), f"reward_funcs names a reward twice ({names}): name each once and "
+                                         "set its weight instead")
+    for name in names:
+        if name != REMOTE:
+            _load(name)
+    if REMOTE in names:
+        url = urllib.parse.urlparse(cfg.reward_url)
+        check(bool(cfg.reward_url), "reward 'remote' needs reward_url: set it to the service's http(s):// URL, "
+                                    "e.g. --reward_url http://127.0.0.1:8000/score")
+        check(url.scheme in ("http", "https") and bool(url.netloc),
+              f"reward_url '{cfg.reward_url}' is not an http(s):// URL: give e.g. http://127.0.0.1:8000/score")
+    for field in ("reward_workers", "reward_max_concurrency", "reward_batch_size"):
+        check(getattr(cfg, field) >= 1, f"{field} must be >= 1, got {getattr(cfg, field)}")
+    check(cfg.reward_retries >= 0, f"reward_retries must be >= 0, got {cfg.reward_retries}")
+    check(cfg.reward_timeout_s > 0, f"reward_timeout_s must be > 0 seconds, got {cfg.reward_timeout_s}")
+    check(cfg.reward_on_failure in ("fail", "zero"),
+          f"reward_on_failure must be 'fail' or 'zero', got '{cfg.reward_on_failure}'")
+
+
+def _as_score(value: object) -> float | None:
+    """A finite float, or None for anything else (strings, None, NaN): a reward is a number or a bug."""
+    if isinstance(value, (str, bytes)) or value is None:
+        return None
+    try:
+        out = float(value)  # int, bool, numpy and 0-d torch scalars too
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _run_local(name: str, func: Callable[[str, str], float], completions: list[str],
+               answers: list[str]) -> list[float]:
+    out = []
+    for completion, answer in zip(completions, answers):
+        where = lambda: f"on completion {completion[:60]!r} with answer {str(answer)[:60]!r}"  # noqa: E731
+        try:
+            value = func(completion, answer)
+        except Exception as e:  # a crash in a user reward is a bug to fix, not a zero to train on
+            raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {_line(e)} {where()}: fix it; "
+                              "a reward must return a float for every completion") from e
+        if (score := _as_score(value)) is None:
+            raise RewardError(f"reward function '{name}' returned {_line(repr(value), 80)} {where()}: it must "
+                              "return a finite float")
+        out.append(score)
+    return out
+
+
+class RemoteReward:
+    """Client of a reward service: POST {prompts, completions, answers} -> {"scores": [...]} in chunks, a bounded
+    number in flight, each retried with backoff on connection errors, timeouts, 5xx and malformed replies."""
+
+    def __init__(self, cfg):
+        self.url, self.timeout_s, self.retries = cfg.reward_url, float(cfg.reward_timeout_s), cfg.reward_retries
+        self.batch_size, self.on_failure = cfg.reward_batch_size, cfg.reward_on_failure
+        self.session = requests.Session()
+        # one pooled connection per request in flight: urllib3's default of 10 would drop connections above that
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=cfg.reward_max_concurrency)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        # the pool's size is the in-flight limit; backoff sleeps hold a slot, which only eases the load on the service
+        self.pool = ThreadPoolExecutor(cfg.reward_max_concurrency, thread_name_prefix="reward-remote")
+        self._lock = threading.Lock()
+        self.requests = self.retried = 0
+
+    def score(self, prompts: list[str], completions: list[str], answers: list[str]) -> tuple[list[float], int]:
+        """Scores of every completion, and how many were scored 0.0 because the service stayed down."""
+        starts = range(0, len(completions), self.batch_size)
+        futures = [self.pool.submit(self._chunk, {"prompts": prompts[i:i + self.batch_size],
+                                                  "completions": completions[i:i + self.batch_size],
+                                                  "answers": answers[i:i + self.batch_size]}) for i in starts]
+        try:
+            chunks = [f.result() for f in futures]
+        finally:
+            for f in futures:  # after a failure: do not send what has not started
+                f.cancel()
+        failures = sum(len(chunk) for chunk, ok in chunks if not ok)
+        return [s for chunk, _ in chunks for s in chunk], failures
+
+    def _chunk(self, payload: dict) -> tuple[list[float], bool]:
+        n = len(payload["completions"])
+        cause = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
+            with self._lock:
+                self.requests += 1
+                self.retried += attempt > 0
+            scores, cause, retry = self._post(payload, n)
+            if scores is not None:
+                return scores, True
+            if not retry:
+                break
+        message = (f"remote reward {self.url} failed after {attempt + 1} attempt(s): {cause}: check that the service "
+                   f"is up and answers POST {{prompts, completions, answers}} with {{\"scores\": [{n} floats]}} "
+                   f"within reward_timeout_s={self.timeout_s:g}, or set reward_on_failure=zero to score such "
+                   "chunks 0")
+        if self.on_failure == "fail":
+            raise RewardError(message)
+        return [0.0] * n, False
+
+    def _post(self, payload: dict, n: int) -> tuple[list[float] | None, str, bool]:
+        """(scores, "", _) on success, else (None, cause, whether a retry may help)."""
+        try:
+            reply = self.session.post(self.url, json=payload, timeout=self.timeout_s)
+        except requests.Timeout:
+            return None, f"no reply within {self.timeout_s:g} s", True
+        except requests.RequestException as e:  # refused, reset, DNS...
+            errno = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))
+            return None, f"{type(e).__name__} ({errno.group(0).strip() if errno else _line(e, 200)})", True
+        if reply.status_code >= 300:
+            # a 4xx means this request is wrong and sending it again cannot help
+            return None, f"HTTP {reply.status_code} {_line(reply.text, 200)!r}", not 400 <= reply.status_code < 500
+        try:
+            body = reply.json()
+        except ValueError:
+            return None, f"reply is not JSON: {_line(reply.text, 100)!r}", True
+        scores = (body.get("scores", body.get("rewards")) if isinstance(body, dict) else None)
+        if not isinstance(scores, list):
+            return None, f"reply has no \"scores\" list: {_line(reply.text, 100)!r}", True
+        values = [_as_score(s) for s in scores]
+        if len(values) != n or None in values:
+            return None, f"reply has {len(values)} scores for {n} completions or a non-number among them", True
+        return values, "", False
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.session.close()
+
+
+class RewardScorer:
+    """The configured rewards, resolved once: local ones on a thread pool in chunks, the remote one beside them.
+
+    Local rewards run off the main thread (math_reward then checks in its worker interpreters), so a user
+    function must be thread-safe; with reward_workers=1 they run one at a time."""
+
+    def __init__(self, cfg):
+        check_reward_config(cfg)
+        self.names, self.weights = list(cfg.reward_funcs), [float(w) for w in cfg.reward_weights]
+        self.local = {name: _load(name) for name in self.names if name != REMOTE}
+        self.workers = cfg.reward_workers
+        self.pool = ThreadPoolExecutor(cfg.reward_workers, thread_name_prefix="reward")
+        self.remote = RemoteReward(cfg) if REMOTE in self.names else None
+
+    def score(self, prompts: list[str], completions: list[str],
+              answers: list[str]) -> tuple[list[float], dict[str, list[float]], dict[str, float]]:
+        """(weighted total per completion, raw values per configured name, stats: remote_failures, reward_s...)."""
+        if not len(prompts) == len(completions) == len(answers):
+            raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions and {len(answers)} "
+                             "answers: give one prompt and one answer per completion")
+        t0 = time.perf_counter()
+        # several chunks per worker, so one slow check holds up only its own small chunk
+        size = max(1, math.ceil(len(completions) / (4 * self.workers)))
+        starts = range(0, len(completions), size)
+        futures = {name: [self.pool.submit(_run_local, name, func, completions[i:i + size], answers[i:i + size])
+                          for i in starts] for name, func in self.local.items()}
+        stats = {"remote_failures": 0.0}
+        try:
+            raw: dict[str, list[float]] = {}
+            if self.remote is not None:  # in this thread, while the pool scores the local rewards
+                requests_before, retried_before = self.remote.requests, self.remote.retried
+                raw[REMOTE], failures = self.remote.score(prompts, completions, answers)
+                stats.update(remote_failures=float(failures),
+                             remote_requests=float(self.remote.requests - requests_before),
+                             remote_retries=float(self.remote.retried - retried_before))
+            for name, chunks in futures.items():
+                raw[name] = [s for f in chunks for s in f.result()]
+        finally:
+            for chunks in futures.values():  # after a failure: skip what has not started
+                for f in chunks:
+                    f.cancel()
+        raw = {name: raw[name] for name in self.names}
+        totals = [float(sum(w * raw[n][i] for n, w in zip(self.names, self.weights))) for i in range(len(completions))]
+        stats["reward_s"] = time.perf_counter() - t0
+        return totals, raw, stats
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.remote is not None:
+            self.remote.close()
+
+    def __enter__(self) -> "RewardScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 if __name__ == "__main__":  # worker of _equal_in_subprocess: JSON [pred, gold, timeout] lines in, 1/0 out

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from tgrpo import checkpoint, data, distributed, sync
 from tgrpo.config import Config, ConfigError, load_config
 from tgrpo.metrics import Metrics, step_metrics
+from tgrpo.rollout import RolloutWorker, kl_into_rewards
 from tgrpo.placement import POLICY, REFERENCE, build_groups
 
 
@@ -88,8 +89,6 @@ def _run(cfg: Config, placement, rank: int) -> None:
     worker, problem = None, None
     if drives_engine:
         try:
-            from tgrpo.rollout import RolloutWorker
-
             worker = RolloutWorker(cfg, placement, rank, model_dir)
         except ConfigError as e:
             problem = str(e)
@@ -129,8 +128,10 @@ def _run(cfg: Config, placement, rank: int) -> None:
         rollout_metrics = [m for _, m in everyone if m is not None]
         if placement.colocated and engine is not None:
             engine.sleep()
-        if placement.reference:
-            _attach_reference_logprobs(placement, groups, reference, samples, rank)
+        if cfg.beta > 0:
+            _attach_reference_logprobs(placement, groups, reference or policy, samples, rank)
+            if cfg.kl_in_reward:
+                kl_into_rewards(samples, cfg.beta, cfg.num_generations, cfg.scale_rewards)
 
         train_metrics: dict = {}
         if policy is not None:
@@ -159,29 +160,49 @@ def _run(cfg: Config, placement, rank: int) -> None:
                            f"diff {train_metrics['sync_check/max_logprob_diff']:.2e})")
 
         done = step + 1
+        scalars = step_metrics(samples, rollout_metrics, train_metrics)
+        if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
+            scalars.update(_evaluate(cfg, placement, groups, worker, log, done))
         if policy is not None and ((cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps):
             path = checkpoint.save_hf(policy.model, plan, model_dir, cfg.output_dir, done, is_writer=is_source)
             if is_source and rank == 0:
                 log.message(f"saved {path}")
-        scalars = step_metrics(samples, rollout_metrics, train_metrics)
         scalars["time/step_s"] = time.perf_counter() - t_step
         log.log(done, samples, scalars)
 
     dist.barrier(group=groups.data)  # checkpoints written before anyone reports success
     log.message(f"done: {cfg.max_steps} steps; outputs in {cfg.output_dir}")
     log.close()
-    if engine is not None:
+    if worker is not None:
+        worker.scorer.close()
         engine.shutdown()
     dist.destroy_process_group()
 
 
-def _attach_reference_logprobs(placement, groups, reference, samples: list, rank: int) -> None:
-    """Reference ranks of their own score equal slices of the batch; every rank gets every sample's logprobs."""
+def _evaluate(cfg, placement, groups, worker, log, step: int) -> dict[str, float]:
+    """Every engine evaluates its share of the eval prompts; rank 0 gets the sums."""
+    mine = worker.evaluate() if worker is not None else None
+    everyone: list = [None] * placement.world_size
+    dist.all_gather_object(everyone, mine, group=groups.data)
+    parts = [e for e in everyone if e is not None]
+    prompts = max(1, sum(p["prompts"] for p in parts))
+    result = {"eval/pass@1": sum(p["greedy_correct"] for p in parts) / prompts,
+              f"eval/mean@{cfg.eval_k}": sum(p["sampled_correct"] for p in parts) / prompts,
+              "eval/greedy_reward_mean": sum(p["greedy_reward"] for p in parts) / prompts}
+    log.message(f"eval after step {step}: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in
+                                                          result.items()) + f" ({prompts} prompts)")
+    return result
+
+
+def _attach_reference_logprobs(placement, groups, holder, samples: list, rank: int) -> None:
+    """The ranks holding the reference (ranks of its own, else the policy ranks) score equal slices of the batch;
+    every rank gets every sample's reference logprobs."""
+    holders = placement.reference or placement.policy
     mine = None
-    if reference is not None:
-        index = placement.reference.index(rank)
-        size = len(samples) // len(placement.reference)
-        mine = (index * size, reference.logprobs(samples[index * size:(index + 1) * size]))
+    if rank in holders:
+        index = holders.index(rank)
+        size = len(samples) // len(holders)
+        mine = (index * size, holder.reference_logprobs(samples[index * size:(index + 1) * size]))
     everyone: list = [None] * placement.world_size
     dist.all_gather_object(everyone, mine, group=groups.data)
     for entry in everyone:

@@ -1,0 +1,29 @@
+"""The algorithm options together in one real run (1 rollout + 2 policy ranks): evaluation every 2 steps, several
+passes and mini-batches, dual clip, truncated importance sampling, truncation masking, overlong penalty, dynamic
+sampling and the KL in the reward. Each option's numbers are checked in tests/test_algorithm.py; this checks that
+they run together and reach tensorboard."""
+import json
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import torchrun
+
+
+def test_options_run_together_and_eval_reaches_tensorboard(tmp_path):
+    result = torchrun(["train_grpo.py", "--config", "configs/default.yaml", "--max_steps", "4", "--prompts_per_step",
+                       "8", "--micro_batch_size", "4", "--loss_type", "grpo", "--num_iterations", "2",
+                       "--mini_batches", "2", "--dual_clip", "3", "--tis_cap", "2", "--mask_truncated_completions",
+                       "true", "--overlong_buffer_length", "4", "--dynamic_sampling", "true", "--beta", "0.02",
+                       "--kl_in_reward", "true", "--eval_data", "data/arith_test.json", "--eval_steps", "2",
+                       "--eval_max_prompts", "24", "--eval_k", "2", "--output_dir", str(tmp_path)], timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "eval after step 2:" in result.stderr + result.stdout
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(metrics) == 4
+    assert all(0 <= m["policy/clip_fraction"] <= 1 and m["mismatch/max_ratio"] > 0 for m in metrics)
+    assert all("reward/kl_penalty" in m and "reward/overlong" in m and "rollout/groups_dropped" in m for m in metrics)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    for tag in ("eval/pass@1", "eval/mean@2", "eval/greedy_reward_mean"):
+        assert [e.step for e in acc.Scalars(tag)] == [2, 4], tag
+    assert 0 <= acc.Scalars("eval/pass@1")[-1].value <= 1

@@ -147,8 +147,9 @@ class PolicyWorker:
                         for key in ("entropy", "kl", "abs_diff", "mismatch_kl", "tokens"):
                             sums[key] += stats[key]
                         max_ratio, max_diff = max(max_ratio, stats["max_ratio"]), max(max_diff, stats["max_diff"])
-        reduced = torch.tensor([sums[k] for k in names], dtype=torch.float64)
-        maxima = torch.tensor([max_ratio, max_diff], dtype=torch.float64)
+        # on the device: NCCL reduces nothing else
+        reduced = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=self.device)
+        maxima = torch.tensor([max_ratio, max_diff], dtype=torch.float64, device=self.device)
         dist.all_reduce(reduced, group=self.groups.policy)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.groups.policy)
         r = dict(zip(names, reduced.tolist()))

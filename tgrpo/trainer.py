@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail_once(rank, e, status=2)
     role = placement.role_name(rank)
     _quiet_libraries()
+    _stack_dumps(cfg, rank)
     try:
         _run(cfg, placement, rank)
     except (ConfigError, JobError) as e:
@@ -50,6 +51,18 @@ def _fail_once(rank: int, error: Exception, status: int) -> None:
         print(f"error: {error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(status)
+
+
+def _stack_dumps(cfg: Config, rank: int) -> None:
+    """TGRPO_STACK_DUMP_S=N: every N seconds each rank writes its Python stacks to output_dir/logs/stacks-rankR.txt,
+    which shows where a hung job waits (a collective, an engine call) without attaching a debugger."""
+    every = float(os.environ.get("TGRPO_STACK_DUMP_S", "0") or 0)
+    if every > 0:
+        import faulthandler
+
+        os.makedirs(os.path.join(cfg.output_dir, "logs"), exist_ok=True)
+        faulthandler.dump_traceback_later(every, repeat=True, file=open(
+            os.path.join(cfg.output_dir, "logs", f"stacks-rank{rank}.txt"), "w"))
 
 
 def _quiet_libraries() -> None:

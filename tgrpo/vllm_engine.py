@@ -7,6 +7,7 @@ the rollout rank has just received a bucket into: no tensor goes through vLLM's 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -52,6 +53,21 @@ class WeightReceiver:
             finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
 
 
+@contextlib.contextmanager
+def _without_launcher_env():
+    """vLLM's engine processes inherit our environment. torchrun's variables would make their own one-rank
+    torch.distributed world join ours: with TORCHELASTIC_USE_AGENT_STORE set, their tcp:// init waits as a client
+    for a store that never starts (seen on GPU). They are hidden while the engine starts, then restored."""
+    names = [n for n in os.environ if n.startswith("TORCHELASTIC_") or n in (
+        "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+        "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]
+    saved = {n: os.environ.pop(n) for n in names}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
                  tensor_parallel_size: int = 1, sleep_mode: bool = False):
@@ -75,16 +91,17 @@ class RolloutEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         from vllm import LLM
 
-        self.llm = LLM(
-            model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
-            enforce_eager=cfg.vllm_enforce_eager, logprobs_mode="processed_logprobs",
-            tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
-            worker_extension_cls="tgrpo.vllm_engine.WeightReceiver", enable_prefix_caching=True,
-            # A chunked prefill discards a sampled token and rewinds the request's generator, which vLLM's CPU
-            # runner cannot do ('CPU Generator does not use offset'); whole prefills keep per-request seeds working.
-            enable_chunked_prefill=False,
-        )
+        with _without_launcher_env():
+            self.llm = LLM(
+                model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
+                enforce_eager=cfg.vllm_enforce_eager, logprobs_mode="processed_logprobs",
+                tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
+                worker_extension_cls="tgrpo.vllm_engine.WeightReceiver", enable_prefix_caching=True,
+                # A chunked prefill discards a sampled token and rewinds the request's generator, which vLLM's CPU
+                # runner cannot do ('CPU Generator does not use offset'); whole prefills keep per-request seeds working.
+                enable_chunked_prefill=False,
+            )
         self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
         self._shm: torch.Tensor | None = None
 

@@ -25,21 +25,9 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 
-# The hostfile is read exactly as node.sh reads it, so that the check starts the world the job will start.
-[ -f "$HOSTFILE" ] || { echo "error: hostfile '$HOSTFILE' not found: write one line 'host slots=N' per node" >&2; exit 2; }
-mapfile -t SLOTS < <(grep -v '^\s*\(#\|$\)' "$HOSTFILE" | sed -n 's/^\s*\S\+\s\+slots=\([0-9]\+\)\s*$/\1/p')
-NODES=$(grep -cv '^\s*\(#\|$\)' "$HOSTFILE" || true)
-if [ "${#SLOTS[@]}" -ne "$NODES" ] || [ "$NODES" -eq 0 ]; then
-  echo "error: $HOSTFILE: every non-comment line must read 'host slots=N' (found $NODES lines, ${#SLOTS[@]} valid)" >&2
-  exit 2
-fi
-if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NODES" ]; then
-  echo "error: NODE_RANK '$NODE_RANK' is not one of the $NODES nodes of $HOSTFILE (0-$((NODES - 1)))" >&2
-  exit 2
-fi
-WORLD_SIZE=0
-for s in "${SLOTS[@]}"; do WORLD_SIZE=$((WORLD_SIZE + s)); done
-NPROC=${SLOTS[$NODE_RANK]}
+# shellcheck source=launch/hostfile.sh
+source launch/hostfile.sh
+read_hostfile "$NODE_RANK"
 EXPECTED=${3:-$WORLD_SIZE}
 if ! [[ "$EXPECTED" =~ ^[0-9]+$ ]] || [ "$EXPECTED" -eq 0 ]; then
   echo "error: EXPECTED_PROCS '$EXPECTED' is not a positive number; $usage" >&2

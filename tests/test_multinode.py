@@ -8,24 +8,18 @@ import sys
 import time
 import uuid
 
-from helpers import ROOT, free_port, run
+from helpers import ROOT, finish, free_port, run, start
 
 SHORT = ["--max_steps", "2", "--prompts_per_step", "8", "--micro_batch_size", "8"]
 
 
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHON": sys.executable, **env})
+    return start(cmd, {"PYTHON": sys.executable, **env})
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"did not end within {timeout} s:\n{out[-2000:]}\n{err[-2000:]}")
-    return proc.returncode, out, err
+    result = finish(proc, timeout)
+    return result.returncode, result.stdout, result.stderr
 
 
 def _tagged(tag: str) -> dict[int, list[bytes]]:

@@ -67,14 +67,23 @@ def test_bad_placement(rollout, policy, world, words):
 def test_placement_roles_and_sync_group():
     p = Placement.from_config(Config(rollout_ranks="2-3", policy_ranks="0-1"), 4)
     assert p.roles(0) == {"policy"} and p.roles(3) == {"rollout"}
-    assert p.sync_source == 0 and p.sync_ranks == (0, 2, 3)
+    assert p.sync_source == 0 and p.sync_sets() == [(0, 2, 3)]
+
+
+def test_several_senders_split_the_engines_between_them():
+    cfg = Config(rollout_ranks="0-3", policy_ranks="4-5", sync_senders=2)
+    p = Placement.from_config(cfg, 6)
+    assert p.sync_sets() == [(4, 0, 2), (5, 1, 3)]
+    # never more senders than policy ranks or engines
+    p = Placement.from_config(Config(rollout_ranks="0-0", policy_ranks="1-2", sync_senders=4), 3)
+    assert p.sync_sets() == [(1, 0)]
 
 
 def test_tensor_parallel_engines_and_reference_ranks():
     cfg = Config(rollout_ranks="0-3", policy_ranks="4-5", reference_ranks="6-7", beta=0.1,
                  rollout_tensor_parallel_size=2)
     p = Placement.from_config(cfg, 8, local_world_size=8)
-    assert p.engine_ranks == (0, 2) and p.sync_ranks == (0, 2, 4) and p.roles(7) == {"reference"}
+    assert p.engine_ranks == (0, 2) and p.sync_sets() == [(4, 0, 2)] and p.roles(7) == {"reference"}
 
 
 def test_colocated_gives_every_rank_both_roles():

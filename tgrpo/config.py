@@ -129,10 +129,21 @@ class Config:
     save_steps: int = _f(0, "Write an HF checkpoint every this many steps (0: only after the last step).")
     num_samples_to_log: int = _f(4, "Completions written to samples.jsonl per step.")
     sync_bucket_mb: int = _f(1024, "Size of the flat buckets in which weights go from policy to rollout, in MiB.")
+    sync_mode: Literal["partitions", "gather"] = _f(
+        "partitions", "How weights reach the engines (split placement). partitions: each policy rank broadcasts its "
+        "ZeRO-3 shards of a bucket and the engine side joins them (no all-gather; the bytes cross once). gather: "
+        "ZeRO-3 gathers each bucket and sync_senders policy ranks broadcast it whole.")
+    sync_senders: int = _f(1, "sync_mode gather: policy ranks that send weights, each to its share of the rollout "
+                           "engines; 1: one broadcast from the first policy rank reaches every engine.")
+    max_staleness: int = _f(0, "0: strict on-policy. k >= 1: rollout ranks generate batches up to k steps ahead "
+                            "while the policy trains (split placement), and tis_cap corrects for the lag.")
     sync_check: bool = _f(False, "After every sync, check that the rollout engine's greedy tokens and "
                           "logprobs equal the policy's on a few prompts; stop the run if not.")
     sync_check_prompts: int = _f(4, "Prompts used by sync_check.")
-    sync_check_atol: float = _f(1e-3, "Largest allowed |logprob difference| in sync_check.")
+    sync_check_atol: Optional[float] = _f(None, "Largest allowed |logprob difference| per token in sync_check; "
+                                          "unset: 1e-3 in float32, 0.5 in bfloat16. Greedy tokens must match "
+                                          "exactly only in float32 (bf16 kernels of two correct implementations "
+                                          "pick different argmaxes where logits are nearly tied).")
 
     # --- derived, not user-set -------------------------------------------------------------------------------
     def validate(self, world_size: int, local_world_size: int | None = None) -> "Placement":
@@ -148,7 +159,7 @@ class Config:
         for name in ("prompts_per_step", "num_generations", "max_completion_length", "micro_batch_size",
                      "max_steps", "max_prompt_length", "sync_bucket_mb", "dist_timeout_s",
                      "rollout_tensor_parallel_size", "num_iterations", "mini_batches", "eval_k",
-                     "max_sampling_rounds"):
+                     "max_sampling_rounds", "sync_senders"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(self.num_generations >= 2, f"num_generations must be >= 2 (advantages compare completions of a "
                                           f"prompt), got {self.num_generations}")
@@ -162,6 +173,13 @@ class Config:
         _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
         _check(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1, got {self.dual_clip}")
         _check(self.tis_cap >= 0, f"tis_cap must be >= 0 (0 turns it off), got {self.tis_cap}")
+        _check(self.max_staleness >= 0, f"max_staleness must be >= 0, got {self.max_staleness}")
+        _check(not self.max_staleness or not self.colocate,
+               "max_staleness > 0 overlaps generation with training on separate ranks, but colocate=true makes "
+               "every rank take turns: set max_staleness 0 or use a split placement")
+        _check(not self.max_staleness or self.tis_cap > 0,
+               f"max_staleness={self.max_staleness} trains on samples from older weights: set tis_cap (e.g. 2.0) "
+               "so importance sampling corrects the lag")
         _check(0 <= self.overlong_buffer_length < self.max_completion_length,
                f"overlong_buffer_length must be in [0, max_completion_length), got {self.overlong_buffer_length}")
         _check(not self.kl_in_reward or self.beta > 0, "kl_in_reward needs beta > 0 (the KL coefficient)")

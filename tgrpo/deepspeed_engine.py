@@ -96,6 +96,33 @@ def gathered(params: list[torch.nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def local_partition(param: torch.nn.Parameter, parts: int) -> torch.Tensor:
+    """This rank's ZeRO-3 shard of a parameter, flat: rank r holds elements [r*n, (r+1)*n) of the parameter
+    flattened and zero-padded to parts*n, n = ceil(numel / parts) (DeepSpeed's partition layout)."""
+    numel = param.ds_numel
+    expected = -(-numel // parts)
+    shard = param.ds_tensor
+    if shard.ds_numel != expected or shard.numel() != expected:
+        raise RuntimeError(f"ZeRO-3 shard of a {numel}-element parameter holds {shard.numel()} elements, not "
+                           f"ceil({numel}/{parts}) = {expected} (parameters offloaded to NVMe, or a partition "
+                           "group other than the policy group): set sync_mode gather")
+    return shard.data.view(-1)
+
+
+def shard_offsets(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list[int]] | None:
+    """When every parameter's ZeRO-3 shard is a view into one buffer (DeepSpeed packs the shards of parameters that
+    stay on the device into one flat buffer), that buffer as one flat tensor and each shard's offset in it (in
+    elements); None otherwise (offloaded parameters, mixed dtypes)."""
+    shards = [p.ds_tensor for p in params]
+    dtype, device = shards[0].dtype, shards[0].device
+    storage = shards[0].untyped_storage()
+    if any(s.dtype != dtype or s.untyped_storage().data_ptr() != storage.data_ptr() or not s.is_contiguous()
+           for s in shards):
+        return None
+    flat = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (storage.nbytes() // dtype.itemsize,))
+    return flat, [s.storage_offset() for s in shards]
+
+
 def grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else 0.0

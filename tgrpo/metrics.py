@@ -14,6 +14,7 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
         "reward/mean": statistics.fmean(rewards),
         "reward/std": statistics.pstdev(rewards),
         "completion/length_mean": statistics.fmean(lengths),
+        "batch/tokens": sum(len(s.prompt_ids) for s in samples) + sum(lengths),
         "completion/truncated_fraction": statistics.fmean(float(s.truncated) for s in samples),
     }
     for name in samples[0].reward_parts:
@@ -25,6 +26,9 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
     out["time/reward_s"] = max(r["reward_s"] for r in rollout)
     out["rollout/groups_dropped"] = sum(r["groups_dropped"] for r in rollout)
     out["rollout/sampling_rounds"] = max(r["rounds"] for r in rollout)
+    if any("device_used_gib" in r for r in rollout):
+        out["memory/rollout_device_used_gib"] = max(r.get("device_used_gib", 0.0) for r in rollout)
+    out["rollout/staleness"] = max(r.get("staleness", 0) for r in rollout)
     out["reward/remote_failures"] = sum(r["remote_failures"] for r in rollout)
     out["throughput/generate_tokens_per_s"] = sum(r["generated_tokens"] for r in rollout) / max(generate_s, 1e-9)
     for key, value in train.items():

@@ -13,12 +13,16 @@ The groups:
              keeps off the GPU and free of NCCL's device rules.
 - policy:    the policy ranks; ZeRO-3 partitions over it (it becomes their default group).
 - reference: the reference ranks, when they are ranks of their own (likewise their default group).
-- sync:      split placement: the sync source (the first policy rank) and every engine-driving rank; weights are
-             broadcast here. Colocated ranks load the weights they gather themselves and need no sync group.
+- sync:      split placement, sync_mode partitions (default): one group per policy rank, holding it and every
+             engine-driving rank; each policy rank broadcasts its ZeRO-3 shards there (see sync.py).
+             sync_mode gather: one group per sender. With sync_senders = 1, the first policy rank and every
+             engine-driving rank (one broadcast reaches every engine); with k senders, policy rank j and every k-th
+             engine from the j-th (after ZeRO-3's gather every policy rank holds each bucket, so k broadcasts run
+             side by side on different links). Colocated ranks load what they gather and need no sync group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -59,6 +63,8 @@ class Placement:
     reference: tuple[int, ...] = ()
     tensor_parallel: int = 1
     colocated: bool = False
+    senders: int = 1
+    sync_mode: str = "partitions"
 
     @classmethod
     def from_config(cls, cfg, world_size: int, local_world_size: int | None = None) -> "Placement":
@@ -106,8 +112,9 @@ class Placement:
             if first // node != block[-1] // node:
                 raise ConfigError(f"the engine on ranks {first}-{block[-1]} crosses a node boundary ({node} "
                                   "processes per node): an engine's GPUs must be on one node")
+        senders = min(cfg.sync_senders, len(policy), len(rollout) // tp)
         return cls(world_size, tuple(rollout), tuple(sorted(policy)), tuple(sorted(reference)), tp,
-                   bool(cfg.colocate))
+                   bool(cfg.colocate), senders, cfg.sync_mode)
 
     @property
     def engine_ranks(self) -> tuple[int, ...]:
@@ -126,9 +133,11 @@ class Placement:
     def sync_source(self) -> int:
         return self.policy[0]
 
-    @property
-    def sync_ranks(self) -> tuple[int, ...]:
-        return tuple(sorted({self.sync_source, *self.engine_ranks}))
+    def sync_sets(self, senders: int | None = None) -> list[tuple[int, ...]]:
+        """The ranks of each sync group: sender j (the j-th policy rank) and every senders-th engine from the j-th.
+        The sender is the first rank of its set."""
+        k = senders or self.senders
+        return [(self.policy[j], *self.engine_ranks[j::k]) for j in range(k)]
 
     def roles(self, rank: int) -> set[str]:
         return {role for role, ranks in ((ROLLOUT, self.rollout), (POLICY, self.policy),
@@ -144,8 +153,36 @@ class Groups:
     data: dist.ProcessGroup
     policy: dist.ProcessGroup | None
     reference: dist.ProcessGroup | None
-    sync: dist.ProcessGroup | None
-    sync_src: int  # the sync source's rank inside the sync group
+    sync: dist.ProcessGroup | None  # this rank's sync group (split placement, sender or engine rank)
+    sync_src: int = 0  # the sender's rank inside it
+    is_sender: bool = False
+    # sync_mode partitions: (group, the policy rank's index in it) for each policy rank's group this rank is in:
+    # all of them on an engine rank, its own on a policy rank, none elsewhere
+    parts: list = field(default_factory=list)
+
+
+def build_partition_groups(placement: Placement, backend: str, timeout_s: int) -> list[tuple]:
+    """One group per policy rank with every engine-driving rank; every rank calls this in the same order."""
+    rank = dist.get_rank()
+    mine = []
+    for sender in placement.policy:
+        ranks = sorted({sender, *placement.engine_ranks})
+        group = dist.new_group(ranks, backend=backend, timeout=timedelta(seconds=timeout_s))
+        if rank == sender or rank in placement.engine_ranks:
+            mine.append((group, ranks.index(sender)))
+    return mine
+
+
+def build_sync_groups(placement: Placement, senders: int, backend: str, timeout_s: int):
+    """(group, sender's index in it, is this rank the sender) for this rank; (None, 0, False) if it is in none.
+    Every rank must call this, in the same order, for the same senders."""
+    rank = dist.get_rank()
+    mine = (None, 0, False)
+    for ranks in placement.sync_sets(senders):
+        group = dist.new_group(sorted(ranks), backend=backend, timeout=timedelta(seconds=timeout_s))
+        if rank in ranks:
+            mine = (group, sorted(ranks).index(ranks[0]), rank == ranks[0])
+    return mine
 
 
 def build_groups(placement: Placement, backend: str, timeout_s: int) -> Groups:
@@ -157,12 +194,14 @@ def build_groups(placement: Placement, backend: str, timeout_s: int) -> Groups:
     policy = dist.new_group(list(placement.policy), backend=backend, timeout=timeout)
     reference = (dist.new_group(list(placement.reference), backend=backend, timeout=timeout)
                  if placement.reference else None)
-    sync = (dist.new_group(list(placement.sync_ranks), backend=backend, timeout=timeout)
-            if not placement.colocated else None)
+    sync, sync_src, is_sender, parts = None, 0, False, []
+    if not placement.colocated and placement.sync_mode == "gather":
+        sync, sync_src, is_sender = build_sync_groups(placement, placement.senders, backend, timeout_s)
+    elif not placement.colocated:
+        parts = build_partition_groups(placement, backend, timeout_s)
     return Groups(
         data=data,
         policy=policy if rank in placement.policy else None,
         reference=reference if rank in placement.reference else None,
-        sync=sync if rank in placement.sync_ranks and not placement.colocated else None,
-        sync_src=placement.sync_ranks.index(placement.sync_source),
+        sync=sync, sync_src=sync_src, is_sender=is_sender, parts=parts,
     )

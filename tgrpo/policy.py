@@ -155,7 +155,12 @@ class PolicyWorker:
         r = dict(zip(names, reduced.tolist()))
         tokens, pass_tokens = max(r["tokens"], 1.0), max(r["pass_tokens"], 1.0)
         train_s = time.perf_counter() - t0
-        return {
+        memory = {}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            memory = {"memory/policy_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                      "memory/device_used_gib": (total - free) / 2**30}
+        return {**memory,
             "loss": r["loss"] / (cfg.num_iterations * cfg.mini_batches), "entropy": r["entropy"] / tokens,
             "clip_fraction": r["clipped"] / pass_tokens, "kl": r["kl"] / tokens,
             "grad_norm": deepspeed_engine.grad_norm(self.engine),

@@ -92,6 +92,8 @@ class RolloutWorker:
             if len(kept) == want:
                 break
         kept.extend(flat[:want - len(kept)])
+        if self.engine.on_gpu:
+            totals["device_used_gib"] = self.engine.device_used_gib()  # while the engine is awake, KV cache and all
         return [s for group in kept for s in group], totals
 
     def _generate_groups(self, prompts: list[data.Prompt], step: int, sampling_round: int):

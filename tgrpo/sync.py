@@ -1,8 +1,15 @@
-"""Weights from the policy to the rollout engines: ZeRO-3 gather a bucket at a time, one broadcast per bucket.
+"""Weights from the policy to the rollout engines, a bucket at a time.
 
 The bucket plan (names, shapes, offsets) is made once per run from the partitioned parameters' full shapes and
 sent to every rank once; a sync then moves only flat buffers. Per-parameter round trips, not bandwidth, are what
-make the peers' syncs slow.
+make the peers' syncs slow. Two ways to move a bucket (sync_mode):
+- partitions (default): no gather. Each policy rank copies its ZeRO-3 shards of the bucket's parameters into one
+  flat segment and broadcasts it to the engines (one group per policy rank); the engine side receives the P segments
+  side by side and rebuilds each parameter from its P slices while loading it. The link carries the model's bytes
+  once, as a raw broadcast would, and the policy group does no all-gather.
+- gather: ZeRO-3 gathers the bucket, a sender copies it into a flat buffer and broadcasts it; with sync_senders
+  = k, k policy ranks each send to a share of the engines.
+Colocated ranks and checkpoints always gather (every rank needs whole tensors there).
 """
 from __future__ import annotations
 
@@ -68,22 +75,132 @@ def iter_gathered_buckets(model: torch.nn.Module, plan: list[Bucket], device: to
             yield bucket, flat
 
 
-def send_weights(model: torch.nn.Module, plan: list[Bucket], group, group_src: int, is_source: bool,
+def send_weights(model: torch.nn.Module, plan: list[Bucket], group, group_src: int, is_sender: bool,
                  device: torch.device) -> int:
-    """Policy side; called by every policy rank. Returns the bytes the source broadcast."""
+    """Policy side; called by every policy rank (the gather is theirs together). Senders copy each gathered bucket
+    into one flat buffer and broadcast it to their sync group. Returns the bytes this rank broadcast."""
     sent = 0
-    for bucket, flat in iter_gathered_buckets(model, plan, device, fill=is_source):
-        if is_source:
+    staging = torch.empty(max_bucket_bytes(plan), dtype=torch.uint8, device=device) if is_sender else None
+    for bucket, flat in iter_gathered_buckets(model, plan, device, fill=is_sender,
+                                              buffer=lambda n, dt: staging[:n * dt.itemsize].view(dt)):
+        if is_sender:
             dist.broadcast(flat, group=group, group_src=group_src)
             sent += flat.numel() * flat.element_size()
     return sent
+
+
+def max_bucket_bytes(plan: list[Bucket]) -> int:
+    return max(b.numel * b.torch_dtype.itemsize for b in plan)
+
+
+@dataclass
+class ShardBucket:
+    """One bucket of sync_mode partitions: a segment of `length` elements of every policy rank's shards."""
+    dtype: str
+    start: int  # zero-copy: where the segment starts in each policy rank's shard buffer
+    length: int
+    params: list[tuple[str, list[int], int, int]]  # (name, full shape, offset of its shard in the segment, numel)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class ShardPlan:
+    parts: int  # policy ranks, each holding 1/parts of every parameter
+    zero_copy: bool  # segments are broadcast straight from DeepSpeed's shard buffer; else copied into one first
+    buckets: list[ShardBucket]
+
+    def max_bytes(self) -> int:
+        """Receive buffer size: the largest bucket's segments side by side."""
+        return max(self.parts * b.length * b.torch_dtype.itemsize for b in self.buckets)
+
+
+def shard_layout(model: torch.nn.Module) -> list[int] | None:
+    """Where this rank's shards sit in DeepSpeed's flat shard buffer (None if they are not in one)."""
+    found = deepspeed_engine.shard_offsets([p for _, p in model.named_parameters()])
+    return found[1] if found else None
+
+
+def shard_plan(model: torch.nn.Module, bucket_bytes: int, parts: int, zero_copy: bool) -> ShardPlan:
+    """Buckets of whole shards, each segment at most bucket_bytes / parts. zero_copy (every policy rank's shards
+    sit at the same offsets of one flat buffer): segments are ranges of that buffer, in its order; else shards are
+    packed in model order into a staging buffer."""
+    named = list(model.named_parameters())
+    offsets = shard_layout(model) if zero_copy else None
+    entries = []
+    packed = 0
+    for i, (name, param) in enumerate(named):
+        numel = param.ds_numel
+        size = -(-numel // parts)
+        if offsets is None:
+            offset, packed = packed, packed + size
+        else:
+            offset = offsets[i]
+        entries.append((offset, size, name, deepspeed_engine.full_shape(param), numel, param.dtype))
+    if offsets is not None:
+        entries.sort()
+    buckets: list[ShardBucket] = []
+    limit = max(1, bucket_bytes // parts)
+    for offset, size, name, shape, numel, dtype in entries:
+        dtype_name = str(dtype).removeprefix("torch.")
+        last = buckets[-1] if buckets else None
+        if (last is None or last.dtype != dtype_name
+                or (offset + size - last.start) * dtype.itemsize > limit and last.params):
+            last = ShardBucket(dtype_name, offset, 0, [])
+            buckets.append(last)
+        last.params.append((name, shape, offset - last.start, numel))
+        last.length = offset + size - last.start
+    return ShardPlan(parts, offsets is not None, buckets)
+
+
+def send_shards(model: torch.nn.Module, plan: ShardPlan, group, group_src: int, device: torch.device) -> int:
+    """sync_mode partitions, policy side: this rank's segment of each bucket, one broadcast per bucket on this
+    rank's own group to the engines. Returns the bytes broadcast."""
+    params = [p for _, p in model.named_parameters()]
+    sent = 0
+    if plan.zero_copy:
+        flat, _ = deepspeed_engine.shard_offsets(params)
+        for bucket in plan.buckets:
+            segment = flat[bucket.start:bucket.start + bucket.length]
+            dist.broadcast(segment, group=group, group_src=group_src)
+            sent += segment.numel() * segment.element_size()
+        return sent
+    by_name = dict(model.named_parameters())
+    staging = torch.empty(plan.max_bytes() // plan.parts, dtype=torch.uint8, device=device)
+    for bucket in plan.buckets:
+        flat = staging[:bucket.length * bucket.torch_dtype.itemsize].view(bucket.torch_dtype)
+        for name, _, offset, _ in bucket.params:
+            shard = deepspeed_engine.local_partition(by_name[name], plan.parts)
+            flat[offset:offset + shard.numel()].copy_(shard)
+        dist.broadcast(flat, group=group, group_src=group_src)
+        sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def receive_shards(engine, plan: ShardPlan, part_groups: list[tuple], load: bool = True) -> None:
+    """sync_mode partitions, engine side: the policy ranks' segments of each bucket land side by side in the
+    engine's buffer (one broadcast per policy rank's group), then vLLM loads the bucket from there, joining each
+    parameter's slices. load=False stops at the buffer (the benchmark's transport-only mode)."""
+    parts = plan.parts
+    engine.begin_update(plan.max_bytes()) if load else engine.ensure_buffer(plan.max_bytes())
+    for bucket in plan.buckets:
+        buffer = engine.weight_buffer(parts * bucket.length, bucket.torch_dtype)
+        for j, (group, src) in enumerate(part_groups):
+            dist.broadcast(buffer[j * bucket.length:(j + 1) * bucket.length], group=group, group_src=src)
+        if load:
+            engine.load_bucket(parts * bucket.length, bucket.torch_dtype, bucket.params, parts=parts,
+                               segment=bucket.length)
+    if load:
+        engine.finish_update()
 
 
 def load_colocated(model: torch.nn.Module, plan: list[Bucket], engine, device: torch.device) -> None:
     """Colocated: every policy rank gathers each bucket anyway, so a rank that drives an engine copies it straight
     into the engine's buffer; nothing is broadcast. Ranks without an engine (tensor-parallel helpers) pass None."""
     if engine is not None:
-        engine.begin_update()
+        engine.begin_update(max_bucket_bytes(plan))
     for bucket, _ in iter_gathered_buckets(model, plan, device, fill=engine is not None,
                                            buffer=engine.weight_buffer if engine is not None else None):
         if engine is not None:
@@ -92,17 +209,11 @@ def load_colocated(model: torch.nn.Module, plan: list[Bucket], engine, device: t
         engine.finish_update()
 
 
-def receive_weights(engine, plan: list[Bucket], group, group_src: int, device: torch.device) -> None:
-    """Rollout side: each bucket lands in the engine's shared buffer and is loaded before the next arrives.
-    NCCL receives on the GPU, so there the bucket is staged on the device and copied over."""
-    engine.begin_update()
+def receive_weights(engine, plan: list[Bucket], group, group_src: int) -> None:
+    """Rollout side: each bucket is received straight into the engine's buffer (GPU memory that the vLLM workers
+    opened by CUDA IPC, or a shared-memory file on CPU) and loaded before the next bucket arrives."""
+    engine.begin_update(max_bucket_bytes(plan))
     for bucket in plan:
-        buffer = engine.weight_buffer(bucket.numel, bucket.torch_dtype)
-        if device.type == "cuda":
-            staging = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device)
-            dist.broadcast(staging, group=group, group_src=group_src)
-            buffer.copy_(staging)
-        else:
-            dist.broadcast(buffer, group=group, group_src=group_src)
+        dist.broadcast(engine.weight_buffer(bucket.numel, bucket.torch_dtype), group=group, group_src=group_src)
         engine.load_bucket(bucket.numel, bucket.torch_dtype, bucket.params)
     engine.finish_update()

@@ -4,7 +4,11 @@ No hub is reached: the tokenizer is trained with `tokenizers` on the bundled dat
 `Qwen2Config` (head_dim 64, which vLLM's CPU attention accepts) and given a short supervised warm-up on the answer
 format, so that GRPO starts from a model that sometimes answers right, as it would from an SFT checkpoint.
 
-    python -m tgrpo.tiny [cache_dir]     # build (or find) it and print its folder
+    python -m tgrpo.tiny [cache_dir]                # build (or find) it and print its folder
+    python -m tgrpo.tiny [cache_dir] --random 0.5b  # a randomly initialised model of that shape (benchmarks)
+
+Random models (`RANDOM_SHAPES`) are for speed and memory measurements only: Qwen2 shapes with the tiny tokenizer
+and random weights, saved in bfloat16.
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import fcntl
 import json
 import os
 import random
-import sys
 
 TINY_NAME = "tiny-qwen2-v2"
 CHAT_TEMPLATE = (
@@ -41,6 +44,54 @@ def ensure_tiny_model(cache_dir: str) -> str:
         if not os.path.isfile(os.path.join(out, "done")):
             _build(out, BUNDLED_DATA)
     return out
+
+
+# Qwen2 shapes for benchmarks: "0.5b" is Qwen2.5-0.5B's (494M parameters with its 151,936-entry vocabulary).
+RANDOM_SHAPES = {
+    "60m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def ensure_random_model(cache_dir: str, shape: str) -> str:
+    """A Qwen2 model of RANDOM_SHAPES[shape] with random weights and the tiny tokenizer, built once."""
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random model shape '{shape}': choose one of {sorted(RANDOM_SHAPES)}")
+    tiny = ensure_tiny_model(cache_dir)
+    out = os.path.join(os.path.abspath(cache_dir), f"random-qwen2-{shape}")
+    if os.path.isfile(os.path.join(out, "done")):
+        return out
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(out, "done")):
+            _build_random(out, tiny, RANDOM_SHAPES[shape])
+    return out
+
+
+def _build_random(out: str, tiny: str, shape: dict) -> None:
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    torch.manual_seed(0)
+    config = Qwen2Config(**shape, max_position_embeddings=4096, bos_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         torch_dtype="bfloat16")
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
+    open(os.path.join(tmp, "done"), "w").close()
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def _conversations(data_path: str) -> list[list[dict]]:
@@ -129,4 +180,10 @@ def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:
 
 
 if __name__ == "__main__":
-    print(ensure_tiny_model(sys.argv[1] if len(sys.argv) > 1 else ".cache"))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the embedded models into a cache folder.")
+    parser.add_argument("cache_dir", nargs="?", default=".cache")
+    parser.add_argument("--random", choices=sorted(RANDOM_SHAPES), help="a random model of this shape instead")
+    args = parser.parse_args()
+    print(ensure_random_model(args.cache_dir, args.random) if args.random else ensure_tiny_model(args.cache_dir))

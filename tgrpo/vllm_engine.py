@@ -77,6 +77,12 @@ class WeightReceiver:
         if flat.is_cuda:
             torch.cuda.synchronize()  # the buffer is read before the rollout rank receives the next bucket into it
 
+    def tgrpo_release(self) -> None:
+        """Close the receive buffer before the rollout rank frees it (CUDA IPC wants the consumer gone first)."""
+        self._tgrpo_buffer = None
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()
+
     def tgrpo_finish_update(self) -> None:
         if self._tgrpo_layerwise:
             from vllm.config import set_current_vllm_config
@@ -249,6 +255,8 @@ class RolloutEngine:
             self.llm.wake_up()
 
     def shutdown(self) -> None:
+        if self._announced:
+            self.llm.collective_rpc("tgrpo_release")
         if os.path.exists(self._shm_path):
             os.unlink(self._shm_path)
         self.llm.llm_engine.engine_core.shutdown()

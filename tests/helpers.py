@@ -14,10 +14,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-    """Start cmd from the repo root in a process group of its own."""
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+def start(cmd: list[str], env: dict | None = None, log: str | None = None) -> subprocess.Popen:
+    """Start cmd from the repo root in a process group of its own. Its output is captured for finish(), or goes to
+    the file `log` when the caller polls the run meanwhile (a pipe nobody reads fills up and stalls the run)."""
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
@@ -38,3 +41,37 @@ def run(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.C
 def torchrun(script_args: list[str], nproc: int = 3, timeout: float = 600) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(free_port()), *script_args], timeout)
+
+
+def descendants(pid: int) -> set[int]:
+    """Live (not zombie) processes below pid. vLLM renames its processes (setproctitle), which can clobber what
+    /proc/PID/environ shows, so a run's engines are found by ancestry, not by an environment tag."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.add(pid)
+        except OSError:
+            continue
+    return out

@@ -13,9 +13,11 @@ def _metrics(out) -> list[dict]:
 
 def test_tensor_parallel_engine_and_reference_on_its_own_rank(tmp_path):
     """Ranks 0-1 hold one vLLM engine with tensor parallelism 2 (rank 0 drives it), rank 2 trains, rank 3 holds the
-    frozen reference: the engine matches the policy after every sync, and the KL to the reference starts at 0."""
+    frozen reference: the engine matches the policy after every sync, and the KL to the reference starts at 0.
+    Weights go by sync_mode gather here (ZeRO-3 gather, one sender); the other runs use partitions."""
     result = torchrun([*SHORT, "--rollout_ranks", "0-1", "--rollout_tensor_parallel_size", "2", "--policy_ranks",
-                       "2-2", "--reference_ranks", "3-3", "--beta", "0.05", "--output_dir", str(tmp_path)],
+                       "2-2", "--reference_ranks", "3-3", "--beta", "0.05", "--sync_mode", "gather",
+                       "--output_dir", str(tmp_path)],
                       nproc=4, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = _metrics(tmp_path)

@@ -5,26 +5,33 @@ sync the rollout engine's greedy tokens and logprobs are compared with the polic
 """
 import json
 import os
+import random
+import signal
 import sys
+import time
 
 import pytest
 
-from helpers import ROOT, run, torchrun
+from helpers import ROOT, alive, descendants, finish, free_port, run, start, torchrun
+from tgrpo import checkpoint
 from tgrpo.config import Config
 
 STEPS = 25
 PROMPT = [{"role": "system", "content": Config().system_prompt}, {"role": "user", "content": "What is 2 + 3?"}]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def _toy_run(out) -> list[str]:
     """The learnable toy task: 16 fixed arithmetic prompts, all of them every step, 8 samples each."""
-    out = tmp_path_factory.mktemp("run")
     toy = out / "toy.json"
     toy.write_text(json.dumps(json.load(open(os.path.join(ROOT, "data", "arith_train.json")))[:16]))
-    result = torchrun(["train_grpo.py", "--config", "configs/default.yaml", "--train_data", str(toy),
-                       "--prompts_per_step", "16", "--max_steps", str(STEPS), "--save_steps", "10",
-                       "--sync_check", "true", "--output_dir", str(out)], timeout=900)
+    return ["train_grpo.py", "--config", "configs/default.yaml", "--train_data", str(toy), "--prompts_per_step", "16",
+            "--max_steps", str(STEPS), "--save_steps", "10", "--sync_check", "true", "--output_dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = torchrun(_toy_run(out), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return out, metrics, result
@@ -75,7 +82,7 @@ def test_outputs_tensorboard_samples_and_progress(trained):
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert samples and {"prompt", "completion", "answer", "reward"} <= samples[0].keys()
     assert f"{STEPS}/{STEPS}" in result.stderr  # rank 0's progress bar
-    assert sorted(os.listdir(out / "checkpoints")) == ["step-10", "step-20", f"step-{STEPS}"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-10", "step-20", f"step-{STEPS}"]
 
 
 def test_checkpoint_loads_in_transformers_and_generates(trained):
@@ -104,3 +111,47 @@ def test_checkpoint_loads_in_vllm(trained):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "VLLM-TEXT" in result.stdout and "<answer>" in result.stdout
 
+
+
+def test_a_killed_rank_ends_the_job_and_resume_auto_continues_step_for_step(trained, tmp_path):
+    """The toy run again, with kill -9 of a random rank at a random step after the step-10 checkpoint: the job
+    ends, leaves no process behind (vLLM engines included, also those of a killed rollout rank), and `--resume
+    auto` continues from step 10; the resumed steps' metrics equal the uninterrupted run's (fixed seeds, CPU)."""
+    _, uninterrupted, _ = trained
+    rng = random.Random()
+    kill_after = rng.randint(11, 17)
+    victim_rank = int(os.environ.get("TGRPO_TEST_VICTIM_RANK", rng.randint(0, 2)))  # to replay one case
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
+           *_toy_run(tmp_path)]
+    proc = start(cmd, log=str(tmp_path / "killed.log"))
+    metrics_file = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= kill_after):
+        assert proc.poll() is None and time.time() < deadline, f"the run did not reach step {kill_after}"
+        time.sleep(0.5)
+    everything = descendants(proc.pid)  # torchrun's ranks, their vLLM engines and helpers
+    ranks = [pid for pid in everything if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    victim = next(pid for pid in ranks if f"RANK={victim_rank}".encode() in
+                  open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+    os.kill(victim, signal.SIGKILL)
+    killed = finish(proc, 240)
+    assert killed.returncode != 0
+    deadline = time.time() + 30  # engine processes notice their rank is gone
+    while alive(everything) and time.time() < deadline:
+        time.sleep(1)
+    left = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(everything)}
+    assert not left, (victim_rank, left)
+    assert checkpoint.find_latest(str(tmp_path)).endswith("step-10")
+
+    resumed = torchrun([*_toy_run(tmp_path), "--resume", "auto"], timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    metrics = [json.loads(line) for line in open(metrics_file)]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # steps after the checkpoint were dropped
+    for ours, theirs in zip(metrics[10:], uninterrupted[10:]):
+        for key in ("reward/mean", "accuracy", "completion/length_mean", "batch/tokens"):
+            assert ours[key] == theirs[key], (kill_after, victim_rank, ours["step"], key, ours[key], theirs[key])
+        for key in ("policy/loss", "policy/grad_norm", "policy/entropy"):
+            assert abs(ours[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (ours["step"], key)
+    # save_total_limit 3 keeps the newest three; all complete
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-10", "step-20", f"step-{STEPS}"]

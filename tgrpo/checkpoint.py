@@ -1,19 +1,155 @@
-"""HF-format checkpoints of the policy (`output/checkpoints/step-N`) that load in transformers and in vLLM.
+"""Checkpoints (`output_dir/checkpoints/step-N`) that a run resumes from and that load in transformers and vLLM.
 
-Written to a temporary folder and renamed, so a folder named step-N is always complete.
+A checkpoint folder holds the policy as a Hugging Face model (weights, config, tokenizer: load it as it is), the
+DeepSpeed state (`deepspeed/`: parameters, optimizer), every rank's RNG states (`rng/`) and `trainer_state.json`
+(step, placement; the data position follows from the step, since a step's prompts depend only on (seed, step)).
+It is written as `step-N.tmp`, `trainer_state.json` last, then renamed, and `latest` names it; the oldest beyond
+save_total_limit are removed. Resume takes `latest` if it names a complete folder, else the highest complete
+`step-N`: a folder cut off mid-write (a `.tmp`, or one without `trainer_state.json`) is never chosen.
+Checkpoints of a multi-node job need output_dir on a filesystem every node sees.
 """
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
 import shutil
 
 import torch
+import torch.distributed as dist
 
-from tgrpo import sync
+from tgrpo import deepspeed_engine, sync
+
+STATE = "trainer_state.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def save_hf(model: torch.nn.Module, plan: list, model_dir: str, out_dir: str, step: int, is_writer: bool) -> str:
-    """Called by every policy rank (the ZeRO-3 gather is a collective); the writer alone copies and writes."""
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, STATE))
+
+
+def find_latest(output_dir: str) -> str | None:
+    """The newest complete checkpoint folder, or None."""
+    root = checkpoints_dir(output_dir)
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            named = os.path.join(root, f.read().strip())
+        if _STEP_DIR.match(os.path.basename(named)) and is_complete(named):
+            return named
+    except OSError:
+        pass
+    if not os.path.isdir(root):
+        return None
+    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))
+             and is_complete(os.path.join(root, name))]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def resume_path(cfg) -> str | None:
+    """The checkpoint a run continues from: cfg.resume itself, the newest complete one for 'auto', or None."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        return find_latest(cfg.output_dir)
+    return os.path.abspath(cfg.resume)
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(job, step: int) -> str:
+    """Every rank calls this at the same point. The sync source (first policy rank) owns the folder."""
+    cfg, rank = job.cfg, job.rank
+    final = os.path.join(checkpoints_dir(cfg.output_dir), f"step-{step}")
+    tmp = final + ".tmp"
+    if job.is_source:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+    dist.barrier(group=job.groups.data)
+    if job.policy is not None:
+        deepspeed_engine.save_state(job.policy.engine, os.path.join(tmp, "deepspeed"))
+        export_hf(job.policy.model, job.plan, job.model_dir, tmp, is_writer=job.is_source)
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+    dist.barrier(group=job.groups.data)
+    if job.is_source:
+        placement = job.placement
+        with open(os.path.join(tmp, STATE), "w") as f:
+            json.dump({"step": step, "world_size": placement.world_size, "rollout": list(placement.rollout),
+                       "policy": list(placement.policy), "reference": list(placement.reference),
+                       "colocated": placement.colocated, "seed": cfg.seed}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_latest(cfg.output_dir, os.path.basename(final))
+        _prune(cfg.output_dir, cfg.save_total_limit)
+    return final
+
+
+def load(job, path: str) -> int:
+    """Restore the policy's DeepSpeed state and this rank's RNG from a checkpoint; returns its step. Every rank
+    calls it; the engines get the weights by the sync that follows."""
+    state = read_state(path)
+    if job.policy is not None:
+        deepspeed_engine.load_state(job.policy.engine, os.path.join(path, "deepspeed"))
+    rng = os.path.join(path, "rng", f"rank{job.rank}.pt")
+    if os.path.isfile(rng):
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return int(state["step"])
+
+
+def check_resumable(path: str, placement) -> None:
+    """Raise ValueError naming the difference if the checkpoint was written by another placement."""
+    state = read_state(path)
+    now = {"world_size": placement.world_size, "rollout": list(placement.rollout), "policy": list(placement.policy),
+           "reference": list(placement.reference), "colocated": placement.colocated}
+    for key, value in now.items():
+        if state.get(key) != value:
+            raise ValueError(f"checkpoint {path} was written with {key}={state.get(key)}, this run has {value}: "
+                             "resume with the placement that wrote it")
+
+
+def _write_latest(output_dir: str, name: str) -> None:
+    root = checkpoints_dir(output_dir)
+    tmp = os.path.join(root, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def _prune(output_dir: str, keep: int) -> None:
+    """Remove the oldest complete checkpoints beyond the newest `keep` (0 keeps all)."""
+    if keep <= 0:
+        return
+    root = checkpoints_dir(output_dir)
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name)))
+    for _, name in steps[:-keep]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def export_hf(model: torch.nn.Module, plan: list, model_dir: str, dest: str, is_writer: bool) -> None:
+    """The policy as a Hugging Face model in dest. Every policy rank calls it (the ZeRO-3 gather is a collective);
+    the writer alone copies and writes."""
     from huggingface_hub import save_torch_state_dict
     from transformers import AutoTokenizer
 
@@ -22,17 +158,10 @@ def save_hf(model: torch.nn.Module, plan: list, model_dir: str, out_dir: str, st
         if is_writer:
             for name, shape, offset, numel in bucket.params:
                 state[name] = flat[offset:offset + numel].view(shape).clone()
-    final = os.path.join(out_dir, "checkpoints", f"step-{step}")
     if not is_writer:
-        return final
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_torch_state_dict(state, tmp)
-    model.config.save_pretrained(tmp)
+        return
+    save_torch_state_dict(state, dest)
+    model.config.save_pretrained(dest)
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+        model.generation_config.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)

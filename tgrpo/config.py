@@ -126,7 +126,11 @@ class Config:
     max_steps: int = _f(30, "GRPO steps to run.")
     seed: int = _f(42, "Seed of data order, sampling and initialisation.")
     output_dir: str = _f("output", "Tensorboard, samples.jsonl and checkpoints go here.")
-    save_steps: int = _f(0, "Write an HF checkpoint every this many steps (0: only after the last step).")
+    save_steps: int = _f(0, "Write a checkpoint (HF model + DeepSpeed state + RNG + step) every this many steps; "
+                         "0: only after the last step.")
+    save_total_limit: int = _f(3, "Keep the newest this many checkpoints; 0 keeps all.")
+    resume: str = _f("", "'auto': continue from the newest complete checkpoint in output_dir (start fresh if there "
+                     "is none); a checkpoint folder: continue from it; empty: start fresh.")
     num_samples_to_log: int = _f(4, "Completions written to samples.jsonl per step.")
     sync_bucket_mb: int = _f(1024, "Size of the flat buckets in which weights go from policy to rollout, in MiB.")
     sync_mode: Literal["partitions", "gather"] = _f(
@@ -171,6 +175,13 @@ class Config:
                f"epsilon must be in [0, 1) and epsilon_high >= 0, got {self.epsilon}, {self.epsilon_high}")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         _check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
+        _check(self.save_total_limit >= 0, f"save_total_limit must be >= 0 (0 keeps all), got "
+                                           f"{self.save_total_limit}")
+        if self.resume not in ("", "auto"):
+            from tgrpo.checkpoint import is_complete
+
+            _check(is_complete(self.resume), f"resume='{self.resume}' is not a complete checkpoint folder (no "
+                   "trainer_state.json there): name an output_dir/checkpoints/step-N folder or use 'auto'")
         _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
         _check(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1, got {self.dual_clip}")
         _check(self.tis_cap >= 0, f"tis_cap must be >= 0 (0 turns it off), got {self.tis_cap}")
@@ -286,8 +297,14 @@ def _coerce_yaml(loaded: dict, path: str) -> dict:
         _check(key in names, f"unknown field '{key}' in {path}: see python train_grpo.py --help")
         spec = _field_parser(hints[key])
         if value is None:
+            _check(type(None) in typing.get_args(hints[key]), f"field '{key}' in {path} is empty: give it a value "
+                                                              "or remove the line")
             out[key] = None
             continue
+        if isinstance(value, dict) or (isinstance(value, list) and not spec.get("nargs")):
+            raise ConfigError(f"field '{key}' in {path} must be a single value, got {type(value).__name__}")
+        if spec.get("nargs") and isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise ConfigError(f"field '{key}' in {path} must be a list of plain values")
         try:
             if spec.get("nargs"):
                 value = [spec["type"](v) for v in (value if isinstance(value, list) else [value])]

@@ -123,6 +123,18 @@ def shard_offsets(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list[
     return flat, [s.storage_offset() for s in shards]
 
 
+def save_state(engine, path: str) -> None:
+    """Parameters and optimizer state of a ZeRO-3 engine (every rank of its group writes its shard)."""
+    engine.save_checkpoint(path, tag="state", save_latest=False)
+
+
+def load_state(engine, path: str) -> None:
+    loaded, _ = engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise RuntimeError(f"no DeepSpeed state in {path}")
+
+
 def grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else 0.0

@@ -40,6 +40,19 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
     return out
 
 
+def _truncate_after(path: str, step: int) -> None:
+    """A resumed run keeps the rows of a jsonl log up to its checkpoint's step; a fresh run (step 0) appends as
+    before."""
+    if not step or not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
 class Metrics:
     def __init__(self, cfg, enabled: bool, start_step: int = 0):
         self.enabled = enabled
@@ -50,7 +63,10 @@ class Metrics:
         from tqdm import tqdm
 
         os.makedirs(cfg.output_dir, exist_ok=True)
-        self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run drops what followed its checkpoint
+            _truncate_after(os.path.join(cfg.output_dir, name), start_step)
+        self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step else None)
         self.metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
         self.samples_file = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
         self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True)

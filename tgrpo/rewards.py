@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import requests
+from tgrpo.http_client import JsonService
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
@@ -110,7 +110,6 @@ REWARD_FUNCS: dict[str, Callable[[str, str], float]] = {"math": math_reward, "fo
 
 BUILTIN = tuple(REWARD_FUNCS)  # names that need no import
 REMOTE = "remote"
-_RETRY_BASE_S = 0.5  # backoff before retry k is _RETRY_BASE_S * 2**(k-1): 0.5 s, 1 s, 2 s...
 
 
 class RewardError(RuntimeError):
@@ -215,81 +214,51 @@ class RemoteReward:
     number in flight, each retried with backoff on connection errors, timeouts, 5xx and malformed replies."""
 
     def __init__(self, cfg):
-        self.url, self.timeout_s, self.retries = cfg.reward_url, float(cfg.reward_timeout_s), cfg.reward_retries
+        self.url, self.timeout_s = cfg.reward_url, float(cfg.reward_timeout_s)
         self.batch_size, self.on_failure = cfg.reward_batch_size, cfg.reward_on_failure
-        self.session = requests.Session()
-        # one pooled connection per request in flight: urllib3's default of 10 would drop connections above that
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=cfg.reward_max_concurrency)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        # the pool's size is the in-flight limit; backoff sleeps hold a slot, which only eases the load on the service
-        self.pool = ThreadPoolExecutor(cfg.reward_max_concurrency, thread_name_prefix="reward-remote")
-        self._lock = threading.Lock()
-        self.requests = self.retried = 0
+        self.service = JsonService(cfg.reward_url, timeout_s=cfg.reward_timeout_s, retries=cfg.reward_retries,
+                                   max_concurrency=cfg.reward_max_concurrency, name="reward-remote")
+
+    @property
+    def requests(self) -> int:
+        return self.service.requests
+
+    @property
+    def retried(self) -> int:
+        return self.service.retried
 
     def score(self, prompts: list[str], completions: list[str], answers: list[str]) -> tuple[list[float], int]:
         """Scores of every completion, and how many were scored 0.0 because the service stayed down."""
         starts = range(0, len(completions), self.batch_size)
-        futures = [self.pool.submit(self._chunk, {"prompts": prompts[i:i + self.batch_size],
-                                                  "completions": completions[i:i + self.batch_size],
-                                                  "answers": answers[i:i + self.batch_size]}) for i in starts]
-        try:
-            chunks = [f.result() for f in futures]
-        finally:
-            for f in futures:  # after a failure: do not send what has not started
-                f.cancel()
-        failures = sum(len(chunk) for chunk, ok in chunks if not ok)
-        return [s for chunk, _ in chunks for s in chunk], failures
-
-    def _chunk(self, payload: dict) -> tuple[list[float], bool]:
-        n = len(payload["completions"])
-        cause = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
-            with self._lock:
-                self.requests += 1
-                self.retried += attempt > 0
-            scores, cause, retry = self._post(payload, n)
-            if scores is not None:
-                return scores, True
-            if not retry:
-                break
-        message = (f"remote reward {self.url} failed after {attempt + 1} attempt(s): {cause}: check that the service "
-                   f"is up and answers POST {{prompts, completions, answers}} with {{\"scores\": [{n} floats]}} "
-                   f"within reward_timeout_s={self.timeout_s:g}, or set reward_on_failure=zero to score such "
-                   "chunks 0")
-        if self.on_failure == "fail":
-            raise RewardError(message)
-        return [0.0] * n, False
-
-    def _post(self, payload: dict, n: int) -> tuple[list[float] | None, str, bool]:
-        """(scores, "", _) on success, else (None, cause, whether a retry may help)."""
-        try:
-            reply = self.session.post(self.url, json=payload, timeout=self.timeout_s)
-        except requests.Timeout:
-            return None, f"no reply within {self.timeout_s:g} s", True
-        except requests.RequestException as e:  # refused, reset, DNS...
-            errno = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))
-            return None, f"{type(e).__name__} ({errno.group(0).strip() if errno else _line(e, 200)})", True
-        if reply.status_code >= 300:
-            # a 4xx means this request is wrong and sending it again cannot help
-            return None, f"HTTP {reply.status_code} {_line(reply.text, 200)!r}", not 400 <= reply.status_code < 500
-        try:
-            body = reply.json()
-        except ValueError:
-            return None, f"reply is not JSON: {_line(reply.text, 100)!r}", True
-        scores = (body.get("scores", body.get("rewards")) if isinstance(body, dict) else None)
-        if not isinstance(scores, list):
-            return None, f"reply has no \"scores\" list: {_line(reply.text, 100)!r}", True
-        values = [_as_score(s) for s in scores]
-        if len(values) != n or None in values:
-            return None, f"reply has {len(values)} scores for {n} completions or a non-number among them", True
-        return values, "", False
+        payloads = [{"prompts": prompts[i:i + self.batch_size], "completions": completions[i:i + self.batch_size],
+                     "answers": answers[i:i + self.batch_size]} for i in starts]
+        scores: list[float] = []
+        failures = 0
+        for payload, (chunk, cause) in zip(payloads, self.service.map(payloads, _parse_scores)):
+            n = len(payload["completions"])
+            if cause:
+                message = (f"remote reward {self.url} {cause}: check that the service is up and answers POST "
+                           f"{{prompts, completions, answers}} with {{\"scores\": [{n} floats]}} within "
+                           f"reward_timeout_s={self.timeout_s:g}, or set reward_on_failure=zero to score such chunks 0")
+                if self.on_failure == "fail":
+                    raise RewardError(message)
+                chunk, failures = [0.0] * n, failures + n
+            scores.extend(chunk)
+        return scores, failures
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.session.close()
+        self.service.close()
+
+
+def _parse_scores(body: object, payload: dict) -> list[float]:
+    n = len(payload["completions"])
+    scores = body.get("scores", body.get("rewards")) if isinstance(body, dict) else None
+    if not isinstance(scores, list):
+        raise ValueError("reply has no \"scores\" list")
+    values = [_as_score(v) for v in scores]
+    if len(values) != n or None in values:
+        raise ValueError(f"reply has {len(values)} scores for {n} completions or a non-number among them")
+    return values
 
 
 class RewardScorer:

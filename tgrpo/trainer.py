@@ -119,6 +119,7 @@ class Job:
     ahead: deque = field(default_factory=deque)
     shard_plan: object = None
     more_groups: object = None
+    start_step: int = 0  # the step a resumed run continues after
 
     @property
     def engine(self):
@@ -131,7 +132,7 @@ class Job:
 
 def _run(cfg: Config, placement, rank: int) -> None:
     job = setup(cfg, placement, rank)
-    run_steps(job, 0, cfg.max_steps, cfg.max_staleness)
+    run_steps(job, job.start_step, cfg.max_steps, cfg.max_staleness)
     finish(job)
 
 
@@ -160,7 +161,16 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
     if any(verdicts):
         raise ConfigError(next(v for v in verdicts if v))
 
-    log = Metrics(cfg, enabled=rank == 0)
+    resume = [checkpoint.resume_path(cfg) if rank == placement.sync_source else None]
+    dist.broadcast_object_list(resume, group=groups.data, group_src=placement.sync_source)
+    resume = resume[0]
+    if resume is not None:
+        try:
+            checkpoint.check_resumable(resume, placement)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    start_step = checkpoint.read_state(resume)["step"] if resume else 0
+    log = Metrics(cfg, enabled=rank == 0, start_step=start_step)
     if worker is not None and worker.dropped:
         print(f"[rank {rank} rollout] dropped {worker.dropped} prompts longer than max_prompt_length", flush=True)
     if worker is not None:  # first: colocated on a GPU, vLLM sizes its KV cache from the memory it finds free
@@ -192,8 +202,13 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
                  sync.shard_plan(policy.model, bucket_bytes, placement.num_policy, zero_copy)
                  if split_partitions else None]
     dist.broadcast_object_list(plans, group=groups.data, group_src=placement.sync_source)
-    return Job(cfg, placement, groups, rank, device, model_dir, log, plans[0], worker, policy, reference,
-               shard_plan=plans[1], more_groups=extra)
+    job = Job(cfg, placement, groups, rank, device, model_dir, log, plans[0], worker, policy, reference,
+              shard_plan=plans[1], more_groups=extra)
+    if resume is not None:
+        job.start_step = checkpoint.load(job, resume)
+        sync_weights(job)  # the engines started from the base model
+        log.message(f"resumed from {resume} (step {job.start_step})")
+    return job
 
 
 def sync_weights(job: Job) -> float:
@@ -281,11 +296,9 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         scalars = step_metrics(samples, rollout_metrics, train_metrics)
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
             scalars.update(_evaluate(cfg, placement, groups, worker, job.log, done))
-        if policy is not None and ((cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps):
-            path = checkpoint.save_hf(policy.model, job.plan, job.model_dir, cfg.output_dir, done,
-                                      is_writer=job.is_source)
-            if job.is_source and rank == 0:
-                job.log.message(f"saved {path}")
+        if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+            path = checkpoint.save(job, done)
+            job.log.message(f"saved {path}")
         scalars["time/step_s"] = time.perf_counter() - t_step
         job.log.log(done, samples, scalars)
         history.append(scalars if rank == 0 else {})

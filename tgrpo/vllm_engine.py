@@ -15,6 +15,36 @@ from dataclasses import dataclass
 import torch
 
 SHM_DIR = "/dev/shm"
+_OWNER = "TGRPO_ENGINE_OWNER_PID"  # the rollout rank that started an engine, inherited by the engine's processes
+
+
+def _exit_with_owner() -> None:
+    """In vLLM's engine processes (which import this module for the worker extension): exit when the rollout rank
+    that started the engine is gone. A rank killed by SIGKILL cannot shut its engine down, and vLLM's engine core
+    does not notice on its own: without this it runs on, an orphan holding memory."""
+    import threading
+    import time
+
+    owner = int(os.environ.get(_OWNER, "0") or 0)
+    if not owner or owner == os.getpid():
+        return
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{owner}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tgrpo-owner-watch", daemon=True).start()
+
+
+_exit_with_owner()
 
 
 @dataclass
@@ -144,6 +174,7 @@ class RolloutEngine:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, s)) for s in shares)
         self.sleep_mode = sleep_mode and on_gpu  # the CPU backend has no sleep mode; CPU memory is not the limit
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        os.environ[_OWNER] = str(os.getpid())
         from vllm import LLM
 
         with _without_launcher_env():
@@ -160,6 +191,7 @@ class RolloutEngine:
         self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
         self._buffer: torch.Tensor | None = None
         self._announced = False
+        self._asleep = False
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float,
                  top_p: float, seed: int | None) -> list[list[Completion]]:
@@ -247,12 +279,14 @@ class RolloutEngine:
 
     def sleep(self) -> None:
         """Colocated on GPU: free the weights and KV cache for the policy's training step."""
-        if self.sleep_mode:
+        if self.sleep_mode and not self._asleep:
             self.llm.sleep(level=1)
+            self._asleep = True
 
     def wake_up(self) -> None:
-        if self.sleep_mode:
+        if self._asleep:
             self.llm.wake_up()
+            self._asleep = False
 
     def shutdown(self) -> None:
         if self._announced:

@@ -1,0 +1,63 @@
+"""Which checkpoint a resume picks: never one cut off mid-write."""
+import json
+import os
+
+import pytest
+
+from tgrpo import checkpoint
+from tgrpo.config import Config, ConfigError
+from tgrpo.placement import Placement
+
+
+def _make(root, name, complete=True, step=None):
+    path = root / "checkpoints" / name
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"x")
+    if complete:
+        (path / checkpoint.STATE).write_text(json.dumps({"step": step or int(name.split("-")[1].split(".")[0])}))
+    return path
+
+
+def test_latest_marker_names_the_newest_complete_checkpoint(tmp_path):
+    _make(tmp_path, "step-10")
+    _make(tmp_path, "step-20")
+    (tmp_path / "checkpoints" / "latest").write_text("step-20\n")
+    assert checkpoint.find_latest(str(tmp_path)).endswith("step-20")
+
+
+def test_a_checkpoint_cut_off_mid_write_is_never_chosen(tmp_path):
+    _make(tmp_path, "step-10")
+    _make(tmp_path, "step-20.tmp")  # the rename never happened
+    _make(tmp_path, "step-30", complete=False)  # no trainer_state.json: not a finished folder
+    (tmp_path / "checkpoints" / "latest").write_text("step-30\n")  # a marker naming an incomplete folder
+    assert checkpoint.find_latest(str(tmp_path)).endswith("step-10")
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path):
+    assert checkpoint.find_latest(str(tmp_path)) is None
+    _make(tmp_path, "step-5.tmp")
+    assert checkpoint.find_latest(str(tmp_path)) is None
+    assert checkpoint.resume_path(Config(output_dir=str(tmp_path), resume="auto")) is None
+
+
+def test_only_the_newest_are_kept(tmp_path):
+    for step in (10, 20, 30, 40):
+        _make(tmp_path, f"step-{step}")
+    checkpoint._prune(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-30", "step-40"]
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint_is_one_clear_error(tmp_path):
+    _make(tmp_path, "step-7", complete=False)
+    with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
+        Config(resume=str(tmp_path / "checkpoints" / "step-7")).validate(3)
+
+
+def test_resume_with_another_placement_names_the_difference(tmp_path):
+    path = _make(tmp_path, "step-10")
+    state = {"step": 10, "world_size": 3, "rollout": [0], "policy": [1, 2], "reference": [], "colocated": False}
+    (path / checkpoint.STATE).write_text(json.dumps(state))
+    checkpoint.check_resumable(str(path), Placement.from_config(Config(), 3))
+    other = Placement.from_config(Config(rollout_ranks="0-1", policy_ranks="2-3"), 4)
+    with pytest.raises(ValueError, match="world_size=3"):
+        checkpoint.check_resumable(str(path), other)

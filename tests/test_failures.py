@@ -1,0 +1,35 @@
+"""A rollout engine that dies mid-run: the job ends by itself with one line naming the rank, the role and the cause,
+and leaves no process behind."""
+import os
+import signal
+import sys
+import time
+
+from helpers import alive, descendants, finish, free_port, start
+
+
+def test_a_dead_vllm_engine_ends_the_job_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
+           "train_grpo.py", "--config", "configs/default.yaml", "--max_steps", "200", "--prompts_per_step", "8",
+           "--micro_batch_size", "8", "--dist_timeout_s", "60", "--output_dir", str(out)]
+    log = tmp_path / "run.log"
+    proc = start(cmd, log=str(log))
+    deadline = time.time() + 600
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, "the run did not reach its first step"
+        time.sleep(1)
+    everything = descendants(proc.pid)
+    engines = [pid for pid in everything if open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"VLLM::EngineCore")]
+    assert len(engines) == 1, engines
+    started = time.time()
+    os.kill(engines[0], signal.SIGKILL)
+    result = finish(proc, 300)
+    assert result.returncode != 0 and time.time() - started < 180  # well within dist_timeout_s of the others
+    ours = [line for line in log.read_text().splitlines() if line.startswith("[rank")]
+    assert ours and ours[0].startswith("[rank 0 rollout] error: ") and "Engine" in ours[0], log.read_text()[-3000:]
+    assert (out / "logs" / "error-rank0.log").exists()
+    deadline = time.time() + 30
+    while alive(everything) and time.time() < deadline:
+        time.sleep(1)
+    assert not alive(everything)

@@ -54,7 +54,16 @@ class RolloutWorker:
         self.engine = RolloutEngine(self.model_dir, dtype=dtype, seed=cfg.seed + self.index,
                                     max_model_len=cfg.max_prompt_length + cfg.max_completion_length, cfg=cfg,
                                     tag=f"rank{self.rank}", tensor_parallel_size=self.placement.tensor_parallel,
-                                    sleep_mode=self.placement.colocated)
+                                    sleep_mode=self.placement.colocated, on_engine_death=self._engine_died)
+
+    def _engine_died(self, message: str) -> None:
+        """From the engine watcher's thread: one line naming this rank, then exit; torchrun stops the rest."""
+        import os
+
+        from tgrpo.distributed import report_error_and_exit
+
+        report_error_and_exit(self.rank, self.placement.role_name(self.rank), RuntimeError(message),
+                              os.path.join(self.cfg.output_dir, "logs"))
 
     def step_prompts(self, step: int, sampling_round: int = 0) -> list[data.Prompt]:
         """This engine's prompts of a step. Extra rounds (dynamic sampling) draw from a stream of their own, so

@@ -153,9 +153,32 @@ def _without_launcher_env():
         os.environ.update(saved)
 
 
+def _children() -> list[int]:
+    """This process's live child processes."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
-                 tensor_parallel_size: int = 1, sleep_mode: bool = False):
+                 tensor_parallel_size: int = 1, sleep_mode: bool = False, on_engine_death=None):
         self.on_gpu = on_gpu = torch.cuda.is_available()
         if on_gpu:
             # vLLM's workers take the first visible GPUs: make those this rank's GPU and the next tp-1 (the engine's
@@ -177,6 +200,7 @@ class RolloutEngine:
         os.environ[_OWNER] = str(os.getpid())
         from vllm import LLM
 
+        before = set(_children())
         with _without_launcher_env():
             self.llm = LLM(
                 model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -188,6 +212,8 @@ class RolloutEngine:
                 # runner cannot do ('CPU Generator does not use offset'); whole prefills keep per-request seeds working.
                 enable_chunked_prefill=False,
             )
+        self._closing = False
+        self._watch_engine(set(_children()) - before, on_engine_death)
         self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
         self._buffer: torch.Tensor | None = None
         self._announced = False
@@ -288,7 +314,28 @@ class RolloutEngine:
             self.llm.wake_up()
             self._asleep = False
 
+    def _watch_engine(self, pids: set[int], on_engine_death) -> None:
+        """vLLM's client can wait forever on an engine process that was killed (a weight-load call has no
+        timeout): watch the processes the engine started and call on_engine_death(message) if one dies."""
+        import threading
+        import time
+
+        if on_engine_death is None or not pids:
+            return
+
+        def watch() -> None:
+            while not self._closing:
+                for pid in pids:
+                    if not _alive(pid) and not self._closing:
+                        on_engine_death(f"the vLLM engine process {pid} died (killed, or out of memory: see this "
+                                        "rank's log and dmesg)")
+                        return
+                time.sleep(1.0)
+
+        threading.Thread(target=watch, name="tgrpo-engine-watch", daemon=True).start()
+
     def shutdown(self) -> None:
+        self._closing = True
         if self._announced:
             self.llm.collective_rpc("tgrpo_release")
         if os.path.exists(self._shm_path):

@@ -168,6 +168,16 @@ def _children() -> list[int]:
     return found
 
 
+def _is_engine(pid: int) -> bool:
+    """vLLM names its engine processes (setproctitle 'VLLM::EngineCore'); other helpers a start leaves behind,
+    which may end on their own, are not watched."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"EngineCore" in f.read()
+    except OSError:
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -213,7 +223,7 @@ class RolloutEngine:
                 enable_chunked_prefill=False,
             )
         self._closing = False
-        self._watch_engine(set(_children()) - before, on_engine_death)
+        self._watch_engine({pid for pid in set(_children()) - before if _is_engine(pid)}, on_engine_death)
         self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
         self._buffer: torch.Tensor | None = None
         self._announced = False

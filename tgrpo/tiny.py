@@ -73,10 +73,9 @@ def ensure_random_model(cache_dir: str, shape: str) -> str:
 
 
 def _build_random(out: str, tiny: str, shape: dict) -> None:
-    import shutil
 
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     torch.manual_seed(0)
@@ -84,14 +83,7 @@ def _build_random(out: str, tiny: str, shape: dict) -> None:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          torch_dtype="bfloat16")
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
-    open(os.path.join(tmp, "done"), "w").close()
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    _save(out, model, tokenizer)
 
 
 def _conversations(data_path: str) -> list[list[dict]]:
@@ -122,10 +114,8 @@ def _train_tokenizer(convs: list[list[dict]]):
 
 
 def _build(out: str, data_path: str) -> None:
-    import shutil
-
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the build runs inside pre-flight checks, whose stderr is one line
@@ -139,6 +129,15 @@ def _build(out: str, data_path: str) -> None:
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
     model = Qwen2ForCausalLM(config)
     _warm_up(model, tokenizer, convs)
+    _save(out, model, tokenizer)
+
+
+def _save(out: str, model, tokenizer) -> None:
+    """Model, tokenizer and generation config into out.tmp, a `done` marker, then renamed to out."""
+    import shutil
+
+    from transformers import GenerationConfig
+
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

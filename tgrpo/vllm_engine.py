@@ -18,6 +18,14 @@ SHM_DIR = "/dev/shm"
 _OWNER = "TGRPO_ENGINE_OWNER_PID"  # the rollout rank that started an engine, inherited by the engine's processes
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _exit_with_owner() -> None:
     """In vLLM's engine processes (which import this module for the worker extension): exit when the rollout rank
     that started the engine is gone. A rank killed by SIGKILL cannot shut its engine down, and vLLM's engine core
@@ -29,15 +37,8 @@ def _exit_with_owner() -> None:
     if not owner or owner == os.getpid():
         return
 
-    def alive() -> bool:
-        try:
-            with open(f"/proc/{owner}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
     def watch() -> None:
-        while alive():
+        while _alive(owner):
             time.sleep(1.0)
         os._exit(1)
 
@@ -174,14 +175,6 @@ def _is_engine(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"EngineCore" in f.read()
-    except OSError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 

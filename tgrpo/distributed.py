@@ -70,7 +70,8 @@ def report_error_and_exit(rank: int, role: str, exc: BaseException, log_dir: str
     with open(path, "w") as f:
         traceback.print_exception(exc, file=f)
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    print(f"[rank {rank} {role}] error: {type(exc).__name__}: {cause} (traceback: {path})", file=sys.stderr,
-          flush=True)
+    # rank 0's progress bar leaves its line open: start a new one so the error stands alone
+    print(("\n" if rank == 0 else "") + f"[rank {rank} {role}] error: {type(exc).__name__}: {cause} (traceback: "
+          f"{path})", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)

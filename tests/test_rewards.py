@@ -190,7 +190,7 @@ def test_scorer_rejects_a_non_number():
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(reward_funcs=["math", "accuracy"], reward_weights=[1, 1]),
-     r"unknown reward 'accuracy' in reward_funcs: choose from \['math', 'format'\], 'remote'"),
+     r"unknown reward 'accuracy' in reward_funcs: choose from \['math', 'format', 'em'\], 'remote'"),
     (dict(reward_funcs=["math", ":f"], reward_weights=[1, 1]), "unknown reward ':f'"),
     (dict(reward_funcs=["math", "format"], reward_weights=[1.0]),
      "reward_funcs has 2 names but reward_weights has 1 weights: give one weight per reward"),
@@ -269,3 +269,17 @@ def test_worker_thread_backstop_kills_stuck_subprocess(monkeypatch):
         assert time.monotonic() - start < 10
         monkeypatch.setattr(rewards, "HARD_TIMEOUT_S", 30.0)
         assert ex.submit(math_reward, "<answer>0.5</answer>", "1/2").result() == 1.0
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("<answer>Zerpen</answer>", "Zerpen", 1.0),
+    ("<search>q</search> ... <answer> the zerpen. </answer>", "Zerpen", 1.0),  # case, article, punctuation
+    ("<answer>Zerpen river</answer>", "Zerpen", 0.0),
+    ("Zerpen", "Zerpen", 0.0),  # no answer block: nothing extracted
+    ("<answer>wool</answer>", "silk|wool", 1.0),  # alternatives
+    ("<answer></answer>", "", 0.0),
+])
+def test_exact_match_reward(completion, answer, expected):
+    from tgrpo.rewards import em_reward
+
+    assert em_reward(completion, answer) == expected

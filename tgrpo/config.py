@@ -31,7 +31,8 @@ def _f(default, help: str):
 class Config:
     # --- model -----------------------------------------------------------------------------------------------
     model: str = _f("tiny", "Local Hugging Face model folder (config.json, weights, tokenizer), or 'tiny' for the "
-                    "embedded tiny Qwen2 model, built into cache_dir on first use.")
+                    "embedded tiny Qwen2 model ('tiny-search': the one of the multi-turn search example), built "
+                    "into cache_dir on first use.")
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "Weights dtype for the policy, reference and vLLM. auto: bfloat16 on GPU, float32 on CPU.")
     cache_dir: str = _f(".cache", "Where the embedded tiny model and tokenizer are built.")
@@ -66,15 +67,34 @@ class Config:
     # --- rollout ---------------------------------------------------------------------------------------------
     prompts_per_step: int = _f(16, "Prompts per step over all rollout ranks.")
     num_generations: int = _f(8, "Completions sampled per prompt (the GRPO group size).")
-    max_completion_length: int = _f(32, "Most new tokens per completion.")
+    max_completion_length: int = _f(32, "Most new tokens per completion (with a retriever: per episode, the "
+                                    "model's and the tool's tokens together).")
     temperature: float = _f(1.0, "Sampling temperature of the rollout (must be > 0: groups need diversity).")
     top_p: float = _f(1.0, "Nucleus sampling of the rollout.")
     vllm_gpu_memory_utilization: float = _f(0.5, "Share of GPU memory a vLLM engine may take (GPU only).")
     vllm_cpu_kvcache_gib: int = _f(1, "KV cache size of a CPU vLLM engine, in GiB (CPU only).")
     vllm_enforce_eager: bool = _f(False, "Skip CUDA graph capture in vLLM (faster start, slower decode).")
 
+    # --- multi-turn tools ------------------------------------------------------------------------------------
+    retriever_url: str = _f("", "Retrieval server (Search-R1's POST /retrieve API; `bash launch/retriever.sh start` "
+                            "runs the bundled BM25 one on each node). Set: episodes are multi-turn, the model "
+                            "searches with <search>query</search> and reads <information>...</information> "
+                            "(tool tokens count in no loss); empty: one turn.")
+    retriever_topk: int = _f(3, "Passages per search.")
+    retriever_timeout_s: float = _f(10.0, "Timeout of one retriever request, in seconds.")
+    retriever_retries: int = _f(2, "Retries of a failed retriever request (with backoff) before giving up.")
+    retriever_max_concurrency: int = _f(8, "Retriever requests in flight at once, per rollout rank.")
+    retriever_batch_size: int = _f(32, "Queries per retriever request.")
+    retriever_on_failure: Literal["fail", "empty"] = _f(
+        "fail", "When the retriever stays down or slow: fail the run (one line naming it), or give those searches "
+        "a '(search failed)' passage, count them (tool/search_failures) and go on.")
+    max_turns: int = _f(4, "With retriever_url: most generations per episode; each search result starts the next.")
+    max_tool_response_length: int = _f(256, "Most tokens of one information block shown to the model; the rest is "
+                                       "cut.")
+
     # --- rewards ---------------------------------------------------------------------------------------------
-    reward_funcs: list[str] = _f(["math", "format"], "Rewards to sum: 'math', 'format', 'remote' (the HTTP service "
+    reward_funcs: list[str] = _f(["math", "format"], "Rewards to sum: 'math', 'format', 'em' (exact match of the "
+                                 "<answer>), 'remote' (the HTTP service "
                                  "at reward_url) or 'module:function' (your f(completion, answer) -> float).")
     reward_weights: list[float] = _f([1.0, 0.2], "Weight of each reward in reward_funcs.")
     reward_url: str = _f("", "URL of a remote reward service for 'remote': POST {prompts, completions, answers} "
@@ -182,6 +202,19 @@ class Config:
 
             _check(is_complete(self.resume), f"resume='{self.resume}' is not a complete checkpoint folder (no "
                    "trainer_state.json there): name an output_dir/checkpoints/step-N folder or use 'auto'")
+        if self.retriever_url:
+            from urllib.parse import urlparse
+
+            url = urlparse(self.retriever_url)
+            _check(url.scheme in ("http", "https") and bool(url.netloc),
+                   f"retriever_url '{self.retriever_url}' is not an http(s):// URL: give e.g. http://127.0.0.1:8321")
+            _check(self.max_turns >= 2, f"max_turns={self.max_turns} leaves no turn to read a search result: set "
+                                        "max_turns >= 2 with retriever_url")
+        _check(1 <= self.retriever_topk <= 100, f"retriever_topk must be in 1..100, got {self.retriever_topk}")
+        _check(self.retriever_timeout_s > 0, f"retriever_timeout_s must be > 0, got {self.retriever_timeout_s}")
+        _check(self.retriever_retries >= 0, f"retriever_retries must be >= 0, got {self.retriever_retries}")
+        for name in ("retriever_max_concurrency", "retriever_batch_size", "max_turns", "max_tool_response_length"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
         _check(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1, got {self.dual_clip}")
         _check(self.tis_cap >= 0, f"tis_cap must be >= 0 (0 turns it off), got {self.tis_cap}")
@@ -213,9 +246,9 @@ class Config:
             per = len(placement.reference) * self.micro_batch_size
             _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by "
                    f"reference ranks * micro_batch_size = {per}")
-        _check(self.model == "tiny" or os.path.isfile(os.path.join(self.model, "config.json")),
+        _check(self.model in ("tiny", "tiny-search") or os.path.isfile(os.path.join(self.model, "config.json")),
                f"model '{self.model}' is not a model folder (no config.json there): give a local Hugging Face "
-               "model folder (download it first on clusters without internet) or 'tiny'")
+               "model folder (download it first on clusters without internet), 'tiny' or 'tiny-search'")
         _check(os.path.isfile(self.deepspeed_config),
                f"deepspeed_config '{self.deepspeed_config}' does not exist: point it at a DeepSpeed JSON such as "
                "zero3.json")

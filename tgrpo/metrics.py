@@ -19,8 +19,19 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
     }
     for name in samples[0].reward_parts:
         out[f"reward/{name}"] = statistics.fmean(s.reward_parts[name] for s in samples)
-    if "math" in samples[0].reward_parts:
-        out["accuracy"] = statistics.fmean(float(s.reward_parts["math"] >= 1.0) for s in samples)
+    checker = next((name for name in ("math", "em") if name in samples[0].reward_parts), None)
+    if checker:  # the answer-checking reward says which completions are correct
+        out["accuracy"] = statistics.fmean(float(s.reward_parts[checker] >= 1.0) for s in samples)
+    if any(s.completion_mask is not None for s in samples):  # multi-turn tool episodes
+        model_tokens = [s.model_tokens for s in samples]
+        out["tool/turns_mean"] = statistics.fmean(s.turns for s in samples)
+        out["tool/calls_mean"] = statistics.fmean(s.tool_calls for s in samples)
+        out["tool/calls"] = sum(s.tool_calls for s in samples)
+        out["tool/episodes_with_calls"] = statistics.fmean(float(s.tool_calls > 0) for s in samples)
+        out["tool/response_tokens_mean"] = statistics.fmean(l - m for l, m in zip(lengths, model_tokens))
+        out["completion/model_tokens_mean"] = statistics.fmean(model_tokens)
+        out["tool/search_failures"] = sum(r.get("search_failures", 0) for r in rollout)
+        out["time/tool_s"] = max(r.get("tool_s", 0.0) for r in rollout)
     generate_s = max(r["generate_s"] for r in rollout)
     out["time/generate_s"] = generate_s
     out["time/reward_s"] = max(r["reward_s"] for r in rollout)
@@ -80,10 +91,14 @@ class Metrics:
         self.metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
         self.metrics_file.flush()
         for s in samples[:self.cfg.num_samples_to_log]:
-            self.samples_file.write(json.dumps({
-                "step": step, "prompt": s.prompt_text, "completion": s.completion_text, "answer": s.answer,
-                "reward": s.reward, "reward_parts": s.reward_parts, "advantage": s.advantage,
-                "truncated": s.truncated}) + "\n")
+            row = {"step": step, "prompt": s.prompt_text, "completion": s.completion_text, "answer": s.answer,
+                   "reward": s.reward, "reward_parts": s.reward_parts, "advantage": s.advantage,
+                   "truncated": s.truncated}
+            if s.completion_mask is not None:  # which tokens the model wrote (1) and which the tool did (0)
+                row.update(turns=s.turns, tool_calls=s.tool_calls, completion_ids=s.completion_ids,
+                           completion_mask=s.completion_mask,
+                           segments=[{"text": text, "source": "model" if m else "tool"} for text, m in s.segments])
+            self.samples_file.write(json.dumps(row) + "\n")
         self.samples_file.flush()
         self.bar.update(1)
         self.bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", step_s=f"{scalars['time/step_s']:.1f}")

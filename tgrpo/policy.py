@@ -15,7 +15,8 @@ from tgrpo import algorithm, deepspeed_engine
 
 def collate(samples, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Left-padded prompts, right-padded completions: every completion starts at the same column, so the model
-    only needs logits for the last C+1 positions. Positions count real tokens only, as vLLM sees them."""
+    only needs logits for the last C+1 positions. Positions count real tokens only, as vLLM sees them.
+    completion_mask is 1 on the tokens that count: the model's own, not padding and not a tool's output."""
     P = max(len(s.prompt_ids) for s in samples)
     C = max(len(s.completion_ids) for s in samples)
     B = len(samples)
@@ -28,7 +29,8 @@ def collate(samples, pad_id: int, device: torch.device) -> dict[str, torch.Tenso
         ids[i, P - p:P] = torch.tensor(s.prompt_ids)
         ids[i, P:P + c] = torch.tensor(s.completion_ids)
         attn[i, P - p:P + c] = 1
-        comp_mask[i, :c] = 1
+        mask = getattr(s, "completion_mask", None)
+        comp_mask[i, :c] = 1 if mask is None else torch.tensor(mask, dtype=torch.float32)
         rollout_logp[i, :c] = torch.tensor(s.rollout_logprobs)
     positions = (attn.cumsum(1) - 1).clamp(min=0)
     extra = {}
@@ -180,7 +182,8 @@ class PolicyWorker:
             for s in part[j * per_mini:(j + 1) * per_mini]:
                 seqs += 1
                 if not (self.cfg.mask_truncated_completions and s.truncated):
-                    tokens += len(s.completion_ids)
+                    mask = getattr(s, "completion_mask", None)
+                    tokens += len(s.completion_ids) if mask is None else sum(mask)
         return max(tokens, 1), seqs
 
     def _micro_step(self, chunk: list, totals: tuple[int, int], num_micro: int) -> dict[str, float]:
@@ -209,7 +212,7 @@ class PolicyWorker:
         self.engine.backward(share * self.grad_accum * self.dp_size)
         self.engine.step()
         with torch.no_grad():
-            real = batch["completion_mask"]  # mismatch is measured on every generated token
+            real = batch["completion_mask"]  # mismatch is measured on every token the model generated
             log_ratio = (old_logp - rollout_logp) * real
             return {
                 "loss": float(share), "entropy": float((entropy * mask).sum()),

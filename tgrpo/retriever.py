@@ -127,6 +127,13 @@ class Retriever:
                                    name="retriever")
         self.failures = 0
 
+    def check(self) -> str:
+        """'' if the retriever answers a one-query search (any Search-R1 server does; no /health needed), else
+        the cause after every retry."""
+        (_, cause), = self.service.map([{"queries": ["health check"], "topk": self.topk, "return_scores": False}],
+                                       _parse_passages)
+        return cause
+
     def search(self, queries: list[str]) -> list[list[str]]:
         """topk passages (their contents) for each query."""
         chunks = [queries[i:i + self.batch_size] for i in range(0, len(queries), self.batch_size)]

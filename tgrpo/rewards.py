@@ -27,6 +27,7 @@ MAX_ANSWER_CHARS = 500  # gold answers are short; longer extractions are garbage
 _CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 _BRACE = {"{": 1, "}": -1}
 _FORMAT = re.compile(r"(?:<think>.*</think>\s*)?<answer>.*</answer>", re.DOTALL)
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 _RUN_FILE = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"  # skips tgrpo/__init__
 _idle: list[subprocess.Popen] = []  # started worker interpreters that no thread is using
 atexit.register(lambda: [proc.communicate() for proc in _idle])  # EOF ends each idle worker's loop
@@ -105,7 +106,23 @@ def format_reward(completion: str, answer: str | None = None) -> float:
     return float(once and text.count("</think>") <= 1 and _FORMAT.fullmatch(text) is not None)
 
 
-REWARD_FUNCS: dict[str, Callable[[str, str], float]] = {"math": math_reward, "format": format_reward}
+def normalize_answer(text: str) -> str:
+    """SQuAD's (and Search-R1's) normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(c for c in str(text).lower() if c not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def em_reward(completion: str, answer: str) -> float:
+    """1.0 if the extracted answer equals the gold one after normalize_answer (exact match, for short text
+    answers such as the search example's); gold answers separated by '|' are alternatives."""
+    pred = extract_answer(completion)
+    if pred is None:
+        return 0.0
+    return float(normalize_answer(pred) in {normalize_answer(a) for a in str(answer).split("|")} - {""})
+
+
+REWARD_FUNCS: dict[str, Callable[[str, str], float]] = {"math": math_reward, "format": format_reward,
+                                                        "em": em_reward}
 
 
 BUILTIN = tuple(REWARD_FUNCS)  # names that need no import

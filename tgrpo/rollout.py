@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tgrpo import algorithm, data, rewards
+from tgrpo import algorithm, data, rewards, tools
 from tgrpo.vllm_engine import RolloutEngine
 
 
@@ -28,6 +28,15 @@ class Sample:
     completion_text: str
     reward_parts: dict[str, float] = field(default_factory=dict)
     ref_logprobs: list[float] | None = None  # filled in by reference ranks of their own
+    # multi-turn episodes: 1 on the model's tokens, 0 on the tool's (None: every token is the model's)
+    completion_mask: list[int] | None = None
+    segments: list[tuple[str, int]] | None = None  # (text, 1 model / 0 tool), for samples.jsonl
+    turns: int = 1
+    tool_calls: int = 0
+
+    @property
+    def model_tokens(self) -> int:
+        return len(self.completion_ids) if self.completion_mask is None else sum(self.completion_mask)
 
 
 class RolloutWorker:
@@ -48,6 +57,28 @@ class RolloutWorker:
         self.model_dir = model_dir
         self.rank = rank
         self.engine: RolloutEngine | None = None
+        self.retriever = self._connect_retriever() if cfg.retriever_url else None
+
+    def _connect_retriever(self):
+        """Pre-flight, before any engine starts: one search must get an answer, or the run stops with one line
+        (retriever_on_failure=fail) or says once that it goes on without results (empty)."""
+        from tgrpo.config import ConfigError
+        from tgrpo.retriever import Retriever
+
+        cfg = self.cfg
+        retriever = Retriever(cfg.retriever_url, topk=cfg.retriever_topk, timeout_s=cfg.retriever_timeout_s,
+                              retries=cfg.retriever_retries, max_concurrency=cfg.retriever_max_concurrency,
+                              batch_size=cfg.retriever_batch_size, on_failure=cfg.retriever_on_failure)
+        cause = retriever.check()
+        if cause and cfg.retriever_on_failure == "fail":
+            retriever.close()
+            raise ConfigError(f"retriever {cfg.retriever_url} {cause}: start one on every node (bash "
+                              "launch/retriever.sh start), check retriever_url and retriever_timeout_s, or set "
+                              "retriever_on_failure=empty to train without search results")
+        if cause:
+            print(f"[rank {self.rank} rollout] warning: retriever {cfg.retriever_url} {cause}; going on, as "
+                  "retriever_on_failure=empty: failed searches read '(search failed)'", flush=True)
+        return retriever
 
     def start_engine(self, dtype: str) -> None:
         cfg = self.cfg
@@ -86,7 +117,7 @@ class RolloutWorker:
         kept: list[list[Sample]] = []
         flat: list[list[Sample]] = []
         totals = {"generate_s": 0.0, "reward_s": 0.0, "generated_tokens": 0, "groups_dropped": 0, "rounds": 0,
-                  "remote_failures": 0}
+                  "remote_failures": 0, "tool_s": 0.0, "searches": 0, "search_failures": 0}
         for sampling_round in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
             groups, stats = self._generate_groups(self.step_prompts(step, sampling_round), step, sampling_round)
             for key, value in stats.items():
@@ -105,28 +136,46 @@ class RolloutWorker:
             totals["device_used_gib"] = self.engine.device_used_gib()  # while the engine is awake, KV cache and all
         return [s for group in kept for s in group], totals
 
+    def _complete(self, prompts: list[data.Prompt], n: int, temperature: float,
+                  seed: int | None) -> tuple[list[Sample], dict[str, float]]:
+        """n samples per prompt, not yet scored: one generation each, or with a retriever multi-turn episodes."""
+        cfg = self.cfg
+        ids = [p.prompt_ids for p in prompts]
+        owners = [p for p in prompts for _ in range(n)]
+        top_p = cfg.top_p if temperature > 0 else 1.0
+        if self.retriever is None:
+            t0 = time.perf_counter()
+            outs = self.engine.generate(ids, n=n, max_tokens=cfg.max_completion_length, temperature=temperature,
+                                        top_p=top_p, seed=seed)
+            stats = {"generate_s": time.perf_counter() - t0}
+            return [Sample(p.prompt_ids, c.token_ids, c.logprobs, 0.0, 0.0, c.finish_reason == "length", p.answer,
+                           p.prompt_text, c.text) for p, c in zip(owners, (c for g in outs for c in g))], stats
+        groups, stats = tools.run_episodes(
+            self.engine, self.tokenizer, self.retriever, ids, n=n, max_tokens=cfg.max_completion_length,
+            max_turns=cfg.max_turns, max_tool_tokens=cfg.max_tool_response_length, temperature=temperature,
+            top_p=top_p, seed=seed)
+        return [Sample(p.prompt_ids, e.ids, e.logprobs, 0.0, 0.0, e.truncated, p.answer, p.prompt_text, e.text,
+                       completion_mask=e.mask, segments=e.segments, turns=e.turns, tool_calls=e.tool_calls)
+                for p, e in zip(owners, (e for g in groups for e in g))], stats
+
     def _generate_groups(self, prompts: list[data.Prompt], step: int, sampling_round: int):
         cfg = self.cfg
         n = cfg.num_generations
-        t0 = time.perf_counter()
-        outs = self.engine.generate([p.prompt_ids for p in prompts], n=n, max_tokens=cfg.max_completion_length,
-                                    temperature=cfg.temperature, top_p=cfg.top_p,
-                                    seed=_seed(cfg.seed, step, self.index, sampling_round))
+        samples, stats = self._complete(prompts, n, cfg.temperature, _seed(cfg.seed, step, self.index,
+                                                                          sampling_round))
         t1 = time.perf_counter()
-        completions = [c for group in outs for c in group]
-        owners = [p for p in prompts for _ in range(n)]
-        scores, parts, reward_stats = self.scorer.score([p.prompt_text for p in owners],
-                                                        [c.text for c in completions], [p.answer for p in owners])
+        scores, parts, reward_stats = self.scorer.score([s.prompt_text for s in samples],
+                                                        [s.completion_text for s in samples],
+                                                        [s.answer for s in samples])
         if cfg.overlong_buffer_length > 0:
-            parts["overlong"] = [overlong_penalty(len(c.token_ids), cfg) for c in completions]
+            parts["overlong"] = [overlong_penalty(len(s.completion_ids), cfg) for s in samples]
             scores = [r + p for r, p in zip(scores, parts["overlong"])]
         advantages = algorithm.group_advantages(torch.tensor(scores), n, cfg.scale_rewards)
-        samples = [Sample(p.prompt_ids, c.token_ids, c.logprobs, scores[i], float(advantages[i]),
-                          c.finish_reason == "length", p.answer, p.prompt_text, c.text,
-                          {name: values[i] for name, values in parts.items()})
-                   for i, (p, c) in enumerate(zip(owners, completions))]
-        stats = {"generate_s": t1 - t0, "reward_s": time.perf_counter() - t1,
-                 "generated_tokens": sum(len(c.token_ids) for c in completions),
+        for i, s in enumerate(samples):
+            s.reward, s.advantage = scores[i], float(advantages[i])
+            s.reward_parts = {name: values[i] for name, values in parts.items()}
+        stats = {**stats, "reward_s": time.perf_counter() - t1,
+                 "generated_tokens": sum(s.model_tokens for s in samples),
                  "remote_failures": reward_stats.get("remote_failures", 0)}
         return [samples[i:i + n] for i in range(0, len(samples), n)], stats
 
@@ -135,17 +184,13 @@ class RolloutWorker:
         cfg = self.cfg
         if not self.eval_prompts:
             return {"prompts": 0, "greedy_correct": 0.0, "sampled_correct": 0.0, "greedy_reward": 0.0}
-        ids = [p.prompt_ids for p in self.eval_prompts]
-        greedy = [g[0] for g in self.engine.generate(ids, n=1, max_tokens=cfg.max_completion_length,
-                                                      temperature=0.0, top_p=1.0, seed=None)]
-        sampled = [c for g in self.engine.generate(ids, n=cfg.eval_k, max_tokens=cfg.max_completion_length,
-                                                    temperature=cfg.temperature, top_p=cfg.top_p,
-                                                    seed=_seed(cfg.seed, -1, self.index, 0)) for c in g]
-        g_scores, g_parts, _ = self.scorer.score([p.prompt_text for p in self.eval_prompts],
-                                                 [c.text for c in greedy], [p.answer for p in self.eval_prompts])
-        owners = [p for p in self.eval_prompts for _ in range(cfg.eval_k)]
-        s_scores, s_parts, _ = self.scorer.score([p.prompt_text for p in owners], [c.text for c in sampled],
-                                                 [p.answer for p in owners])
+        greedy, _ = self._complete(self.eval_prompts, 1, 0.0, None)
+        sampled, _ = self._complete(self.eval_prompts, cfg.eval_k, cfg.temperature,
+                                    _seed(cfg.seed, -1, self.index, 0))
+        g_scores, g_parts, _ = self.scorer.score([s.prompt_text for s in greedy], [s.completion_text for s in greedy],
+                                                 [s.answer for s in greedy])
+        s_scores, s_parts, _ = self.scorer.score([s.prompt_text for s in sampled],
+                                                 [s.completion_text for s in sampled], [s.answer for s in sampled])
         return {"prompts": len(self.eval_prompts), "greedy_correct": sum(_correct(g_scores, g_parts)),
                 "sampled_correct": sum(_correct(s_scores, s_parts)) / cfg.eval_k, "greedy_reward": sum(g_scores)}
 
@@ -157,9 +202,11 @@ class RolloutWorker:
 
 
 def _correct(scores: list[float], parts: dict[str, list[float]]) -> list[float]:
-    """A completion is correct if the math reward says so; without one, if its total reward is positive."""
-    if "math" in parts:
-        return [float(v >= 1.0) for v in parts["math"]]
+    """A completion is correct if the math (or exact-match) reward says so; without one, if its total reward is
+    positive."""
+    for name in ("math", "em"):
+        if name in parts:
+            return [float(v >= 1.0) for v in parts[name]]
     return [float(v > 0) for v in scores]
 
 
@@ -176,7 +223,9 @@ def kl_into_rewards(samples: list[Sample], beta: float, group_size: int, scale: 
     """kl_in_reward: reward -= beta * KL(policy || reference) summed over the completion (k1, with the rollout's
     logprobs as the policy's), then the group advantages again. Groups are consecutive runs of group_size."""
     for s in samples:
-        s.reward_parts["kl_penalty"] = -beta * sum(a - b for a, b in zip(s.rollout_logprobs, s.ref_logprobs))
+        mask = s.completion_mask or [1] * len(s.completion_ids)  # tool tokens carry no KL
+        s.reward_parts["kl_penalty"] = -beta * sum(m * (a - b) for m, a, b in zip(mask, s.rollout_logprobs,
+                                                                                  s.ref_logprobs))
         s.reward += s.reward_parts["kl_penalty"]
     advantages = algorithm.group_advantages(torch.tensor([s.reward for s in samples]), group_size, scale)
     for s, a in zip(samples, advantages.tolist()):

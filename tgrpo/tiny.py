@@ -29,20 +29,41 @@ WARMUP_STEPS = 300
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "arith_train.json")
 
 
+SEARCH_NAME = "tiny-qwen2-search-v1"
+SEARCH_WARMUP_STEPS = 450
+SEARCH_VOCAB = 320  # small: names split into syllables, so a made-up name is copied token by token
+SEARCH_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1)
+DATA_DIR = os.path.dirname(BUNDLED_DATA)
+EMBEDDED = ("tiny", "tiny-search")  # the `model` names built here
+
+
 def tiny_model_dir(cache_dir: str) -> str:
     return os.path.join(os.path.abspath(cache_dir), TINY_NAME)
 
 
 def ensure_tiny_model(cache_dir: str) -> str:
     """Build the tiny model unless a complete one is there; safe when several ranks call it at once."""
-    out = tiny_model_dir(cache_dir)
+    return _ensure(tiny_model_dir(cache_dir), lambda out: _build(out, BUNDLED_DATA))
+
+
+def ensure_search_model(cache_dir: str) -> str:
+    """The tiny model of the multi-turn search example: warmed up on search traces over the bundled corpus."""
+    return _ensure(os.path.join(os.path.abspath(cache_dir), SEARCH_NAME), _build_search)
+
+
+def ensure_model(cache_dir: str, name: str) -> str:
+    return ensure_search_model(cache_dir) if name == "tiny-search" else ensure_tiny_model(cache_dir)
+
+
+def _ensure(out: str, build) -> str:
     if os.path.isfile(os.path.join(out, "done")):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isfile(os.path.join(out, "done")):
-            _build(out, BUNDLED_DATA)
+            build(out)
     return out
 
 
@@ -98,15 +119,19 @@ def _conversations(data_path: str) -> list[list[dict]]:
 
 def _train_tokenizer(convs: list[list[dict]]):
     from jinja2 import Template
+
+    template = Template(CHAT_TEMPLATE)
+    return _train_tokenizer_on([template.render(messages=c, add_generation_prompt=False) for c in convs])
+
+
+def _train_tokenizer_on(texts: list[str], vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    template = Template(CHAT_TEMPLATE)
-    texts = [template.render(messages=c, add_generation_prompt=False) for c in convs]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -146,6 +171,99 @@ def _save(out: str, model, tokenizer) -> None:
     open(os.path.join(tmp, "done"), "w").close()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+# Made-up places and people: data/make_search.py draws the bundled corpus from these, and the search model's warm-up
+# draws fresh facts from them for every example.
+SYLLABLES = ["va", "ren", "ost", "mir", "kal", "dun", "bel", "tor", "ase", "lin", "qua", "zer", "hol", "pen", "dra"]
+RELATIONS = [
+    ("capital", "The capital of {e} is {v}.", "What is the capital of {e}?"),
+    ("river", "The longest river in {e} is the {v}.", "What is the longest river in {e}?"),
+    ("founder", "{e} was founded by {v}.", "Who founded {e}?"),
+    ("export", "The main export of {e} is {v}.", "What is the main export of {e}?"),
+]
+GOODS = ["salt", "copper", "wool", "amber", "tin", "glass", "silk", "timber", "honey", "iron"]
+
+
+def made_up_name(rng: random.Random, parts: int) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+
+
+def made_up_value(rng: random.Random, relation: str) -> str:
+    return rng.choice(GOODS) if relation == "export" else made_up_name(rng, rng.choice([2, 3]))
+
+
+def _search_episode(rng: random.Random) -> tuple[list[dict], list[tuple[str, int]]]:
+    """A worked episode about a fact made up on the spot: search the question, read the one passage that states
+    the fact, answer with it. Segments are (text, 1 model / 0 tool)."""
+    from tgrpo import tools
+
+    entity = made_up_name(rng, 2)
+    relation, fact, question = rng.choice(RELATIONS)
+    value = made_up_value(rng, relation)
+    question = question.format(e=entity)
+    prompt = [{"role": "system", "content": tools.SEARCH_SYSTEM}, {"role": "user", "content": question}]
+    return prompt, [(f"{tools.SEARCH_OPEN}{question}{tools.SEARCH_CLOSE}", 1),
+                    (tools.format_information([fact.format(e=entity, v=value)]), 0), (f"<answer>{value}</answer>", 1)]
+
+
+def _build_search(out: str) -> None:
+    """A tiny Qwen2 with its own tokenizer, warmed up on search episodes about facts made up afresh for every
+    example (never the corpus's): it cannot memorise answers, so it learns the skill, copying the question into a
+    search and the answer out of what it read. Episodes are tokenized segment by segment exactly as the rollout
+    builds them (prompt, model tokens, tool tokens, model tokens, end of turn); the loss is on model tokens only."""
+    import torch
+    from jinja2 import Template
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    template = Template(CHAT_TEMPLATE)
+    rng = random.Random(0)
+    texts = [template.render(messages=p, add_generation_prompt=True) + "".join(t for t, _ in e) + "<|im_end|>"
+             for p, e in (_search_episode(rng) for _ in range(4000))]
+    tokenizer = _train_tokenizer_on(texts, vocab_size=SEARCH_VOCAB)
+
+    def encode(prompt: list[dict], episode: list[tuple[str, int]]) -> tuple[list[int], list[int]]:
+        ids = tokenizer(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
+                        add_special_tokens=False)["input_ids"]
+        labels = [-100] * len(ids)
+        for text, is_model in episode:
+            part = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids, labels = ids + part, labels + (part if is_model else [-100] * len(part))
+        return ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), **SEARCH_SHAPE, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+    model = Qwen2ForCausalLM(config)
+    _fit(model, tokenizer.pad_token_id, lambda r: [encode(*_search_episode(r)) for _ in range(32)],
+         SEARCH_WARMUP_STEPS)
+    _save(out, model, tokenizer)
+
+
+def _fit(model, pad: int, draw, steps: int) -> None:
+    """Supervised steps on batches of (ids, labels) pairs from draw(rng), linearly decaying learning rate."""
+    import torch
+
+    rng = random.Random(1)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    decay = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: max(0.05, 1 - i / steps))
+    model.train()
+    for _ in range(steps):
+        batch = draw(rng)
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+        label_ids = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in batch])
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss
+        loss.backward()
+        optim.step()
+        decay.step()
+        optim.zero_grad()
+    model.eval()
 
 
 def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:

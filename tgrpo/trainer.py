@@ -89,10 +89,10 @@ def _quiet_libraries() -> None:
 
 
 def resolve_model(cfg: Config) -> str:
-    if cfg.model == "tiny":
-        from tgrpo.tiny import ensure_tiny_model
+    if cfg.model in ("tiny", "tiny-search"):
+        from tgrpo.tiny import ensure_model
 
-        return ensure_tiny_model(cfg.cache_dir)
+        return ensure_model(cfg.cache_dir, cfg.model)
     return cfg.model
 
 
@@ -300,6 +300,9 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
             path = checkpoint.save(job, done)
             job.log.message(f"saved {path}")
         scalars["time/step_s"] = time.perf_counter() - t_step
+        if scalars.get("tool/search_failures"):
+            job.log.message(f"step {done}: {scalars['tool/search_failures']:g} searches failed; their episodes read "
+                            f"'(search failed)' (retriever_on_failure=empty)")
         job.log.log(done, samples, scalars)
         history.append(scalars if rank == 0 else {})
     return history
@@ -311,6 +314,8 @@ def finish(job: Job) -> None:
     job.log.close()
     if job.worker is not None:
         job.worker.scorer.close()
+        if job.worker.retriever is not None:
+            job.worker.retriever.close()
         job.engine.shutdown()
     dist.destroy_process_group()
 

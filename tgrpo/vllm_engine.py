@@ -53,7 +53,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]  # of each sampled token, after temperature (processed_logprobs)
     text: str
-    finish_reason: str
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
 
 
 class WeightReceiver:
@@ -236,6 +236,18 @@ class RolloutEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         return [[Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)], o.text,
                             str(o.finish_reason)) for o in out.outputs] for out in outputs]
+
+    def generate_each(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int | None],
+                      temperature: float, top_p: float, stop: list[str]) -> list[Completion]:
+        """One completion per prompt, each with its own token budget and seed, ending at any of the `stop` strings
+        (kept in the text) or the end of turn: one turn of many multi-turn episodes, in one batch."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [SamplingParams(n=1, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0, seed=s,
+                                 stop=stop, include_stop_str_in_output=True) for m, s in zip(max_tokens, seeds)]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        return [Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)], o.text,
+                           str(o.finish_reason)) for out in outputs for o in out.outputs]
 
     def generate_bare(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float,
                       top_p: float) -> tuple[int, float]:

@@ -1,0 +1,121 @@
+"""Multi-turn tool episodes, as Search-R1 trains them: the model writes `<search>query</search>`, the rollout rank
+asks the retriever, appends `<information>...</information>` and the model goes on, up to max_turns generations.
+
+Every turn is one batched call to the engine for all episodes still running, then one batched call to the
+retriever for all their queries; an episode never waits alone. Sequences are kept as token ids from start to end
+(token in, token out): the model's own tokens are exactly what vLLM sampled, with vLLM's logprobs, and the tool's
+tokens are the tokenizer's encoding of the information block. `mask` is 1 on the model's tokens and 0 on the
+tool's: the loss, the KL and the engine/trainer mismatch count only the 1s.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
+SEARCH_SYSTEM = ("Look facts up with <search>query</search>; results come in <information></information>. "
+                 "Answer inside <answer></answer>.")
+EMPTY_QUERY = "(empty query: write <search>your query</search>)"
+
+
+def format_information(passages: list[str]) -> str:
+    """The tool's reply as the model sees it (Search-R1's layout): numbered passages in an information block."""
+    docs = "\n".join(f"Doc {i}: {p.strip()}" for i, p in enumerate(passages, 1))
+    return f"\n\n{INFO_OPEN}{docs}{INFO_CLOSE}\n\n"
+
+
+def extract_query(text: str) -> str | None:
+    """The query of the search call `text` ends with, or None if it does not end with one."""
+    end = text.rfind(SEARCH_CLOSE)
+    if end < 0 or text[end + len(SEARCH_CLOSE):].strip():
+        return None
+    start = text.rfind(SEARCH_OPEN, 0, end)
+    return text[start + len(SEARCH_OPEN):end].strip() if start >= 0 else ""
+
+
+@dataclass
+class Episode:
+    prompt_ids: list[int]
+    index: int  # its place in the step's episodes, which seeds its turns
+    ids: list[int] = field(default_factory=list)  # everything after the prompt: model and tool tokens
+    mask: list[int] = field(default_factory=list)  # 1: the model's token, 0: the tool's
+    logprobs: list[float] = field(default_factory=list)  # vLLM's for model tokens, 0.0 for tool tokens
+    segments: list[tuple[str, int]] = field(default_factory=list)  # (text, 1 model / 0 tool), for the logs
+    turns: int = 0
+    tool_calls: int = 0
+    tool_failures: int = 0
+    finish: str = ""  # "stop" (answered or ended), "length" (token budget spent), "max_turns"
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.segments)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish == "length"
+
+
+def turn_seed(seed: int | None, episode: int, turn: int) -> int | None:
+    """Sampling seed of one turn of one episode: a resumed run samples what the uninterrupted one did."""
+    if seed is None:
+        return None
+    return random.Random(f"{seed}-{episode}-{turn}").randrange(2**30)
+
+
+def run_episodes(engine, tokenizer, retriever, prompt_ids: list[list[int]], *, n: int, max_tokens: int,
+                 max_turns: int, max_tool_tokens: int, temperature: float, top_p: float,
+                 seed: int | None) -> tuple[list[list[Episode]], dict[str, float]]:
+    """n episodes per prompt; each gets at most max_tokens tokens after its prompt, model and tool tokens together.
+    Returns the episodes grouped per prompt and stats (generate_s, tool_s, searches, search_failures)."""
+    episodes = [Episode(p, i * n + j) for i, p in enumerate(prompt_ids) for j in range(n)]
+    stats = {"generate_s": 0.0, "tool_s": 0.0, "searches": 0, "search_failures": 0}
+    active = list(episodes)
+    for turn in range(max_turns):
+        if not active:
+            break
+        t0 = time.perf_counter()
+        outs = engine.generate_each([ep.prompt_ids + ep.ids for ep in active],
+                                    max_tokens=[max_tokens - len(ep.ids) for ep in active],
+                                    seeds=[turn_seed(seed, ep.index, turn) for ep in active],
+                                    temperature=temperature, top_p=top_p, stop=[SEARCH_CLOSE])
+        stats["generate_s"] += time.perf_counter() - t0
+        calling: list[tuple[Episode, str]] = []
+        for ep, out in zip(active, outs):
+            ep.ids += out.token_ids
+            ep.mask += [1] * len(out.token_ids)
+            ep.logprobs += out.logprobs
+            ep.segments.append((out.text, 1))
+            ep.turns += 1
+            query = extract_query(out.text) if out.finish_reason == "stop" else None
+            if out.finish_reason == "length" or len(ep.ids) >= max_tokens:
+                ep.finish = "length"
+            elif query is None:
+                ep.finish = "stop"
+            elif turn == max_turns - 1:
+                ep.finish = "max_turns"  # a search it has no turn left to read
+            else:
+                calling.append((ep, query))
+        t0 = time.perf_counter()
+        asked = [(ep, q) for ep, q in calling if q]
+        failures_before = retriever.failures
+        results = retriever.search([q for _, q in asked]) if asked else []
+        stats["searches"] += len(asked)
+        stats["search_failures"] += retriever.failures - failures_before
+        passages = dict(zip(map(id, (ep for ep, _ in asked)), results))
+        for ep, query in calling:
+            found = passages.get(id(ep), [EMPTY_QUERY])
+            ep.tool_calls += 1
+            ep.tool_failures += found == [retriever.FAILED]
+            reply = tokenizer(format_information(found), add_special_tokens=False)["input_ids"][:max_tool_tokens]
+            room = max_tokens - len(ep.ids)
+            if len(reply) >= room:  # no room left to answer after it
+                reply, ep.finish = reply[:room], "length"
+            ep.ids += reply
+            ep.mask += [0] * len(reply)
+            ep.logprobs += [0.0] * len(reply)
+            ep.segments.append((tokenizer.decode(reply), 0))
+        stats["tool_s"] += time.perf_counter() - t0
+        active = [ep for ep in active if not ep.finish]
+    return [episodes[i:i + n] for i in range(0, len(episodes), n)], stats

@@ -166,9 +166,11 @@ class Config:
     sync_check_prompts: int = _f(4, "Prompts used by sync_check.")
     sync_check_atol: Optional[float] = _f(None, "Largest allowed |logprob difference| per token in sync_check; "
                                           "unset: 5e-3 in float32 (CPU runs differ by ~1e-6, GPU kernels of a "
-                                          "0.5B model by ~1e-3), 0.2 in bfloat16. Greedy tokens must match exactly "
-                                          "only in float32: in bf16 two correct implementations pick different "
-                                          "argmaxes where logits are nearly tied.")
+                                          "0.5B model by ~1e-3), 1.0 in bfloat16 (single tokens of a correct sync "
+                                          "differ by up to ~0.4 there), where the mean difference must also stay "
+                                          "under 0.05. Greedy tokens must match exactly only in float32: in bf16 "
+                                          "two correct implementations pick different argmaxes where logits are "
+                                          "nearly tied.")
 
     # --- derived, not user-set -------------------------------------------------------------------------------
     def validate(self, world_size: int, local_world_size: int | None = None) -> "Placement":

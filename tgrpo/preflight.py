@@ -1,4 +1,5 @@
-"""Check a job before torchrun starts it: config, placement against the world size, model folder, data rows.
+"""Check a job before torchrun starts it: config, placement against the world size, model folder, data rows, and
+the retriever of a multi-turn search job.
 
     python -m tgrpo.preflight WORLD_SIZE [train_grpo.py arguments]
 
@@ -24,6 +25,15 @@ def main() -> None:
         from tgrpo.trainer import resolve_model
 
         data.load_prompts(cfg, AutoTokenizer.from_pretrained(resolve_model(cfg)))
+        if cfg.retriever_url and cfg.retriever_on_failure == "fail":
+            from tgrpo.retriever import Retriever, unreachable
+
+            retriever = Retriever(cfg.retriever_url, topk=cfg.retriever_topk, timeout_s=cfg.retriever_timeout_s,
+                                  retries=cfg.retriever_retries)
+            cause = retriever.check()
+            retriever.close()
+            if cause:
+                raise ConfigError(unreachable(cfg.retriever_url, cause))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

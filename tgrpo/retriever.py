@@ -111,6 +111,12 @@ def make_server(index: BM25Index, host: str = "127.0.0.1", port: int = 0) -> Thr
     return ThreadingHTTPServer((host, port), Handler)
 
 
+def unreachable(url: str, cause: str) -> str:
+    """The one line for a retriever that did not answer at start-up."""
+    return (f"retriever {url} {cause}: start one on every node (bash launch/retriever.sh start), check "
+            "retriever_url and retriever_timeout_s, or set retriever_on_failure=empty to train without search results")
+
+
 class Retriever:
     """Client: passages for many queries at once, in chunks of batch_size, max_concurrency in flight, each retried
     with backoff. on_failure: 'fail' raises RetrieverError naming the cause; 'empty' gives failed queries a

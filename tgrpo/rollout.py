@@ -63,7 +63,7 @@ class RolloutWorker:
         """Pre-flight, before any engine starts: one search must get an answer, or the run stops with one line
         (retriever_on_failure=fail) or says once that it goes on without results (empty)."""
         from tgrpo.config import ConfigError
-        from tgrpo.retriever import Retriever
+        from tgrpo.retriever import Retriever, unreachable
 
         cfg = self.cfg
         retriever = Retriever(cfg.retriever_url, topk=cfg.retriever_topk, timeout_s=cfg.retriever_timeout_s,
@@ -72,9 +72,7 @@ class RolloutWorker:
         cause = retriever.check()
         if cause and cfg.retriever_on_failure == "fail":
             retriever.close()
-            raise ConfigError(f"retriever {cfg.retriever_url} {cause}: start one on every node (bash "
-                              "launch/retriever.sh start), check retriever_url and retriever_timeout_s, or set "
-                              "retriever_on_failure=empty to train without search results")
+            raise ConfigError(unreachable(cfg.retriever_url, cause))
         if cause:
             print(f"[rank {self.rank} rollout] warning: retriever {cfg.retriever_url} {cause}; going on, as "
                   "retriever_on_failure=empty: failed searches read '(search failed)'", flush=True)

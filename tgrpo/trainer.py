@@ -29,6 +29,9 @@ from tgrpo.rollout import RolloutWorker, kl_into_rewards
 from tgrpo.placement import POLICY, REFERENCE, build_groups
 
 
+BF16_MEAN_ATOL = 0.05  # sync check in bfloat16: largest mean |logprob difference| per token
+
+
 class JobError(RuntimeError):
     """A failure every rank learns of at the same point (a failed sync check): rank 0 reports it once."""
 
@@ -52,6 +55,7 @@ def launch(argv: list[str] | None, body, adjust=None) -> None:
     role = placement.role_name(rank)
     _quiet_libraries()
     _stack_dumps(cfg, rank)
+    _fatal_signals(cfg, rank)
     try:
         body(cfg, placement, rank)
     except (ConfigError, JobError) as e:
@@ -61,10 +65,35 @@ def launch(argv: list[str] | None, body, adjust=None) -> None:
 
 
 def _fail_once(rank: int, error: Exception, status: int) -> None:
+    _drop_empty_fatal_logs()
     if rank == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(status)
+
+
+def _fatal_signals(cfg: Config, rank: int) -> None:
+    """A crash in native code (a segfault in a CUDA or NCCL call) kills a rank with no Python exception: its Python
+    stacks go to output_dir/logs/fatal-rankR.log, which a clean exit removes (torchrun names the signal)."""
+    import faulthandler
+
+    logs = os.path.join(cfg.output_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    path = os.path.join(logs, f"fatal-rank{rank}.log")
+    faulthandler.enable(file=open(path, "w"), all_threads=True)
+    _FATAL_LOGS.append(path)
+    import atexit
+
+    atexit.register(_drop_empty_fatal_logs)
+
+
+_FATAL_LOGS: list[str] = []
+
+
+def _drop_empty_fatal_logs() -> None:
+    for path in _FATAL_LOGS:
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            os.unlink(path)
 
 
 def _stack_dumps(cfg: Config, rank: int) -> None:
@@ -371,7 +400,9 @@ def _sync_check(cfg, placement, groups, worker, policy, step: int) -> dict:
     max_diff = max(diffs, default=0.0)
     token_match = matched / max(1, len(engine_out))
     exact = _dtypes(cfg)[1] == torch.float32
-    atol = cfg.sync_check_atol if cfg.sync_check_atol is not None else (5e-3 if exact else 0.2)
+    atol = cfg.sync_check_atol if cfg.sync_check_atol is not None else (5e-3 if exact else 1.0)
+    mean_diff = sum(diffs) / max(1, len(diffs))
     return {"sync_check/token_match": token_match, "sync_check/max_logprob_diff": max_diff,
-            "sync_check/mean_logprob_diff": sum(diffs) / max(1, len(diffs)),
-            "sync_check/passed": float((token_match == 1.0 or not exact) and max_diff <= atol)}
+            "sync_check/mean_logprob_diff": mean_diff,
+            "sync_check/passed": float((token_match == 1.0 or not exact) and max_diff <= atol
+                                       and (exact or mean_diff <= BF16_MEAN_ATOL))}

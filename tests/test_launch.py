@@ -228,8 +228,10 @@ def test_tmux_start_runs_the_job_and_stop_ends_it(tmp_path):
     session = f"tgrpo-test-{os.getpid()}"
     out = tmp_path / "out"
     log = tmp_path / "logs" / "node0.log"
+    hostfile = tmp_path / "hostfile"  # two nodes on this machine: a window each, ranks 0-1 and rank 2
+    hostfile.write_text("127.0.0.1 slots=2\n127.0.0.1 slots=1\n")
     env = {**PYTHON, "TMUX_SESSION": session, "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path / "logs"),
-           "STOP_GRACE_S": "15"}
+           "STOP_GRACE_S": "15", "HOSTFILE": str(hostfile)}
     tag = f"{session}:{os.path.realpath(ROOT)}"
     tail = lambda: log.read_text()[-3000:] if log.exists() else "(no node0.log)"
     try:
@@ -238,14 +240,15 @@ def test_tmux_start_runs_the_job_and_stop_ends_it(tmp_path):
         assert result.returncode == 0 and f"tmux session '{session}'" in result.stdout, result.stderr
         again = run(["bash", "launch/tmux.sh", "start"], timeout=30, env=env)
         assert again.returncode == 2 and "already exists" in again.stderr
-        # torchrun and its 3 ranks, every one tagged (the ranks run in sessions of their own, so only the tag finds them)
-        procs = _wait_for(lambda: len(_run_processes(str(out))) >= 4 and _run_processes(str(out)), 120)
-        assert procs, f"torchrun and 3 ranks did not start within 120 s\n{tail()}"
+        # two torchruns and 3 ranks, every one tagged (the ranks run in sessions of their own, so only the tag finds them)
+        procs = _wait_for(lambda: len(_run_processes(str(out))) >= 5 and _run_processes(str(out)), 120)
+        assert procs, f"2 torchruns and 3 ranks did not start within 120 s\n{tail()}"
         assert set(procs) <= _tagged(tag), (procs, _tagged(tag))
         metrics = out / "metrics.jsonl"
         has_step = lambda: metrics.exists() and metrics.read_text().strip()
         assert _wait_for(has_step, 330), f"no step within 330 s\n{tail()}"
-        assert "step" in json.loads(metrics.read_text().splitlines()[0])
+        assert "step" in json.loads(metrics.read_text().splitlines()[0])  # a step across both nodes
+        assert (tmp_path / "logs" / "node1.log").exists()  # node 1's torchrun (rank 2) wrote its log
     finally:
         stop = run(["bash", "launch/tmux.sh", "stop"], timeout=90, env=env)
     assert stop.returncode == 0, stop.stderr

@@ -2,9 +2,12 @@
 start-up from SLURM's variables, and accelerate launch. Every test bounds its processes' lifetime."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+
+import pytest
 
 from helpers import ROOT, finish, free_port, run, start
 
@@ -20,6 +23,7 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
+@pytest.mark.skipif(shutil.which("tmux") is not None, reason="the tmux test runs two nodes (tests/test_launch.py)")
 def test_two_node_processes_train_to_completion(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# node 0 holds ranks 0-1, node 1 rank 2\n127.0.0.1 slots=2\n127.0.0.1 slots=1\n")

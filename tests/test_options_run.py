@@ -1,7 +1,8 @@
-"""The algorithm options together in one real run (1 rollout + 2 policy ranks): evaluation every 2 steps, several
-passes and mini-batches, dual clip, truncated importance sampling, truncation masking, overlong penalty, dynamic
-sampling and the KL in the reward. Each option's numbers are checked in tests/test_algorithm.py; this checks that
-they run together and reach tensorboard."""
+"""The algorithm options together in one real run (2 rollout engines + 2 policy ranks): evaluation every 2 steps,
+several passes and mini-batches, dual clip, truncated importance sampling, truncation masking, overlong penalty,
+dynamic sampling and the KL in the reward, with generation two steps ahead (max_staleness 2) and each policy rank's
+ZeRO-3 shards reaching both engines (sync_mode partitions), checked after every sync. Each option's numbers are
+checked in tests/test_algorithm.py; this checks that they run together and reach tensorboard."""
 import json
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -15,11 +16,15 @@ def test_options_run_together_and_eval_reaches_tensorboard(tmp_path):
                        "--mini_batches", "2", "--dual_clip", "3", "--tis_cap", "2", "--mask_truncated_completions",
                        "true", "--overlong_buffer_length", "4", "--dynamic_sampling", "true", "--beta", "0.02",
                        "--kl_in_reward", "true", "--eval_data", "data/arith_test.json", "--eval_steps", "2",
-                       "--eval_max_prompts", "24", "--eval_k", "2", "--output_dir", str(tmp_path)], timeout=900)
+                       "--eval_max_prompts", "24", "--eval_k", "2", "--rollout_ranks", "0-1", "--policy_ranks", "2-3",
+                       "--max_staleness", "2", "--sync_check", "true", "--output_dir", str(tmp_path)],
+                      nproc=4, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "eval after step 2:" in result.stderr + result.stdout
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(metrics) == 4
+    assert [m["sync_check/passed"] for m in metrics] == [1.0] * 4
+    assert [m["rollout/staleness"] for m in metrics] == [0, 1, 2, 2]
     assert all(0 <= m["policy/clip_fraction"] <= 1 and m["mismatch/max_ratio"] > 0 for m in metrics)
     assert all("reward/kl_penalty" in m and "reward/overlong" in m and "rollout/groups_dropped" in m for m in metrics)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))

@@ -4,6 +4,7 @@ configured."""
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -184,12 +185,30 @@ def test_a_slow_retriever_fails_searches_and_the_run_goes_on_as_configured(searc
     assert "16 searches failed; their episodes read '(search failed)'" in result.stdout + result.stderr
 
 
-def test_a_dead_retriever_stops_the_run_in_one_line_before_any_engine_starts(tmp_path):
+@pytest.fixture
+def dead_url():
+    """A port held but never listening: connections are refused (a port merely free could be taken meanwhile, e.g.
+    by torchrun's rendezvous, and answer with silence)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
+
+
+def test_a_dead_retriever_stops_the_run_in_one_line_before_any_engine_starts(tmp_path, dead_url):
     result = torchrun(["train_grpo.py", "--config", "configs/search.yaml", "--output_dir", str(tmp_path),
-                       "--retriever_url", f"http://127.0.0.1:{free_port()}", "--retriever_retries", "1"],
-                      timeout=300)
+                       "--retriever_url", dead_url, "--retriever_retries", "1"], timeout=300)
     assert result.returncode != 0, result.stderr[-3000:]  # rank 0 exits 2; torchrun reports a failed child
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
     assert len(ours) == 1 and "retriever http://127.0.0.1:" in ours[0], result.stderr[-3000:]
     assert "failed after 2 attempt(s): ConnectionError" in ours[0] and "launch/retriever.sh start" in ours[0]
     assert "EngineCore" not in result.stdout + result.stderr
+
+
+def test_node_sh_checks_the_retriever_before_torchrun_starts(tmp_path, dead_url):
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--retriever_url", dead_url,
+                  "--retriever_retries", "0", "--output_dir", str(tmp_path)],
+                 timeout=300, env={"PYTHON": sys.executable, "CONFIG": "configs/search.yaml"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: retriever http://127.0.0.1:"), result.stderr
+    assert "failed after 1 attempt(s)" in lines[0] and "torch.distributed" not in result.stdout + result.stderr

@@ -248,7 +248,9 @@ class Config:
             per = len(placement.reference) * self.micro_batch_size
             _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by "
                    f"reference ranks * micro_batch_size = {per}")
-        _check(self.model in ("tiny", "tiny-search") or os.path.isfile(os.path.join(self.model, "config.json")),
+        from tgrpo.tiny import EMBEDDED
+
+        _check(self.model in EMBEDDED or os.path.isfile(os.path.join(self.model, "config.json")),
                f"model '{self.model}' is not a model folder (no config.json there): give a local Hugging Face "
                "model folder (download it first on clusters without internet), 'tiny' or 'tiny-search'")
         _check(os.path.isfile(self.deepspeed_config),

@@ -5,6 +5,8 @@ import json
 import os
 import statistics
 
+from tgrpo.rewards import answer_reward
+
 
 def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, float]:
     """One step's scalars from every sample and every rank's timings."""
@@ -19,7 +21,7 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
     }
     for name in samples[0].reward_parts:
         out[f"reward/{name}"] = statistics.fmean(s.reward_parts[name] for s in samples)
-    checker = next((name for name in ("math", "em") if name in samples[0].reward_parts), None)
+    checker = answer_reward(samples[0].reward_parts)
     if checker:  # the answer-checking reward says which completions are correct
         out["accuracy"] = statistics.fmean(float(s.reward_parts[checker] >= 1.0) for s in samples)
     if any(s.completion_mask is not None for s in samples):  # multi-turn tool episodes

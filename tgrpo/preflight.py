@@ -26,14 +26,12 @@ def main() -> None:
 
         data.load_prompts(cfg, AutoTokenizer.from_pretrained(resolve_model(cfg)))
         if cfg.retriever_url and cfg.retriever_on_failure == "fail":
-            from tgrpo.retriever import Retriever, unreachable
+            from tgrpo.retriever import connect
 
-            retriever = Retriever(cfg.retriever_url, topk=cfg.retriever_topk, timeout_s=cfg.retriever_timeout_s,
-                                  retries=cfg.retriever_retries)
-            cause = retriever.check()
+            retriever, problem = connect(cfg)
             retriever.close()
-            if cause:
-                raise ConfigError(unreachable(cfg.retriever_url, cause))
+            if problem:
+                raise ConfigError(problem)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

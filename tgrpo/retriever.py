@@ -111,10 +111,18 @@ def make_server(index: BM25Index, host: str = "127.0.0.1", port: int = 0) -> Thr
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def unreachable(url: str, cause: str) -> str:
-    """The one line for a retriever that did not answer at start-up."""
-    return (f"retriever {url} {cause}: start one on every node (bash launch/retriever.sh start), check "
-            "retriever_url and retriever_timeout_s, or set retriever_on_failure=empty to train without search results")
+def connect(cfg) -> tuple["Retriever", str]:
+    """The client a run's config describes, checked with one search before anything expensive starts: (client,
+    '') or (client, the one line naming the failure and its fix)."""
+    retriever = Retriever(cfg.retriever_url, topk=cfg.retriever_topk, timeout_s=cfg.retriever_timeout_s,
+                          retries=cfg.retriever_retries, max_concurrency=cfg.retriever_max_concurrency,
+                          batch_size=cfg.retriever_batch_size, on_failure=cfg.retriever_on_failure)
+    cause = retriever.check()
+    if cause:
+        cause = (f"retriever {cfg.retriever_url} {cause}: start one on every node (bash launch/retriever.sh start), "
+                 "check retriever_url and retriever_timeout_s, or set retriever_on_failure=empty to train without "
+                 "search results")
+    return retriever, cause
 
 
 class Retriever:

@@ -126,6 +126,11 @@ REWARD_FUNCS: dict[str, Callable[[str, str], float]] = {"math": math_reward, "fo
 
 
 BUILTIN = tuple(REWARD_FUNCS)  # names that need no import
+
+
+def answer_reward(parts) -> str | None:
+    """The configured reward that checks answers (math, else em), which decides what counts as correct."""
+    return next((name for name in ("math", "em") if name in parts), None)
 REMOTE = "remote"
 
 

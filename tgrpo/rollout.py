@@ -63,19 +63,15 @@ class RolloutWorker:
         """Pre-flight, before any engine starts: one search must get an answer, or the run stops with one line
         (retriever_on_failure=fail) or says once that it goes on without results (empty)."""
         from tgrpo.config import ConfigError
-        from tgrpo.retriever import Retriever, unreachable
+        from tgrpo.retriever import connect
 
-        cfg = self.cfg
-        retriever = Retriever(cfg.retriever_url, topk=cfg.retriever_topk, timeout_s=cfg.retriever_timeout_s,
-                              retries=cfg.retriever_retries, max_concurrency=cfg.retriever_max_concurrency,
-                              batch_size=cfg.retriever_batch_size, on_failure=cfg.retriever_on_failure)
-        cause = retriever.check()
-        if cause and cfg.retriever_on_failure == "fail":
+        retriever, problem = connect(self.cfg)
+        if problem and self.cfg.retriever_on_failure == "fail":
             retriever.close()
-            raise ConfigError(unreachable(cfg.retriever_url, cause))
-        if cause:
-            print(f"[rank {self.rank} rollout] warning: retriever {cfg.retriever_url} {cause}; going on, as "
-                  "retriever_on_failure=empty: failed searches read '(search failed)'", flush=True)
+            raise ConfigError(problem)
+        if problem:
+            print(f"[rank {self.rank} rollout] warning: {problem}; going on, as retriever_on_failure=empty: failed "
+                  "searches read '(search failed)'", flush=True)
         return retriever
 
     def start_engine(self, dtype: str) -> None:
@@ -202,9 +198,8 @@ class RolloutWorker:
 def _correct(scores: list[float], parts: dict[str, list[float]]) -> list[float]:
     """A completion is correct if the math (or exact-match) reward says so; without one, if its total reward is
     positive."""
-    for name in ("math", "em"):
-        if name in parts:
-            return [float(v >= 1.0) for v in parts[name]]
+    if (name := rewards.answer_reward(parts)) is not None:
+        return [float(v >= 1.0) for v in parts[name]]
     return [float(v > 0) for v in scores]
 
 

@@ -244,11 +244,11 @@ def _build_search(out: str) -> None:
     _save(out, model, tokenizer)
 
 
-def _fit(model, pad: int, draw, steps: int) -> None:
+def _fit(model, pad: int, draw, steps: int, seed: int = 1) -> None:
     """Supervised steps on batches of (ids, labels) pairs from draw(rng), linearly decaying learning rate."""
     import torch
 
-    rng = random.Random(1)
+    rng = random.Random(seed)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
     decay = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: max(0.05, 1 - i / steps))
     model.train()
@@ -268,32 +268,13 @@ def _fit(model, pad: int, draw, steps: int) -> None:
 
 def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:
     """A few supervised steps on the answers: the model learns the format and a little arithmetic."""
-    import torch
+    def encode(conv: list[dict]) -> tuple[list[int], list[int]]:
+        prompt = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(conv, tokenize=False)
+        p, f = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
+        return f, [-100] * len(p) + f[len(p):]
 
-    rng = random.Random(0)
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    decay = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: max(0.05, 1 - i / WARMUP_STEPS))
-    model.train()
-    for _ in range(WARMUP_STEPS):
-        batch = rng.sample(convs, 32)
-        ids, labels = [], []
-        for conv in batch:
-            prompt = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
-            full = tokenizer.apply_chat_template(conv, tokenize=False)
-            p, f = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
-            ids.append(f)
-            labels.append([-100] * len(p) + f[len(p):])
-        width = max(map(len, ids))
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-        label_ids = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
-        attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss
-        loss.backward()
-        optim.step()
-        decay.step()
-        optim.zero_grad()
-    model.eval()
+    _fit(model, tokenizer.pad_token_id, lambda rng: [encode(c) for c in rng.sample(convs, 32)], WARMUP_STEPS, seed=0)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ class Episode:
     segments: list[tuple[str, int]] = field(default_factory=list)  # (text, 1 model / 0 tool), for the logs
     turns: int = 0
     tool_calls: int = 0
-    tool_failures: int = 0
     finish: str = ""  # "stop" (answered or ended), "length" (token budget spent), "max_turns"
 
     @property
@@ -107,7 +106,6 @@ def run_episodes(engine, tokenizer, retriever, prompt_ids: list[list[int]], *, n
         for ep, query in calling:
             found = passages.get(id(ep), [EMPTY_QUERY])
             ep.tool_calls += 1
-            ep.tool_failures += found == [retriever.FAILED]
             reply = tokenizer(format_information(found), add_special_tokens=False)["input_ids"][:max_tool_tokens]
             room = max_tokens - len(ep.ids)
             if len(reply) >= room:  # no room left to answer after it

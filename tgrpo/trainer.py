@@ -118,9 +118,9 @@ def _quiet_libraries() -> None:
 
 
 def resolve_model(cfg: Config) -> str:
-    if cfg.model in ("tiny", "tiny-search"):
-        from tgrpo.tiny import ensure_model
+    from tgrpo.tiny import EMBEDDED, ensure_model
 
+    if cfg.model in EMBEDDED:
         return ensure_model(cfg.cache_dir, cfg.model)
     return cfg.model
 

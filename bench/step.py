@@ -1,10 +1,21 @@
-"""Time per GRPO step with and without overlap (max_staleness 0 vs 1), beside the time of each phase.
+"""Time per GRPO step and per phase, beside two ceilings measured in the same run: bare vLLM on the same requests
+(generation) and a plain training loop over the same packed micro-batches (training).
 
-One torchrun job starts the engines and models once, runs `--steps` steps strictly on-policy, then `--steps` steps
-with rollout generating one batch ahead while the policy trains, and prints a table and one JSON line. The first
-step of each mode is a warm-up and is not counted. Any trainer flag may follow (default: the README's run).
+One torchrun job starts the engines and models once and runs `--steps` steps strictly on-policy (with --overlap
+also `--steps` steps generating one batch ahead, max_staleness 1, split placement only), the first step of each
+mode a warm-up. Then 1 + `--plain_steps` more steps in which the policy's update is a plain loop: the step's
+micro-batches through the same DeepSpeed engine with a plain next-token cross-entropy, nothing else (no GRPO loss,
+no statistics, no old-logprob pass), timed in the same place of the step as the GRPO update. Last, the rollout
+ranks stop their engine and time a fresh vLLM engine with vLLM's own defaults on the requests of the first timed
+step. Nothing else is inside a timed span: no checkpoint is written and no evaluation runs. Prints a table and one
+JSON line.
 
-    torchrun --nproc_per_node 3 bench/step.py --config configs/default.yaml --steps 6
+    torchrun --nproc_per_node 3 bench/step.py --config configs/default.yaml --steps 4
+
+--random_model 0.5b|1.5b|7b times a Qwen2-shaped model with random weights (built into cache_dir). It never answers
+and never stops, so the reward is a fixed pseudo-random score of each completion's text (bench/random_rewards.py;
+every group has varied rewards, so gradients and updates are real), and each prompt's token budget is drawn from
+[max_completion_length / 4, max_completion_length] (micro-batches see varied lengths, as in a real run).
 """
 from __future__ import annotations
 
@@ -13,23 +24,32 @@ import json
 import os
 import statistics
 import sys
+import time
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PHASES = [("time/step_s", "step"), ("time/generate_s", "generate"), ("time/reward_s", "reward"),
-          ("time/train_s", "train"), ("time/sync_s", "sync")]
+          ("time/gather_s", "gather"), ("time/train_s", "train"), ("time/sync_s", "sync")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="Steps per mode, the first of which is a warm-up.")
+    parser.add_argument("--steps", type=int, default=4, help="Steps per mode, the first of which is a warm-up.")
     parser.add_argument("--random_model", default="", help="Time a random model of this shape (tgrpo/tiny.py "
-                        "RANDOM_SHAPES: 60m, 0.5b, 1.5b) instead of --model.")
+                        "RANDOM_SHAPES: 60m, 0.5b, 1.5b, 7b) instead of --model.")
+    parser.add_argument("--overlap", action="store_true", help="Also time max_staleness 1 (split placement).")
+    parser.add_argument("--plain_steps", type=int, default=3, help="Timed steps with the plain loop as the train "
+                        "phase (after one warm-up).")
+    parser.add_argument("--bare_repeats", type=int, default=2, help="Timed runs of bare vLLM (after a warm-up); 0 "
+                        "skips bare vLLM.")
+    parser.add_argument("--profile_generation", action="store_true", help="Also time the trainer's engine on the "
+                        "same requests with and without per-request seeds.")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="The GPU's dense bf16 peak for MFU; 0 "
                         "guesses from its name (H100/H200: 989).")
     ours, rest = parser.parse_known_args()
-    if ours.steps < 2:
-        sys.exit("error: --steps must be >= 2 (the first step of each mode is a warm-up)")
+    if ours.steps < 2 or ours.plain_steps < 1:
+        sys.exit("error: --steps must be >= 2 (the first step of each mode is a warm-up), --plain_steps >= 1")
     from tgrpo import trainer
 
     def adjust(cfg):
@@ -37,8 +57,10 @@ def main() -> None:
             from tgrpo.tiny import ensure_random_model
 
             cfg.model = ensure_random_model(cfg.cache_dir, ours.random_model)
-        overlap = not cfg.colocate  # colocated ranks take turns: only the sequential mode exists there
-        cfg.max_steps = (2 if overlap else 1) * ours.steps
+            cfg.reward_funcs, cfg.reward_weights = ["bench.random_rewards:reward"], [1.0]
+        overlap = ours.overlap and not cfg.colocate
+        cfg.max_steps = (2 if overlap else 1) * ours.steps + ours.plain_steps + 2  # the final save never comes
+        cfg.save_steps, cfg.eval_steps = 0, 0
         cfg.max_staleness = 1 if overlap else 0  # validated as the overlapped mode will run
         cfg.tis_cap = cfg.tis_cap or 2.0  # both modes alike
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-step")
@@ -46,77 +68,218 @@ def main() -> None:
     def body(cfg, placement, rank):
         import torch.distributed as dist
 
+        from gpu import Busy
+
         job = trainer.setup(cfg, placement, rank)
-        bare = None
-        if job.worker is not None:  # bare vLLM on the first step's prompts, same sampling, no logprobs or rewards
-            prompts = [p.prompt_ids for p in job.worker.step_prompts(0)]
-            kwargs = dict(n=cfg.num_generations, max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                          top_p=cfg.top_p)
-            job.engine.generate_bare(prompts, **kwargs)  # warm-up
-            bare = job.engine.generate_bare(prompts, **kwargs)
-        bares: list = [None] * placement.world_size
-        dist.all_gather_object(bares, bare, group=job.groups.data)
-        sequential = trainer.run_steps(job, 0, ours.steps, staleness=0)
-        overlapped = (trainer.run_steps(job, ours.steps, 2 * ours.steps, staleness=1) if not placement.colocated
-                      else [])
+        busy = {"train": Busy(), "generate": Busy(), "bare": Busy()}
+        seen: dict = {}
+        if job.policy is not None:
+            job.policy.train_step = _capture(job.policy.train_step, busy["train"], seen, "train")
+        if job.worker is not None:
+            if ours.random_model:
+                job.worker.completion_budget = _varied_budget(cfg.max_completion_length, cfg.seed)
+            job.worker.rollout = _capture(job.worker.rollout, None, seen, "rollout")
+            job.engine.generate = busy["generate"].during(job.engine.generate)
+        overlap = ours.overlap and not placement.colocated
+        modes = [("sequential", 0)] + ([("overlap", 1)] if overlap else [])
+        histories, first = {}, 0
+        for mode, staleness in modes:
+            warm = trainer.run_steps(job, first, first + 1, staleness)
+            for b in busy.values():
+                b.readings.clear()  # the warm-up step's readings do not count
+            histories[mode] = warm + trainer.run_steps(job, first + 1, first + ours.steps, staleness)
+            first += ours.steps
+        mine = {f"busy_{k}": b.fraction() for k, b in busy.items() if k != "bare"}
+        # the ceiling of the train phase, timed in the same place of the same steps: the policy's update replaced by
+        # a plain loop over the same micro-batches
+        if job.policy is not None:
+            job.policy.train_step = plain_train_step(job.policy)
+        histories["plain"] = trainer.run_steps(job, first, first + 1 + ours.plain_steps, 0)
+        if job.worker is not None:
+            mine.update(measure_generation(job, cfg, ours, busy["bare"], seen.get("rollout")))
         n_params = sum(b.numel for b in job.plan)
+        everyone: list = [None] * placement.world_size
+        dist.all_gather_object(everyone, mine, group=job.groups.data)
         trainer.finish(job)
         if rank == 0:
-            report(sequential[1:], overlapped[1:], cfg, placement, [b for b in bares if b], n_params, ours)
+            report(histories, cfg, placement, everyone, n_params, ours)
 
     trainer.launch(rest, body, adjust)
 
 
-def report(sequential: list[dict], overlapped: list[dict], cfg, placement, bares: list, n_params: int,
-           ours) -> None:
+def _capture(fn, busy, seen: dict, key: str):
+    """fn, keeping its last first argument in seen[key] and timing its GPU's busy fraction while it runs."""
+    def wrapped(*args, **kwargs):
+        if busy is not None:
+            busy.start()
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            if busy is not None:
+                busy.stop()
+        seen[key] = out if key == "rollout" else args[0]
+        return out
+    return wrapped
+
+
+def _varied_budget(max_tokens: int, seed: int):
+    """A prompt's token budget, drawn from [max/4, max] by a hash of (seed, its tokens): a fixed draw per prompt."""
+    low = max(1, max_tokens // 4)
+
+    def budget(prompt) -> int:
+        h = zlib.crc32(f"{seed}:{prompt.prompt_ids}".encode())
+        return low + h % (max_tokens - low + 1)
+    return budget
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def plain_train_step(policy):
+    """A train phase with nothing but the work itself: the step's micro-batches through the same DeepSpeed engine
+    with a plain next-token cross-entropy on the completion tokens, one optimizer step per mini-batch."""
+    import torch.nn.functional as F
+
+    from tgrpo import modeling
+
+    def train_step(samples: list) -> dict:
+        t0 = time.perf_counter()
+        micro = policy.micro_batches(samples)
+        targets = sum(mb.targets.numel() for mini in micro for mb in mini)
+        policy.engine.train()
+        for mini in micro:
+            for mb in mini:
+                logits = modeling.logits_at_targets(policy.engine, mb)
+                loss = F.cross_entropy(logits.float(), mb.targets, reduction="sum") / targets
+                policy.engine.backward(loss, scale_wrt_gas=False)
+            policy.engine.step()
+        _sync()
+        return {"train_s": time.perf_counter() - t0, "micro_batches": float(sum(len(mini) for mini in micro))}
+    return train_step
+
+
+def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
+    """On a rollout rank after the steps: the trainer's engine with and without seeds (--profile_generation), then
+    bare vLLM on the same requests in a fresh engine, and the rewards of the last batch scored alone."""
+    import torch
+
+    from tgrpo import vllm_engine
+
+    worker, out = job.worker, {}
+    prompts = worker.step_prompts(1)  # the first timed step's
+    ids, budgets = [p.prompt_ids for p in prompts], [worker.completion_budget(p) for p in prompts]
+    kwargs = dict(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p)
+    if ours.profile_generation:
+        seeded = job.engine.seeded
+        for name, on in (("seeded", True), ("unseeded", False)):
+            job.engine.seeded = on
+            _sync()
+            t0 = time.perf_counter()
+            outs = job.engine.generate(ids, max_tokens=budgets, seed=cfg.seed, **kwargs)
+            out[f"engine_{name}_tokens_per_s"] = sum(len(c.token_ids) for g in outs for c in g) / (
+                time.perf_counter() - t0)
+        job.engine.seeded = seeded
+    if last_rollout is not None:  # the rewards of a batch scored on their own, beside what a step waited for them
+        samples = last_rollout[0]
+        t0 = time.perf_counter()
+        worker.scorer.score([s.prompt_text for s in samples], [s.completion_text for s in samples],
+                            [s.answer for s in samples])
+        out["reward_alone_s"] = time.perf_counter() - t0
+        out["reward_completions"] = len(samples)
+    job.engine.shutdown()
+    if not ours.bare_repeats:
+        return out
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # colocated: the policy's cached blocks go back to the bare engine
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    runs = vllm_engine.bare_generate(job.model_dir, ids, dtype=dtype, seed=cfg.seed, max_tokens=budgets,
+                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                     repeats=ours.bare_repeats, during=bare_busy.during, **kwargs)
+    out["bare_tokens_per_s"] = statistics.fmean(tokens / seconds for tokens, seconds in runs)
+    out["busy_bare"] = bare_busy.fraction()
+    return out
+
+
+def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours) -> None:
     def mean(rows, key):
         return statistics.fmean(r.get(key, 0.0) for r in rows)
 
-    runs = [("sequential", sequential)] + ([("overlap", overlapped)] if overlapped else [])
-    rows = {mode: {name: mean(steps, key) for key, name in PHASES} for mode, steps in runs}
-    print(f"\n{'mode':<12}" + "".join(f"{name + '_s':>12}" for _, name in PHASES) + f"{'gen tok/s':>12}")
-    for mode, steps in runs:
-        print(f"{mode:<12}" + "".join(f"{rows[mode][name]:>12.3f}" for _, name in PHASES)
-              + f"{mean(steps, 'throughput/generate_tokens_per_s'):>12.0f}")
-    seq = rows["sequential"]
+    def summary(key):  # over the ranks that measured it
+        values = [e[key] for e in everyone if e and e.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    timed = {mode: rows[1:] for mode, rows in histories.items()}
+    rows = {mode: {name: mean(steps, key) for key, name in PHASES} for mode, steps in timed.items()}
+    print(f"\n{'mode':<12}" + "".join(f"{name + '_s':>11}" for _, name in PHASES) + f"{'gen tok/s':>11}"
+          + f"{'train tok/s':>12}")
+    for mode, steps in timed.items():
+        print(f"{mode:<12}" + "".join(f"{rows[mode][name]:>11.3f}" for _, name in PHASES)
+              + f"{mean(steps, 'throughput/generate_tokens_per_s'):>11.0f}"
+              + f"{statistics.fmean(r['batch/tokens'] / r['time/train_s'] for r in steps):>12.0f}")
+    seq = timed["sequential"]
     result = {"bench": "step", "model": os.path.basename(cfg.model), "dtype": cfg.dtype,
               "placement": (f"colocated {placement.world_size}" if placement.colocated else
                             f"rollout {cfg.rollout_ranks} policy {cfg.policy_ranks}"),
-              "steps_per_mode": len(sequential), "sequential_step_s": seq["step"], "phases": rows,
-              "generate_tokens_per_s": mean(sequential, "throughput/generate_tokens_per_s")}
-    if bares:  # every engine's bare tokens/s, summed, against the trainer's generation phase
-        bare_tps = sum(tokens / seconds for tokens, seconds in bares)
-        result["bare_vllm_tokens_per_s"] = bare_tps
-        result["generate_over_bare_vllm"] = result["generate_tokens_per_s"] / bare_tps
-        print(f"generation: {result['generate_tokens_per_s']:.0f} tok/s in the trainer, {bare_tps:.0f} tok/s bare "
-              f"vLLM on the same prompts ({result['generate_over_bare_vllm']:.2f})")
-    # training FLOPs: 6 * parameters * tokens per pass (forward + backward; attention and the extra no-grad passes
-    # of num_iterations > 1 or a reference are left out, so this MFU is a lower bound)
-    tokens = mean(sequential, "batch/tokens")
+              "batch": f"{cfg.prompts_per_step}x{cfg.num_generations}x{cfg.max_completion_length}",
+              "zero_stage": cfg.zero_stage, "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch,
+              "timed_steps": len(seq), "phases": rows, "step_s": rows["sequential"]["step"],
+              "micro_batches_per_step": mean(seq, "policy/micro_batches"),
+              "completion_tokens_mean": mean(seq, "completion/length_mean"),
+              "generate_tokens_per_s": mean(seq, "throughput/generate_tokens_per_s")}
+
+    # generation against bare vLLM (every engine's own bare run, summed)
+    bare = [e["bare_tokens_per_s"] for e in everyone if e and "bare_tokens_per_s" in e]
+    if bare:
+        result["bare_vllm_tokens_per_s"] = sum(bare)
+        result["generate_vs_bare"] = result["generate_tokens_per_s"] / sum(bare)
+    for key in ("busy_generate", "busy_bare", "engine_seeded_tokens_per_s", "engine_unseeded_tokens_per_s",
+                "reward_alone_s"):
+        if summary(key) is not None:
+            result[key.replace("busy_generate", "rollout_busy").replace("busy_bare", "bare_busy")] = summary(key)
+    result["reward_exposed_s"] = rows["sequential"]["reward"]
+    print(f"generation: {result['generate_tokens_per_s']:.0f} tok/s in the trainer" + (
+        f", bare vLLM {result['bare_vllm_tokens_per_s']:.0f} tok/s on the same requests: generate_vs_bare "
+        f"{result['generate_vs_bare']:.3f}" if bare else "") + (
+        f"; GPU busy {result['rollout_busy']:.2f} (bare {result.get('bare_busy', 0):.2f})"
+        if "rollout_busy" in result else ""))
+    if "engine_seeded_tokens_per_s" in result:
+        print(f"trainer's engine on the same requests: seeded {result['engine_seeded_tokens_per_s']:.0f} tok/s, "
+              f"unseeded {result['engine_unseeded_tokens_per_s']:.0f} tok/s")
+    if "reward_alone_s" in result:
+        print(f"rewards: {summary('reward_completions'):.0f} completions take {result['reward_alone_s']:.3f} s scored "
+              f"alone; a step waited {result['reward_exposed_s']:.3f} s for them after generation")
+
+    # training against the plain loop, and MFU (6 N T: forward + backward of every token; attention and the extra
+    # no-grad passes of num_iterations > 1 or a reference are left out, so it is a lower bound)
+    train_tps = statistics.fmean(r["batch/tokens"] / r["time/train_s"] for r in seq)
+    plain_tps = statistics.fmean(r["batch/tokens"] / r["time/train_s"] for r in timed.pop("plain"))
+    rows.pop("plain")
+    result.update(train_tokens_per_s=train_tps, plain_tokens_per_s=plain_tps, train_vs_plain=train_tps / plain_tps)
+    if summary("busy_train") is not None:
+        result["policy_busy"] = summary("busy_train")
     peak = ours.peak_tflops or _guess_peak_tflops()
-    if peak and tokens:
-        flops = 6 * n_params * tokens * cfg.num_iterations
-        result["train_tflops_per_gpu"] = flops / seq["train"] / placement.num_policy / 1e12
-        result["mfu"] = result["train_tflops_per_gpu"] / peak
-        result["peak_tflops"] = peak
-        print(f"training: {tokens:.0f} tokens a step, {result['train_tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU "
-              f"{result['mfu']:.3f} of {peak:.0f} TFLOP/s (6 N T)")
+    if peak:
+        per_gpu = 6 * n_params * cfg.num_iterations / placement.num_policy / 1e12
+        result.update(train_tflops_per_gpu=per_gpu * train_tps, train_mfu=per_gpu * train_tps / peak,
+                      plain_mfu=6 * n_params / placement.num_policy / 1e12 * plain_tps / peak, peak_tflops=peak)
+    print(f"training: {train_tps:.0f} tok/s, plain loop on the same micro-batches {plain_tps:.0f} tok/s: "
+          f"train_vs_plain {result['train_vs_plain']:.3f}" + (
+              f"; MFU {result['train_mfu']:.3f} (plain {result['plain_mfu']:.3f}) of {peak:.0f} TFLOP/s"
+              if peak else "") + (f"; GPU busy {result['policy_busy']:.2f}" if "policy_busy" in result else ""))
     for key in ("memory/policy_peak_gib", "memory/device_used_gib", "memory/rollout_device_used_gib"):
-        if any(key in r for r in sequential):
-            result[key] = max(r.get(key, 0.0) for r in sequential + overlapped)
-            print(f"{key}: {result[key]:.2f}")
-    if overlapped:
+        if any(key in r for r in seq):
+            result[key] = max(r.get(key, 0.0) for steps in timed.values() for r in steps)
+    if "overlap" in timed:
         ovl = rows["overlap"]
-        slower_own = max(ovl["generate"] + ovl["reward"], ovl["train"])
-        slower_seq = max(seq["generate"] + seq["reward"], seq["train"])
-        result.update({
-            "overlap_step_s": ovl["step"], "speedup": seq["step"] / ovl["step"],
-            # the issue's criterion: an overlapped step against the slower of rollout (generate + reward) and train
-            "overlap_step_over_slower_phase": ovl["step"] / slower_own,
-            "overlap_step_over_slower_phase_sequential_run": ovl["step"] / slower_seq})
-        print(f"overlap step / slower phase (same run) = {result['overlap_step_over_slower_phase']:.3f}; against "
-              f"the sequential run's phases {result['overlap_step_over_slower_phase_sequential_run']:.3f}; speedup "
-              f"{result['speedup']:.3f}")
+        slower = max(ovl["generate"] + ovl["reward"], ovl["train"])
+        result.update(overlap_step_s=ovl["step"], overlap_speedup=rows["sequential"]["step"] / ovl["step"],
+                      overlap_step_over_slower_phase=ovl["step"] / slower)
+        print(f"overlap: {ovl['step']:.3f} s a step, {result['overlap_speedup']:.3f} x the sequential step, "
+              f"{result['overlap_step_over_slower_phase']:.3f} x its slower phase")
     print(json.dumps(result))
 
 

@@ -7,7 +7,6 @@ from torch.testing import assert_close
 
 from tgrpo.algorithm import (
     aggregate_loss,
-    entropy_from_logits,
     group_advantages,
     kl_penalty,
     masked_mean,
@@ -28,28 +27,57 @@ def t(*values) -> torch.Tensor:
 def test_token_logprobs_uniform_is_log_one_over_v():
     logits = torch.zeros(2, 3, 4)  # V = 4, uniform
     ids = torch.tensor([[0, 1, 2], [3, 3, 0]])
-    assert_close(token_logprobs(logits, ids), torch.full((2, 3), math.log(0.25)))  # -1.3862944
+    logp, entropy = token_logprobs(logits, ids, entropy=True)
+    assert_close(logp, torch.full((2, 3), math.log(0.25)))  # -1.3862944
+    assert_close(entropy, torch.full((2, 3), math.log(4.0)))  # 1.3862944
 
 
 def test_token_logprobs_hand_example_and_float32_from_bf16():
     # logits [0, ln 3] -> softmax [1/4, 3/4]; logits [ln 3, 0] -> [3/4, 1/4]
     logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(3.0), 0.0]]])
     ids = torch.tensor([[1, 1]])
-    out = token_logprobs(logits, ids)
+    out, none = token_logprobs(logits, ids)
+    assert none is None
     assert_close(out, torch.tensor([[math.log(0.75), math.log(0.25)]]))  # [-0.2876821, -1.3862944]
-    out_bf16 = token_logprobs(logits.bfloat16(), ids)
+    out_bf16, _ = token_logprobs(logits.bfloat16(), ids)
     assert out_bf16.dtype == torch.float32
     assert_close(out_bf16, out, atol=1e-2, rtol=0)
+    # temperature 2: logits [0, ln 3] / 2 -> softmax [1, sqrt 3] / (1 + sqrt 3) -> p(1) = 0.6339746
+    hot, _ = token_logprobs(logits[:, :1], ids[:, :1], temperature=2.0)
+    assert_close(hot, torch.tensor([[math.log(0.6339746)]]))
 
 
-def test_entropy_uniform_and_hand_example():
-    assert_close(entropy_from_logits(torch.zeros(1, 2, 4)), torch.full((1, 2), math.log(4.0)))  # 1.3862944
+def test_entropy_hand_example():
     # p = [1/4, 3/4]: H = 1/4 ln 4 + 3/4 ln(4/3) = 0.3465736 + 0.2157616 = 0.5623351
     logits = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.bfloat16)
-    out = entropy_from_logits(logits)
+    _, out = token_logprobs(logits, torch.tensor([[0]]), entropy=True)
     assert out.dtype == torch.float32
     assert_close(out, torch.tensor([[0.5623351]]), atol=1e-2, rtol=0)
-    assert_close(entropy_from_logits(torch.tensor([[[0.0, math.log(3.0)]]])), torch.tensor([[0.5623351]]))
+    _, exact = token_logprobs(torch.tensor([[[0.0, math.log(3.0)]]]), torch.tensor([[0]]), entropy=True)
+    assert_close(exact, torch.tensor([[0.5623351]]))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 26])
+def test_token_logprobs_chunks_match_float64_log_softmax_with_gradient(chunk, monkeypatch):
+    """The chunked softmax (any chunk size, temperature) against a plain float64 log_softmax: values, entropy and
+    the gradient of a weighted sum."""
+    import tgrpo.algorithm as algo
+
+    monkeypatch.setattr(algo, "CHUNK_ELEMENTS", chunk * 11)  # rows of V = 11
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(7, 11, generator=g)).requires_grad_()
+    ids = torch.randint(0, 11, (7,), generator=g)
+    weights = torch.randn(7, generator=g)
+    logp, ent = token_logprobs(logits, ids, temperature=0.7, entropy=True)
+    (logp * weights).sum().backward()
+    ref_logits = logits.detach().double().requires_grad_()
+    ref_all = torch.log_softmax(ref_logits / 0.7, -1)
+    ref = ref_all.gather(-1, ids[:, None]).squeeze(-1)
+    (ref * weights.double()).sum().backward()
+    assert_close(logp.double(), ref, atol=1e-5, rtol=0)
+    assert_close(ent.double(), -(ref_all.exp() * ref_all).sum(-1).detach(), atol=1e-5, rtol=0)
+    assert_close(logits.grad.double(), ref_logits.grad, atol=1e-5, rtol=0)
+    assert not ent.requires_grad
 
 
 # --- advantages ------------------------------------------------------------------------------------------------

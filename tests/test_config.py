@@ -106,11 +106,27 @@ def test_bad_engine_and_reference_placement(kwargs, world, local, words):
 
 def test_validate_checks_batch_divisibility_and_model_path():
     with pytest.raises(ConfigError, match="divisible by policy ranks"):
-        Config(prompts_per_step=3, num_generations=2, micro_batch_size=4).validate(3)
+        Config(prompts_per_step=3, num_generations=2, micro_batch_size=4, max_tokens_per_micro_batch=0).validate(3)
+    with pytest.raises(ConfigError, match="equal mini-batches of at least one sample per policy rank"):
+        Config(prompts_per_step=3, num_generations=2, mini_batches=4).validate(3)
+    Config(prompts_per_step=3, num_generations=2).validate(3)  # a token budget packs any batch size
     with pytest.raises(ConfigError, match="not a model folder"):
         Config(model="/no/such/model").validate(3)
     with pytest.raises(ConfigError, match="unknown reward"):
         Config(reward_funcs=["math", "nope"], reward_weights=[1, 1]).validate(3)
+
+
+def test_zero_stage_and_sync_mode():
+    cfg = Config(zero_stage=2)
+    cfg.validate(3)
+    assert cfg.sync_mode == "gather"  # auto: the shards of partitions exist under ZeRO-3 only
+    cfg = Config()
+    cfg.validate(3)
+    assert cfg.sync_mode == "partitions"
+    with pytest.raises(ConfigError, match="sync_mode partitions sends ZeRO-3 shards"):
+        Config(zero_stage=2, sync_mode="partitions").validate(3)
+    with pytest.raises(ConfigError, match="zero_stage must be 1, 2 or 3"):
+        Config(zero_stage=0).validate(3)
 
 
 def test_plan_buckets_packs_in_order_and_splits_by_size_and_dtype():

@@ -14,15 +14,19 @@ def _metrics(out) -> list[dict]:
 def test_tensor_parallel_engine_and_reference_on_its_own_rank(tmp_path):
     """Ranks 0-1 hold one vLLM engine with tensor parallelism 2 (rank 0 drives it), rank 2 trains, rank 3 holds the
     frozen reference: the engine matches the policy after every sync, and the KL to the reference starts at 0.
-    Weights go by sync_mode gather here (ZeRO-3 gather, one sender); the other runs use partitions."""
+    The policy here is ZeRO-2 (whole parameters, weights sent by sync_mode gather, the reference without ZeRO) and
+    trains on padded micro-batches of micro_batch_size sequences; the other runs use ZeRO-3, partitions and packed
+    token-budget micro-batches."""
     result = torchrun([*SHORT, "--rollout_ranks", "0-1", "--rollout_tensor_parallel_size", "2", "--policy_ranks",
-                       "2-2", "--reference_ranks", "3-3", "--beta", "0.05", "--sync_mode", "gather",
+                       "2-2", "--reference_ranks", "3-3", "--beta", "0.05", "--zero_stage", "2",
+                       "--padding_free", "false", "--max_tokens_per_micro_batch", "0", "--micro_batch_size", "4",
                        "--output_dir", str(tmp_path)],
                       nproc=4, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = _metrics(tmp_path)
     assert [m["sync_check/passed"] for m in metrics] == [1.0, 1.0, 1.0]
     assert abs(metrics[0]["policy/kl"]) < 1e-6 and metrics[2]["policy/kl"] > 0
+    assert [m["policy/micro_batches"] for m in metrics] == [16.0] * 3  # 8 prompts x 8 samples / 4 per micro-batch
 
 
 def test_colocated_every_rank_rolls_out_and_trains(tmp_path):

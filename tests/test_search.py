@@ -16,10 +16,10 @@ import requests
 import torch
 
 from helpers import ROOT, free_port, run, torchrun
-from tgrpo import algorithm, tools
+from tgrpo import algorithm, batch, tools
+from tgrpo.batch import Sample
 from tgrpo.config import ConfigError, load_config
-from tgrpo.policy import collate
-from tgrpo.rollout import Sample, kl_into_rewards
+from tgrpo.rollout import kl_into_rewards
 
 STEPS = 4
 SLOW_S, TIMEOUT_S = 3.0, 1.0
@@ -37,22 +37,23 @@ def test_query_extraction_and_information_block():
 
 def _sample(mask, logprobs, ref):
     ids = list(range(10, 10 + len(mask)))
-    return Sample([1, 2], ids, logprobs, 1.0, 0.5, False, "", "", "", completion_mask=mask, ref_logprobs=ref)
+    return Sample([1, 2], ids, logprobs, completion_mask=mask, reward=1.0, advantage=0.5, ref_logprobs=ref)
 
 
 def test_tool_tokens_count_in_no_loss_and_no_kl():
     mask = [1, 1, 0, 0, 0, 1]
     s = _sample(mask, [-1.0, -2.0, 0.0, 0.0, 0.0, -0.5], [-1.5, -2.0, -9.0, -9.0, -9.0, -0.5])
-    plain = Sample([1], [10, 11], [-1.0, -1.0], 1.0, 0.5, False, "", "", "")
-    batch = collate([s, plain], pad_id=0, device=torch.device("cpu"))
-    assert batch["completion_mask"].tolist() == [mask, [1, 1, 0, 0, 0, 0]]
-    # even a wild logprob on a tool token gives zero loss and zero gradient there
-    logp = torch.tensor([[-1.0, -2.0, -50.0, 3.0, -7.0, -0.5]] * 2, requires_grad=True)
-    loss, _ = algorithm.policy_loss(logp, batch["rollout_logp"], batch["advantages"], batch["completion_mask"],
-                                    epsilon_low=0.2, epsilon_high=0.2, ref_logp=torch.zeros(2, 6), beta=0.1)
-    loss.sum().backward()
-    assert loss[0, 2:5].abs().sum() == 0 and logp.grad[0, 2:5].abs().sum() == 0
-    assert logp.grad[0, [0, 1, 5]].abs().sum() > 0
+    plain = Sample([1], [10, 11], [-1.0, -1.0], reward=1.0, advantage=0.5, ref_logprobs=[0.0, 0.0])
+    for packed in (True, False):
+        mb = batch.build([s, plain], torch.device("cpu"), packed=packed, pad_id=0)
+        assert mb.loss_mask.tolist() == mask + [1, 1] and mb.model_mask.tolist() == mask + [1, 1]
+        # even a wild logprob on a tool token gives zero loss and zero gradient there
+        logp = torch.tensor([-1.0, -2.0, -50.0, 3.0, -7.0, -0.5, -1.0, -1.0], requires_grad=True)
+        loss, _ = algorithm.policy_loss(logp, mb.rollout_logp, mb.advantages, mb.loss_mask, epsilon_low=0.2,
+                                        epsilon_high=0.2, ref_logp=torch.zeros(8), beta=0.1)
+        loss.sum().backward()
+        assert loss[2:5].abs().sum() == 0 and logp.grad[2:5].abs().sum() == 0
+        assert logp.grad[[0, 1, 5, 6, 7]].abs().sum() > 0
     kl_into_rewards([s, _sample(mask, [-1.0] * 6, [-1.0] * 6)], beta=1.0, group_size=2, scale="none")
     assert s.reward_parts["kl_penalty"] == pytest.approx(-0.5)  # only the model's tokens: (-1 - -1.5)
 

@@ -1,7 +1,8 @@
 """GRPO maths as pure torch functions: log-probs, advantages, KL estimators, the clipped loss and its normalisers.
 
-Shapes: B sequences, T completion tokens, V vocabulary. `mask` is 1 on completion tokens that count, 0 on padding.
-Nothing here talks to other processes: `aggregate_loss` takes the global counts it needs as arguments.
+Shapes: B sequences, T completion tokens, V vocabulary ([B,T] tensors may also be the flat [N] completion tokens of
+a packed micro-batch). `mask` is 1 on completion tokens that count, 0 elsewhere. Nothing here talks to other
+processes: the loss normalisers take the global counts they need as arguments.
 """
 from __future__ import annotations
 
@@ -13,27 +14,55 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 
 
-def token_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
-    """log softmax(logits)[token_ids], [B,T,V] x [B,T] -> [B,T] float32.
+CHUNK_ELEMENTS = 1 << 26  # float32 elements of one row chunk of logits (256 MiB): bounds the softmax's memory
 
-    One sequence at a time, so only one [T,V] float32 copy of bf16 logits is alive at once (as TRL's
-    selective_log_softmax); a full `log_softmax` would materialise a second [B,T,V] tensor.
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0,
+                   entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature)[token_ids] and, if asked, the softmax's entropy (no gradient),
+    [..., V] x [...] -> [...] float32.
+
+    The float32 softmax is made a chunk of rows at a time, in the forward and again in the backward, so besides
+    the logits themselves (bf16 on GPU) and their gradient, at most CHUNK_ELEMENTS float32 values are alive: a
+    plain float32 log_softmax of a packed micro-batch (16k tokens x 152k vocabulary) would take 10 GB, twice.
     """
-    rows = []
-    for row_logits, row_ids in zip(logits, token_ids):
-        row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
+    shape = token_ids.shape
+    logp, ent = _SelectedLogSoftmax.apply(logits.reshape(-1, logits.shape[-1]), token_ids.reshape(-1),
+                                          1.0 / temperature, entropy)
+    return logp.view(shape), (ent.view(shape) if entropy else None)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per token, [B,T,V] -> [B,T] float32, one sequence at a time to bound memory."""
-    rows = []
-    for row_logits in logits:
-        logp = torch.log_softmax(row_logits.float(), dim=-1)
-        rows.append(-(logp.exp() * logp).sum(-1))
-    return torch.stack(rows)
+class _SelectedLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool):
+        rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+        logp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if entropy else logp.new_empty(0)
+        for s in range(0, logits.shape[0], rows):
+            x = logits[s:s + rows].float() * inv_temp
+            lse[s:s + rows] = torch.logsumexp(x, dim=-1)
+            logp[s:s + rows] = x.gather(-1, ids[s:s + rows, None]).squeeze(-1) - lse[s:s + rows]
+            if entropy:  # H = lse - sum(p x)
+                p = torch.exp(x - lse[s:s + rows, None])
+                ent[s:s + rows] = lse[s:s + rows] - (p * x).sum(-1)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.inv_temp = inv_temp
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
+        logits, ids, lse = ctx.saved_tensors
+        rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], rows):
+            g = grad_logp[s:s + rows, None]
+            # d logp / d x = onehot(id) - softmax(x), and x = logits * inv_temp
+            d = torch.exp(logits[s:s + rows].float() * ctx.inv_temp - lse[s:s + rows, None]) * -g
+            d.scatter_add_(-1, ids[s:s + rows, None], g)
+            grad[s:s + rows] = d * ctx.inv_temp
+        return grad, None, None, None
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
@@ -92,7 +121,7 @@ def policy_loss(
     """Clipped surrogate loss per token, [B,T], and detached per-token stats "ratio", "clipped" (and "kl").
 
     pg = max(-A r, -A clip(r, 1 - epsilon_low, 1 + epsilon_high)) with r = exp(logp - old_logp) and A the
-    sequence's advantage. With `dual_clip` = c > 1, a negative-advantage token's loss is capped at -A c, so one
+    sequence's advantage (per sequence [B], or per token, shaped as logp). With `dual_clip` = c > 1, a negative-advantage token's loss is capped at -A c, so one
     huge ratio cannot dominate (verl / OpenRLHF). `is_weights` (truncated importance weights of the rollout engine
     versus the trainer) scale pg; beta * KL(policy || ref) is added when beta != 0 and ref_logp is given.
 
@@ -103,7 +132,9 @@ def policy_loss(
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     valid = mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    adv = advantages.to(logp.dtype).unsqueeze(-1)
+    adv = advantages.to(logp.dtype)
+    if adv.dim() < logp.dim():  # one advantage per sequence: the same for each of its tokens
+        adv = adv.unsqueeze(-1)
 
     ratio = torch.exp(torch.where(valid, logp - old_logp, zero))
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -124,6 +155,29 @@ def policy_loss(
     return torch.where(valid, loss, zero), stats
 
 
+def token_loss_weights(loss_type: str, counts: list[int], *, total_tokens: int, total_seqs: int,
+                       max_completion_length: int, num_micro_batches: int) -> list[float]:
+    """The weight of each counted token of each sequence of one micro-batch (counts: its counted tokens per
+    sequence), such that sum(loss * mask * weight) over every micro-batch of every rank is the batch's loss.
+
+    total_tokens, total_seqs and num_micro_batches count the whole global batch, so every normaliser is global and
+    the micro-batches' shares add up exactly whatever the packing. Loss types as TRL defines them:
+      dapo:    sum(l m) / total_tokens                          (token mean over the batch)
+      grpo:    sum_i [sum_t (l m)_i / sum_t m_i] / total_seqs   (sequence mean, then mean over sequences)
+      dr_grpo: sum(l m) / (total_seqs * max_completion_length)  (constant normaliser, no length bias)
+      bnpo:    [sum(l m) / sum(m)] / num_micro_batches          (token mean within a micro-batch, averaged)
+    """
+    if loss_type == "dapo":
+        return [1.0 / max(1, total_tokens)] * len(counts)
+    if loss_type == "grpo":
+        return [1.0 / (max(1, c) * total_seqs) for c in counts]
+    if loss_type == "dr_grpo":
+        return [1.0 / (total_seqs * max_completion_length)] * len(counts)
+    if loss_type == "bnpo":
+        return [1.0 / (max(1, sum(counts)) * num_micro_batches)] * len(counts)
+    raise ValueError(f"unknown loss_type '{loss_type}': choose from {LOSS_TYPES}")
+
+
 def aggregate_loss(
     per_token_loss: Tensor,
     mask: Tensor,
@@ -134,27 +188,15 @@ def aggregate_loss(
     max_completion_length: int,
     num_micro_batches: int,
 ) -> Tensor:
-    """This micro-batch's share of the global batch loss: the shares of all micro-batches of all ranks sum to it.
-
-    total_tokens (sum of mask), total_seqs and num_micro_batches count the whole global batch, so every normaliser
-    is global and summing shares is exact. Loss types as TRL defines them:
-      dapo:    sum(l m) / total_tokens                          (token mean over the batch)
-      grpo:    sum_i [sum_t (l m)_i / sum_t m_i] / total_seqs   (sequence mean, then mean over sequences)
-      dr_grpo: sum(l m) / (total_seqs * max_completion_length)  (constant normaliser, no length bias)
-      bnpo:    [sum(l m) / sum(m)] / num_micro_batches          (token mean within a micro-batch, averaged)
-    A data-parallel engine that averages gradients over ranks needs the share multiplied by the world size.
-    """
+    """This [B,T] micro-batch's share of the global batch loss (token_loss_weights): the shares of all
+    micro-batches of all ranks sum to it. A data-parallel engine that averages gradients over ranks needs the share
+    multiplied by the world size."""
     mask = mask.to(per_token_loss.dtype)
-    masked = per_token_loss * mask
-    if loss_type == "dapo":
-        return masked.sum() / max(1, total_tokens)
-    if loss_type == "grpo":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
-    if loss_type == "dr_grpo":
-        return masked.sum() / (total_seqs * max_completion_length)
-    if loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1) / num_micro_batches
-    raise ValueError(f"unknown loss_type '{loss_type}': choose from {LOSS_TYPES}")
+    counts = [int(c) for c in mask.sum(-1).tolist()]
+    weights = token_loss_weights(loss_type, counts, total_tokens=total_tokens, total_seqs=total_seqs,
+                                 max_completion_length=max_completion_length, num_micro_batches=num_micro_batches)
+    w = torch.tensor(weights, dtype=per_token_loss.dtype, device=per_token_loss.device)
+    return (per_token_loss * mask * w.unsqueeze(-1)).sum()
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

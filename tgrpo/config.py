@@ -74,6 +74,22 @@ class Config:
     vllm_gpu_memory_utilization: float = _f(0.5, "Share of GPU memory a vLLM engine may take (GPU only).")
     vllm_cpu_kvcache_gib: int = _f(1, "KV cache size of a CPU vLLM engine, in GiB (CPU only).")
     vllm_enforce_eager: bool = _f(False, "Skip CUDA graph capture in vLLM (faster start, slower decode).")
+    vllm_enable_prefix_caching: bool = _f(True, "Reuse the KV cache of shared prefixes (a prompt's n samples, "
+                                          "multi-turn episodes); reset after every weight update.")
+    vllm_enable_chunked_prefill: Optional[bool] = _f(
+        None, "Split long prefills into chunks scheduled beside decodes (vLLM's default). Unset: on, except with "
+        "per-request seeds on the CPU backend, which cannot rewind a request's generator after a chunk.")
+    vllm_max_num_seqs: int = _f(0, "Most sequences a vLLM engine decodes at once; 0: its share of a step's "
+                                "samples (prompts_per_step / engines * num_generations), at least 256.")
+    vllm_max_num_batched_tokens: int = _f(0, "Most tokens per vLLM engine step; 0: vLLM's default.")
+    vllm_sleep_level: int = _f(2, "Colocated on GPU, while the policy trains: 2 frees the engine's weights and KV "
+                               "cache (the sync reloads the weights anyway), 1 keeps a copy of the weights in CPU "
+                               "memory and copies them back on waking.")
+    sampling_seeds: Literal["auto", "on", "off"] = _f(
+        "auto", "A seed per request, derived from (seed, step, prompt): a resumed run then samples exactly what the "
+        "uninterrupted one did where runs are bit-exact (the CPU backend). vLLM samples seeded requests one at a "
+        "time, which costs generation speed on GPU (see bench/README.md). auto: on with the CPU backend, off on GPU, "
+        "where batch-dependent kernels make samples differ between runs anyway.")
 
     # --- multi-turn tools ------------------------------------------------------------------------------------
     retriever_url: str = _f("", "Retrieval server (Search-R1's POST /retrieve API; `bash launch/retriever.sh start` "
@@ -106,6 +122,10 @@ class Config:
     reward_on_failure: Literal["fail", "zero"] = _f("fail", "When the remote service stays down: fail the run, "
                                                     "or score zero and count it (reward/remote_failures).")
     reward_workers: int = _f(4, "Threads that score local rewards, so slow checks overlap.")
+    score_while_generating: Optional[bool] = _f(
+        None, "Score each prompt's group on the reward threads as soon as its completions are finished, while the "
+        "engine generates the rest. Unset: on with GPU engines; off with vLLM's CPU backend, whose engine needs the "
+        "cores the reward workers would take (see bench/README.md).")
 
     # --- algorithm -------------------------------------------------------------------------------------------
     learning_rate: float = _f(1e-6, "AdamW learning rate of the policy.")
@@ -138,8 +158,22 @@ class Config:
                                 "batch is full again (DAPO).")
     max_sampling_rounds: int = _f(4, "With dynamic_sampling: most generation rounds per step before training on "
                                   "what there is.")
-    micro_batch_size: int = _f(8, "Sequences per forward/backward on each policy rank.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    max_tokens_per_micro_batch: int = _f(
+        16384, "Token budget of one forward/backward on a policy rank (prompt and completion tokens; verl's "
+        "ppo_max_token_len_per_gpu): each rank gets a balanced share of the batch's tokens, packed into as few "
+        "micro-batches as keep each under it, the same number on every rank. 0: micro_batch_size sequences each.")
+    micro_batch_size: int = _f(8, "With max_tokens_per_micro_batch 0: sequences per forward/backward on each "
+                               "policy rank.")
+    padding_free: bool = _f(True, "Concatenate a micro-batch's sequences into one row, positions restarting per "
+                            "sequence and attention never crossing one (flash varlen attention on GPU). false: "
+                            "right-pad them into a [B, L] batch (models with sliding-window attention).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower: use it "
+                                      "only when a micro-batch's activations do not fit).")
+    zero_stage: int = _f(3, "DeepSpeed ZeRO stage of the policy: 3 shards parameters, gradients and optimizer "
+                         "state; 2 keeps whole parameters on every policy rank (faster where the policy fits; "
+                         "weights then sync by sync_mode gather); 1 shards only the optimizer state.")
+    offload_optimizer: bool = _f(False, "Keep the optimizer state (and its step) in CPU memory with DeepSpeed's CPU "
+                                 "Adam: a 7B policy then trains on one 141 GB GPU.")
     deepspeed_config: str = _f("zero3.json", "DeepSpeed config; its 'auto' values are filled from this config.")
 
     # --- loop and output -------------------------------------------------------------------------------------
@@ -153,10 +187,11 @@ class Config:
                      "is none); a checkpoint folder: continue from it; empty: start fresh.")
     num_samples_to_log: int = _f(4, "Completions written to samples.jsonl per step.")
     sync_bucket_mb: int = _f(1024, "Size of the flat buckets in which weights go from policy to rollout, in MiB.")
-    sync_mode: Literal["partitions", "gather"] = _f(
-        "partitions", "How weights reach the engines (split placement). partitions: each policy rank broadcasts its "
+    sync_mode: Literal["auto", "partitions", "gather"] = _f(
+        "auto", "How weights reach the engines (split placement). partitions: each policy rank broadcasts its "
         "ZeRO-3 shards of a bucket and the engine side joins them (no all-gather; the bytes cross once). gather: "
-        "ZeRO-3 gathers each bucket and sync_senders policy ranks broadcast it whole.")
+        "ZeRO-3 gathers each bucket and sync_senders policy ranks broadcast it whole. auto: partitions with "
+        "zero_stage 3, gather otherwise.")
     sync_senders: int = _f(1, "sync_mode gather: policy ranks that send weights, each to its share of the rollout "
                            "engines; 1: one broadcast from the first policy rank reaches every engine.")
     max_staleness: int = _f(0, "0: strict on-policy. k >= 1: rollout ranks generate batches up to k steps ahead "
@@ -183,6 +218,16 @@ class Config:
                " weights: give one weight per reward")
         from tgrpo.rewards import check_reward_config
         check_reward_config(self)
+        if self.sync_mode == "auto":
+            self.sync_mode = "partitions" if self.zero_stage == 3 else "gather"
+        _check(self.zero_stage in (1, 2, 3), f"zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        _check(self.sync_mode == "gather" or self.zero_stage == 3 or self.colocate,
+               f"sync_mode partitions sends ZeRO-3 shards, but zero_stage is {self.zero_stage}: set sync_mode gather")
+        _check(self.max_tokens_per_micro_batch >= 0, f"max_tokens_per_micro_batch must be >= 0 (0: micro_batch_size "
+                                                     f"sequences), got {self.max_tokens_per_micro_batch}")
+        _check(self.vllm_sleep_level in (1, 2), f"vllm_sleep_level must be 1 or 2, got {self.vllm_sleep_level}")
+        _check(self.vllm_max_num_seqs >= 0 and self.vllm_max_num_batched_tokens >= 0,
+               "vllm_max_num_seqs and vllm_max_num_batched_tokens must be >= 0 (0: automatic)")
         for name in ("prompts_per_step", "num_generations", "max_completion_length", "micro_batch_size",
                      "max_steps", "max_prompt_length", "sync_bucket_mb", "dist_timeout_s",
                      "rollout_tensor_parallel_size", "num_iterations", "mini_batches", "eval_k",
@@ -239,15 +284,21 @@ class Config:
                f"prompts_per_step={self.prompts_per_step} must be divisible by the {placement.num_engines} rollout "
                "engines")
         samples = self.prompts_per_step * self.num_generations
-        per_step = placement.num_policy * self.micro_batch_size * self.mini_batches
-        _check(samples % per_step == 0,
-               f"prompts_per_step * num_generations = {samples} must be divisible by policy ranks * "
-               f"micro_batch_size * mini_batches = {placement.num_policy} * {self.micro_batch_size} * "
-               f"{self.mini_batches}: every policy rank runs the same number of micro-batches")
-        if placement.reference:
-            per = len(placement.reference) * self.micro_batch_size
-            _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by "
-                   f"reference ranks * micro_batch_size = {per}")
+        if self.max_tokens_per_micro_batch:
+            _check(samples % self.mini_batches == 0 and samples // self.mini_batches >= placement.num_policy,
+                   f"prompts_per_step * num_generations = {samples} must split into mini_batches = "
+                   f"{self.mini_batches} equal mini-batches of at least one sample per policy rank "
+                   f"({placement.num_policy})")
+        else:
+            per_step = placement.num_policy * self.micro_batch_size * self.mini_batches
+            _check(samples % per_step == 0,
+                   f"prompts_per_step * num_generations = {samples} must be divisible by policy ranks * "
+                   f"micro_batch_size * mini_batches = {placement.num_policy} * {self.micro_batch_size} * "
+                   f"{self.mini_batches}: every policy rank runs the same number of micro-batches")
+            if placement.reference:
+                per = len(placement.reference) * self.micro_batch_size
+                _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by "
+                       f"reference ranks * micro_batch_size = {per}")
         from tgrpo.tiny import EMBEDDED
 
         _check(self.model in EMBEDDED or os.path.isfile(os.path.join(self.model, "config.json")),

@@ -16,17 +16,14 @@ import torch
 _hf_ds_configs: list = []
 
 
-def load_config(path: str, cfg, *, bf16: bool, samples_per_rank: int, dp_size: int, hidden_size: int) -> dict:
-    """zero3.json with its "auto" values filled from our config and the model's width, as the HF Trainer does."""
+def load_config(path: str, cfg, *, bf16: bool, dp_size: int, hidden_size: int, trainable: bool) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from our config and the model's width, as the HF Trainer
+    does. The policy rank decides its own micro-batches (a token budget, so their number varies from step to step):
+    DeepSpeed's accumulation is unmanaged, every backward adds to the gradients and each step() is the boundary."""
     with open(path) as f:
         ds = json.load(f)
-    gas = samples_per_rank // cfg.micro_batch_size
-    fill = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": cfg.micro_batch_size * gas * dp_size,
-        "gradient_clipping": cfg.max_grad_norm,
-    }
+    fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": dp_size,
+            "gradient_clipping": cfg.max_grad_norm}
     for key, value in fill.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
@@ -34,21 +31,36 @@ def load_config(path: str, cfg, *, bf16: bool, samples_per_rank: int, dp_size: i
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = bf16
     zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage") != 3:
-        raise ValueError(f"{path}: zero_optimization.stage must be 3 (the policy is trained with ZeRO-3)")
-    sized = {"reduce_bucket_size": hidden_size * hidden_size,
-             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-             "stage3_param_persistence_threshold": 10 * hidden_size}
-    for key, value in sized.items():
-        if zero.get(key, "auto") == "auto":
-            zero[key] = value
+    stage = cfg.zero_stage if trainable else (3 if cfg.zero_stage == 3 else 0)  # a frozen model has no optimizer
+    if zero.get("stage", "auto") not in ("auto", cfg.zero_stage):
+        raise ValueError(f"{path} sets zero_optimization.stage {zero['stage']} but zero_stage is {cfg.zero_stage}: "
+                         'set "stage": "auto" there and choose it with zero_stage')
+    zero["stage"] = stage
+    if stage == 3:
+        sized = {"reduce_bucket_size": hidden_size * hidden_size,
+                 "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                 "stage3_param_persistence_threshold": 10 * hidden_size}
+        for key, value in sized.items():
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    else:
+        for key in [k for k in zero if k.startswith("stage3_")]:
+            del zero[key]
+        if zero.get("reduce_bucket_size") == "auto":
+            zero["reduce_bucket_size"] = int(5e8)
+        if stage < 2:
+            zero["overlap_comm"] = False  # unmanaged accumulation overlaps communication from stage 2 on
+    if trainable:
+        ds["managed_gradient_accumulation"] = False
+        if cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     ds.pop("optimizer", None)  # we pass our AdamW; a JSON optimizer would need DeepSpeed's fused ops on CPU
     ds.pop("scheduler", None)
     return ds
 
 
-def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainable: bool, lr: float = 0.0,
-                 weight_decay: float = 0.0, gradient_checkpointing: bool = False):
+def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainable: bool, attention: str,
+                 lr: float = 0.0, weight_decay: float = 0.0, gradient_checkpointing: bool = False):
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -57,7 +69,7 @@ def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainab
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     _hf_ds_configs.append(HfDeepSpeedConfig(ds_config))
     with _launcher_world_is_default_group():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
         model.config.use_cache = False
         if not trainable:
             model.eval()
@@ -65,7 +77,12 @@ def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainab
             return deepspeed.initialize(model=model, config=ds_config)[0]
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        if "offload_optimizer" in ds_config["zero_optimization"]:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)[0]
 
 
@@ -121,6 +138,11 @@ def shard_offsets(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list[
         return None
     flat = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (storage.nbytes() // dtype.itemsize,))
     return flat, [s.storage_offset() for s in shards]
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are ZeRO-3 shards (else whole on every rank)."""
+    return hasattr(next(model.parameters()), "ds_tensor")
 
 
 def save_state(engine, path: str) -> None:

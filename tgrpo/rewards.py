@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from tgrpo.http_client import JsonService
 
@@ -297,18 +297,26 @@ class RewardScorer:
         self.pool = ThreadPoolExecutor(cfg.reward_workers, thread_name_prefix="reward")
         self.remote = RemoteReward(cfg) if REMOTE in self.names else None
 
-    def score(self, prompts: list[str], completions: list[str],
-              answers: list[str]) -> tuple[list[float], dict[str, list[float]], dict[str, float]]:
-        """(weighted total per completion, raw values per configured name, stats: remote_failures, reward_s...)."""
+    def submit(self, completions: list[str], answers: list[str]) -> dict[str, list[Future]]:
+        """Start scoring the local rewards of these completions on the pool; score() collects them. Completions
+        handed over as they finish are scored while generation goes on."""
+        # several chunks per worker, so one slow check holds up only its own small chunk
+        size = max(1, math.ceil(len(completions) / (4 * self.workers)))
+        starts = range(0, len(completions), size)
+        return {name: [self.pool.submit(_run_local, name, func, completions[i:i + size], answers[i:i + size])
+                       for i in starts] for name, func in self.local.items()}
+
+    def score(self, prompts: list[str], completions: list[str], answers: list[str],
+              submitted: list[dict[str, list[Future]]] | None = None,
+              ) -> tuple[list[float], dict[str, list[float]], dict[str, float]]:
+        """(weighted total per completion, raw values per configured name, stats: remote_failures, reward_s...).
+        submitted: what submit() returned for consecutive runs of these completions, in order (else scored now)."""
         if not len(prompts) == len(completions) == len(answers):
             raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions and {len(answers)} "
                              "answers: give one prompt and one answer per completion")
         t0 = time.perf_counter()
-        # several chunks per worker, so one slow check holds up only its own small chunk
-        size = max(1, math.ceil(len(completions) / (4 * self.workers)))
-        starts = range(0, len(completions), size)
-        futures = {name: [self.pool.submit(_run_local, name, func, completions[i:i + size], answers[i:i + size])
-                          for i in starts] for name, func in self.local.items()}
+        parts = submitted if submitted is not None else [self.submit(completions, answers)]
+        futures = {name: [f for part in parts for f in part[name]] for name in self.local}
         stats = {"remote_failures": 0.0}
         try:
             raw: dict[str, list[float]] = {}

@@ -7,36 +7,12 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from tgrpo import algorithm, data, rewards, tools
+from tgrpo.batch import Sample
 from tgrpo.vllm_engine import RolloutEngine
-
-
-@dataclass
-class Sample:
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    rollout_logprobs: list[float]
-    reward: float
-    advantage: float
-    truncated: bool
-    answer: str
-    prompt_text: str
-    completion_text: str
-    reward_parts: dict[str, float] = field(default_factory=dict)
-    ref_logprobs: list[float] | None = None  # filled in by reference ranks of their own
-    # multi-turn episodes: 1 on the model's tokens, 0 on the tool's (None: every token is the model's)
-    completion_mask: list[int] | None = None
-    segments: list[tuple[str, int]] | None = None  # (text, 1 model / 0 tool), for samples.jsonl
-    turns: int = 1
-    tool_calls: int = 0
-
-    @property
-    def model_tokens(self) -> int:
-        return len(self.completion_ids) if self.completion_mask is None else sum(self.completion_mask)
 
 
 class RolloutWorker:
@@ -58,6 +34,10 @@ class RolloutWorker:
         self.rank = rank
         self.engine: RolloutEngine | None = None
         self.retriever = self._connect_retriever() if cfg.retriever_url else None
+        # each prompt's token budget; the benchmarks set one that varies, since a random model never stops
+        self.completion_budget = lambda prompt: cfg.max_completion_length
+        self.score_while_generating = (cfg.score_while_generating if cfg.score_while_generating is not None
+                                       else torch.cuda.is_available())
 
     def _connect_retriever(self):
         """Pre-flight, before any engine starts: one search must get an answer, or the run stops with one line
@@ -79,7 +59,8 @@ class RolloutWorker:
         self.engine = RolloutEngine(self.model_dir, dtype=dtype, seed=cfg.seed + self.index,
                                     max_model_len=cfg.max_prompt_length + cfg.max_completion_length, cfg=cfg,
                                     tag=f"rank{self.rank}", tensor_parallel_size=self.placement.tensor_parallel,
-                                    sleep_mode=self.placement.colocated, on_engine_death=self._engine_died)
+                                    sleep_mode=self.placement.colocated, on_engine_death=self._engine_died,
+                                    max_num_seqs=cfg.prompts_per_step // self.num_engines * cfg.num_generations)
 
     def _engine_died(self, message: str) -> None:
         """From the engine watcher's thread: one line naming this rank, then exit; torchrun stops the rest."""
@@ -130,37 +111,49 @@ class RolloutWorker:
             totals["device_used_gib"] = self.engine.device_used_gib()  # while the engine is awake, KV cache and all
         return [s for group in kept for s in group], totals
 
-    def _complete(self, prompts: list[data.Prompt], n: int, temperature: float,
-                  seed: int | None) -> tuple[list[Sample], dict[str, float]]:
-        """n samples per prompt, not yet scored: one generation each, or with a retriever multi-turn episodes."""
+    def _complete(self, prompts: list[data.Prompt], n: int, temperature: float, seed: int | None,
+                  on_done=None) -> tuple[list[Sample], dict[str, float]]:
+        """n samples per prompt, not yet scored: one generation each, or with a retriever multi-turn episodes.
+        on_done(i, samples) gets prompt i's samples as soon as they are finished (single-turn)."""
         cfg = self.cfg
         ids = [p.prompt_ids for p in prompts]
-        owners = [p for p in prompts for _ in range(n)]
         top_p = cfg.top_p if temperature > 0 else 1.0
         if self.retriever is None:
+            def sample(p: data.Prompt, c) -> Sample:
+                return Sample(p.prompt_ids, c.token_ids, c.logprobs, truncated=c.finish_reason == "length",
+                              answer=p.answer, prompt_text=p.prompt_text, completion_text=c.text)
+
+            done = None if on_done is None else (lambda i, group: on_done(i, [sample(prompts[i], c) for c in group]))
             t0 = time.perf_counter()
-            outs = self.engine.generate(ids, n=n, max_tokens=cfg.max_completion_length, temperature=temperature,
-                                        top_p=top_p, seed=seed)
+            outs = self.engine.generate(ids, n=n, max_tokens=[self.completion_budget(p) for p in prompts],
+                                        temperature=temperature, top_p=top_p, seed=seed, on_done=done)
             stats = {"generate_s": time.perf_counter() - t0}
-            return [Sample(p.prompt_ids, c.token_ids, c.logprobs, 0.0, 0.0, c.finish_reason == "length", p.answer,
-                           p.prompt_text, c.text) for p, c in zip(owners, (c for g in outs for c in g))], stats
+            return [sample(p, c) for p, group in zip(prompts, outs) for c in group], stats
         groups, stats = tools.run_episodes(
             self.engine, self.tokenizer, self.retriever, ids, n=n, max_tokens=cfg.max_completion_length,
             max_turns=cfg.max_turns, max_tool_tokens=cfg.max_tool_response_length, temperature=temperature,
             top_p=top_p, seed=seed)
-        return [Sample(p.prompt_ids, e.ids, e.logprobs, 0.0, 0.0, e.truncated, p.answer, p.prompt_text, e.text,
-                       completion_mask=e.mask, segments=e.segments, turns=e.turns, tool_calls=e.tool_calls)
-                for p, e in zip(owners, (e for g in groups for e in g))], stats
+        return [Sample(p.prompt_ids, e.ids, e.logprobs, truncated=e.truncated, completion_mask=e.mask,
+                       answer=p.answer, prompt_text=p.prompt_text, completion_text=e.text, segments=e.segments,
+                       turns=e.turns, tool_calls=e.tool_calls)
+                for p, group in zip(prompts, groups) for e in group], stats
 
     def _generate_groups(self, prompts: list[data.Prompt], step: int, sampling_round: int):
+        """Each prompt's group generated, scored and given advantages. The local rewards of a group are scored on
+        the reward pool as soon as its completions are finished, while the engine generates the rest."""
         cfg = self.cfg
         n = cfg.num_generations
-        samples, stats = self._complete(prompts, n, cfg.temperature, _seed(cfg.seed, step, self.index,
-                                                                          sampling_round))
+        submitted: dict[int, dict] = {}
+
+        def score_group(i: int, group: list[Sample]) -> None:
+            submitted[i] = self.scorer.submit([s.completion_text for s in group], [s.answer for s in group])
+
+        samples, stats = self._complete(prompts, n, cfg.temperature, _seed(cfg.seed, step, self.index, sampling_round),
+                                        on_done=score_group if self.score_while_generating else None)
         t1 = time.perf_counter()
-        scores, parts, reward_stats = self.scorer.score([s.prompt_text for s in samples],
-                                                        [s.completion_text for s in samples],
-                                                        [s.answer for s in samples])
+        scores, parts, reward_stats = self.scorer.score(
+            [s.prompt_text for s in samples], [s.completion_text for s in samples], [s.answer for s in samples],
+            submitted=[submitted[i] for i in range(len(prompts))] if len(submitted) == len(prompts) else None)
         if cfg.overlong_buffer_length > 0:
             parts["overlong"] = [overlong_penalty(len(s.completion_ids), cfg) for s in samples]
             scores = [r + p for r, p in zip(scores, parts["overlong"])]
@@ -168,6 +161,7 @@ class RolloutWorker:
         for i, s in enumerate(samples):
             s.reward, s.advantage = scores[i], float(advantages[i])
             s.reward_parts = {name: values[i] for name, values in parts.items()}
+        # reward_s: what scoring adds after generation; most of it ran while the engine generated
         stats = {**stats, "reward_s": time.perf_counter() - t1,
                  "generated_tokens": sum(s.model_tokens for s in samples),
                  "remote_failures": reward_stats.get("remote_failures", 0)}
@@ -216,8 +210,7 @@ def kl_into_rewards(samples: list[Sample], beta: float, group_size: int, scale: 
     """kl_in_reward: reward -= beta * KL(policy || reference) summed over the completion (k1, with the rollout's
     logprobs as the policy's), then the group advantages again. Groups are consecutive runs of group_size."""
     for s in samples:
-        mask = s.completion_mask or [1] * len(s.completion_ids)  # tool tokens carry no KL
-        s.reward_parts["kl_penalty"] = -beta * sum(m * (a - b) for m, a, b in zip(mask, s.rollout_logprobs,
+        s.reward_parts["kl_penalty"] = -beta * sum(m * (a - b) for m, a, b in zip(s.model_mask, s.rollout_logprobs,
                                                                                   s.ref_logprobs))
         s.reward += s.reward_parts["kl_penalty"]
     advantages = algorithm.group_advantages(torch.tensor([s.reward for s in samples]), group_size, scale)

@@ -7,8 +7,9 @@ format, so that GRPO starts from a model that sometimes answers right, as it wou
     python -m tgrpo.tiny [cache_dir]                # build (or find) it and print its folder
     python -m tgrpo.tiny [cache_dir] --random 0.5b  # a randomly initialised model of that shape (benchmarks)
 
-Random models (`RANDOM_SHAPES`) are for speed and memory measurements only: Qwen2 shapes with the tiny tokenizer
-and random weights, saved in bfloat16.
+Random models (`RANDOM_SHAPES`) are for speed and memory measurements only: Qwen2 shapes with random weights, saved in
+bfloat16, and the tiny tokenizer given a filler token for every id of the model's vocabulary, so that whatever a
+random model samples decodes to text that differs from completion to completion.
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ RANDOM_SHAPES = {
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
 
 
@@ -83,7 +86,7 @@ def ensure_random_model(cache_dir: str, shape: str) -> str:
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown random model shape '{shape}': choose one of {sorted(RANDOM_SHAPES)}")
     tiny = ensure_tiny_model(cache_dir)
-    out = os.path.join(os.path.abspath(cache_dir), f"random-qwen2-{shape}")
+    out = os.path.join(os.path.abspath(cache_dir), f"random-qwen2-v2-{shape}")
     if os.path.isfile(os.path.join(out, "done")):
         return out
     with open(out + ".lock", "w") as lock:
@@ -94,17 +97,39 @@ def ensure_random_model(cache_dir: str, shape: str) -> str:
 
 
 def _build_random(out: str, tiny: str, shape: dict) -> None:
-
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    tokenizer = _full_vocabulary(AutoTokenizer.from_pretrained(tiny), shape["vocab_size"])
     torch.manual_seed(0)
     config = Qwen2Config(**shape, max_position_embeddings=4096, bos_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          torch_dtype="bfloat16")
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 7B initialises in seconds on a GPU
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     _save(out, model, tokenizer)
+
+
+def _full_vocabulary(tokenizer, vocab_size: int):
+    """The tokenizer with a filler token (' w<n>') for every id it lacks up to vocab_size: the filler tokens are
+    never produced by encoding (no merge makes them) but decode to distinct words."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    taken = set(vocab) | {t["content"] for t in spec["added_tokens"]}
+    ids = set(vocab.values()) | {t["id"] for t in spec["added_tokens"]}
+    n = 0
+    for i in range(vocab_size):
+        if i not in ids:
+            while f"Ġw{n}" in taken:
+                n += 1
+            vocab[f"Ġw{n}"] = i
+            n += 1
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+                                   chat_template=tokenizer.chat_template, model_max_length=4096)
 
 
 def _conversations(data_path: str) -> list[list[dict]]:

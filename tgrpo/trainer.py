@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tgrpo import checkpoint, data, distributed, sync
+from tgrpo import checkpoint, distributed, sync
 from tgrpo.config import Config, ConfigError, load_config
 from tgrpo.metrics import Metrics, step_metrics
 from tgrpo.rollout import RolloutWorker, kl_into_rewards
@@ -209,12 +209,12 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
         from tgrpo.policy import PolicyWorker
 
         distributed.make_default_group(groups.policy)
-        policy = PolicyWorker(cfg, placement, groups, model_dir, device, dtype)
+        policy = PolicyWorker(cfg, placement, groups, rank, model_dir, device, dtype)
     elif REFERENCE in roles:
         from tgrpo.policy import ReferenceWorker
 
         distributed.make_default_group(groups.reference)
-        reference = ReferenceWorker(cfg, placement, model_dir, device, dtype)
+        reference = ReferenceWorker(cfg, placement, rank, model_dir, device, dtype)
 
     # The gather plan (checkpoints, colocated and sync_mode gather) and, for sync_mode partitions, the shard plan:
     # zero-copy when every policy rank's shards sit at the same offsets of DeepSpeed's flat buffer.
@@ -241,7 +241,8 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
 
 
 def sync_weights(job: Job) -> float:
-    """Policy -> engines: colocated ranks load what they gather; otherwise senders broadcast, engines receive."""
+    """Policy -> engines: colocated ranks load what they gather; otherwise senders broadcast, engines receive.
+    Returns this rank's seconds until its part is done on the device (an engine's: loaded into vLLM)."""
     t0 = time.perf_counter()
     engine, policy, groups = job.engine, job.policy, job.groups
     if job.placement.colocated:
@@ -258,6 +259,8 @@ def sync_weights(job: Job) -> float:
         sync.send_weights(policy.model, job.plan, groups.sync, groups.sync_src, groups.is_sender, job.device)
     elif engine is not None:
         sync.receive_weights(engine, job.plan, groups.sync, groups.sync_src)
+    if job.device.type == "cuda":
+        torch.cuda.synchronize()  # the broadcasts are queued, not done, when the calls return
     return time.perf_counter() - t0
 
 
@@ -291,7 +294,9 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         t_step = time.perf_counter()
         local = _batch_for(job, step) if worker is not None else ([], None)
         everyone: list = [None] * placement.world_size
+        t_gather = time.perf_counter()
         dist.all_gather_object(everyone, local, group=groups.data)
+        gather_s = time.perf_counter() - t_gather
         samples = [s for rank_samples, _ in everyone for s in rank_samples]
         rollout_metrics = [m for _, m in everyone if m is not None]
         if placement.colocated and engine is not None:
@@ -305,17 +310,18 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         if worker is not None and staleness > 0:
             _generate_ahead(job, step, last, staleness)
         if policy is not None:
-            index = placement.policy.index(rank)
-            train_metrics = policy.train_step(samples, data.rank_slice(samples, index, placement.num_policy))
+            train_metrics = policy.train_step(samples)
+        # every rank here first, so that the sync is timed from its start, not from an engine's wait for training
+        dist.barrier(group=groups.data)
         t_sync = time.perf_counter()
-        train_metrics["sync_s"] = sync_weights(job)
+        sync_s = sync_weights(job)
         train_metrics["wait_s"] = t_sync - t_step - train_metrics.get("train_s", 0.0)
 
         if cfg.sync_check:
             train_metrics.update(_sync_check(cfg, placement, groups, worker, policy, step))
-        shared = [train_metrics if job.is_source else None]
-        dist.broadcast_object_list(shared, group=groups.data, group_src=placement.sync_source)
-        train_metrics = shared[0]
+        shared: list = [None] * placement.world_size
+        dist.all_gather_object(shared, (train_metrics if job.is_source else None, sync_s), group=groups.data)
+        train_metrics = {**shared[placement.sync_source][0], "sync_s": max(s for _, s in shared)}
         if cfg.sync_check and not train_metrics["sync_check/passed"]:
             raise JobError(f"sync check failed after step {step + 1}: vLLM's greedy tokens or logprobs differ from "
                            f"the policy's (token match {train_metrics['sync_check/token_match']:.3f}, max logprob "
@@ -323,12 +329,17 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
 
         done = step + 1
         scalars = step_metrics(samples, rollout_metrics, train_metrics)
+        scalars["time/gather_s"] = gather_s  # rank 0's: on a rollout rank, the samples' trip to every rank
+        scalars["time/step_s"] = time.perf_counter() - t_step  # evaluation and saving are timed on their own
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
+            t_eval = time.perf_counter()
             scalars.update(_evaluate(cfg, placement, groups, worker, job.log, done))
+            scalars["time/eval_s"] = time.perf_counter() - t_eval
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+            t_save = time.perf_counter()
             path = checkpoint.save(job, done)
+            scalars["time/save_s"] = time.perf_counter() - t_save
             job.log.message(f"saved {path}")
-        scalars["time/step_s"] = time.perf_counter() - t_step
         if scalars.get("tool/search_failures"):
             job.log.message(f"step {done}: {scalars['tool/search_failures']:g} searches failed; their episodes read "
                             f"'(search failed)' (retriever_on_failure=empty)")
@@ -365,21 +376,15 @@ def _evaluate(cfg, placement, groups, worker, log, step: int) -> dict[str, float
 
 
 def _attach_reference_logprobs(placement, groups, holder, samples: list, rank: int) -> None:
-    """The ranks holding the reference (ranks of its own, else the policy ranks) score equal slices of the batch;
-    every rank gets every sample's reference logprobs."""
+    """The ranks holding the reference (ranks of its own, else the policy ranks) score balanced shares of the
+    batch; every rank gets every sample's reference logprobs."""
     holders = placement.reference or placement.policy
-    mine = None
-    if rank in holders:
-        index = holders.index(rank)
-        size = len(samples) // len(holders)
-        mine = (index * size, holder.reference_logprobs(samples[index * size:(index + 1) * size]))
+    mine = holder.reference_logprobs(samples) if rank in holders else None
     everyone: list = [None] * placement.world_size
     dist.all_gather_object(everyone, mine, group=groups.data)
     for entry in everyone:
-        if entry is not None:
-            start, logprobs = entry
-            for offset, values in enumerate(logprobs):
-                samples[start + offset].ref_logprobs = values
+        for index, values in entry or []:
+            samples[index].ref_logprobs = values
 
 
 def _sync_check(cfg, placement, groups, worker, policy, step: int) -> dict:

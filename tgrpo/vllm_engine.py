@@ -123,6 +123,44 @@ class WeightReceiver:
                 finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
 
 
+def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, seed: int, n: int,
+                  max_tokens: list[int], temperature: float, top_p: float, gpu_memory_utilization: float,
+                  repeats: int = 2, during=None) -> list[tuple[int, float]]:
+    """The ceiling the trainer's generation is measured against: a fresh vLLM engine with vLLM's own defaults for
+    this model (no worker extension, no seeds; sampled-token logprobs, which the trainer needs), the same requests,
+    after a short warm-up. Returns (generated tokens, seconds) of each of `repeats` timed runs; during(fn) may wrap
+    the timed generate calls (a GPU busy sampler)."""
+    import time
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    on_gpu = torch.cuda.is_available()
+    with _without_launcher_env():
+        llm = LLM(model=model_dir, dtype=dtype, seed=seed,
+                  gpu_memory_utilization=gpu_memory_utilization if on_gpu else 0.1)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+    try:
+        warm = SamplingParams(n=n, max_tokens=8, temperature=temperature, top_p=top_p, logprobs=0)
+        llm.generate(prompts, warm, use_tqdm=False)
+        params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0)
+                  for m in max_tokens]
+        generate = during(llm.generate) if during is not None else llm.generate
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            outputs = generate(prompts, params, use_tqdm=False)
+            runs.append((sum(len(o.token_ids) for out in outputs for o in out.outputs), time.perf_counter() - t0))
+        return runs
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+def _completion(output) -> Completion:
+    return Completion(list(output.token_ids), [lp[t].logprob for t, lp in zip(output.token_ids, output.logprobs)],
+                      output.text, str(output.finish_reason))
+
+
 def _open_cuda_ipc(pickled: bytes, uuid: str) -> torch.Tensor:
     """Rebuild the rollout rank's CUDA buffer from its IPC handle, on the visible device with the same physical
     GPU (tensor-parallel workers on other GPUs read it across devices)."""
@@ -179,9 +217,31 @@ def _is_engine(pid: int) -> bool:
         return False
 
 
+def engine_settings(cfg, on_gpu: bool, max_num_seqs: int) -> dict:
+    """vLLM's engine arguments from our config: throughput first (CUDA graphs, chunked prefill, prefix caching, a
+    batch as wide as a step's share of samples), each one configurable."""
+    seeded = seeds_on(cfg, on_gpu)
+    chunked = cfg.vllm_enable_chunked_prefill
+    if chunked is None:
+        # A chunked prefill discards a sampled token and rewinds the request's generator, which vLLM's CPU runner
+        # cannot do ('CPU Generator does not use offset'): with seeds on CPU, prefills stay whole.
+        chunked = on_gpu or not seeded
+    out = dict(enforce_eager=cfg.vllm_enforce_eager, enable_prefix_caching=cfg.vllm_enable_prefix_caching,
+               enable_chunked_prefill=chunked, max_num_seqs=cfg.vllm_max_num_seqs or max(256, max_num_seqs))
+    if cfg.vllm_max_num_batched_tokens:
+        out["max_num_batched_tokens"] = cfg.vllm_max_num_batched_tokens
+    return out
+
+
+def seeds_on(cfg, on_gpu: bool) -> bool:
+    """Per-request sampling seeds (sampling_seeds): auto keeps them where runs are bit-exact, the CPU backend."""
+    return cfg.sampling_seeds == "on" or (cfg.sampling_seeds == "auto" and not on_gpu)
+
+
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
-                 tensor_parallel_size: int = 1, sleep_mode: bool = False, on_engine_death=None):
+                 tensor_parallel_size: int = 1, sleep_mode: bool = False, on_engine_death=None,
+                 max_num_seqs: int = 256):
         self.on_gpu = on_gpu = torch.cuda.is_available()
         if on_gpu:
             # vLLM's workers take the first visible GPUs: make those this rank's GPU and the next tp-1 (the engine's
@@ -199,6 +259,8 @@ class RolloutEngine:
                 shares = [cores[i * size:(i + 1) * size] or cores[-1:] for i in range(tensor_parallel_size)]
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, s)) for s in shares)
         self.sleep_mode = sleep_mode and on_gpu  # the CPU backend has no sleep mode; CPU memory is not the limit
+        self.sleep_level = cfg.vllm_sleep_level
+        self.seeded = seeds_on(cfg, on_gpu)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         os.environ[_OWNER] = str(os.getpid())
         from vllm import LLM
@@ -208,12 +270,9 @@ class RolloutEngine:
             self.llm = LLM(
                 model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
-                enforce_eager=cfg.vllm_enforce_eager, logprobs_mode="processed_logprobs",
-                tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
-                worker_extension_cls="tgrpo.vllm_engine.WeightReceiver", enable_prefix_caching=True,
-                # A chunked prefill discards a sampled token and rewinds the request's generator, which vLLM's CPU
-                # runner cannot do ('CPU Generator does not use offset'); whole prefills keep per-request seeds working.
-                enable_chunked_prefill=False,
+                logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size,
+                enable_sleep_mode=self.sleep_mode, worker_extension_cls="tgrpo.vllm_engine.WeightReceiver",
+                **engine_settings(cfg, on_gpu, max_num_seqs),
             )
         self._closing = False
         self._watch_engine({pid for pid in set(_children()) - before if _is_engine(pid)}, on_engine_death)
@@ -221,47 +280,58 @@ class RolloutEngine:
         self._buffer: torch.Tensor | None = None
         self._announced = False
         self._asleep = False
+        self._requests = 0  # ids of the requests this engine was given
 
-    def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float,
-                 top_p: float, seed: int | None) -> list[list[Completion]]:
-        """n completions per prompt, each with the logprob of every sampled token.
+    def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int | list[int], temperature: float,
+                 top_p: float, seed: int | None, on_done=None) -> list[list[Completion]]:
+        """n completions per prompt, each with the logprob of every sampled token. max_tokens: one budget for all
+        or one per prompt. on_done(i, completions), if given, is called as soon as prompt i's n completions are
+        all finished, while the engine goes on with the rest (rewards are scored meanwhile).
 
-        Prompt i gets seed + i*n and its j-th sample seed + i*n + j (vLLM adds j): each sample depends only on the
-        seed, its prompt and the weights, not on how the scheduler batched it, so a resumed run samples what the
-        uninterrupted one did."""
-        from vllm import SamplingParams, TokensPrompt
-
-        params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                                 seed=None if seed is None else seed + i * n) for i in range(len(prompt_ids))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        return [[Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)], o.text,
-                            str(o.finish_reason)) for o in out.outputs] for out in outputs]
+        With per-request seeds (self.seeded), prompt i gets seed + i*n and its j-th sample seed + i*n + j (vLLM
+        adds j): each sample depends only on the seed, its prompt and the weights, not on how the scheduler
+        batched it, so a resumed run samples what the uninterrupted one did."""
+        budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompt_ids)
+        seeds = [None if seed is None or not self.seeded else seed + i * n for i in range(len(prompt_ids))]
+        outs = self._run(prompt_ids, [dict(n=n, max_tokens=m, temperature=temperature, top_p=top_p, seed=s)
+                                      for m, s in zip(budgets, seeds)], on_done)
+        return [[_completion(o) for o in out.outputs] for out in outs]
 
     def generate_each(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int | None],
                       temperature: float, top_p: float, stop: list[str]) -> list[Completion]:
         """One completion per prompt, each with its own token budget and seed, ending at any of the `stop` strings
         (kept in the text) or the end of turn: one turn of many multi-turn episodes, in one batch."""
+        outs = self._run(prompt_ids, [dict(n=1, max_tokens=m, temperature=temperature, top_p=top_p,
+                                           seed=s if self.seeded else None, stop=stop, include_stop_str_in_output=True)
+                                      for m, s in zip(max_tokens, seeds)], None)
+        return [_completion(o) for out in outs for o in out.outputs]
+
+    def _run(self, prompt_ids: list[list[int]], params: list[dict], on_done) -> list:
+        """Every request into the engine at once (LLM.enqueue), then its steps until all are finished; each
+        finished request's output goes to on_done(i, completions) at once. Returns the outputs in prompt order."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = [SamplingParams(n=1, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0, seed=s,
-                                 stop=stop, include_stop_str_in_output=True) for m, s in zip(max_tokens, seeds)]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        return [Completion(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)], o.text,
-                           str(o.finish_reason)) for out in outputs for o in out.outputs]
-
-    def generate_bare(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float,
-                      top_p: float) -> tuple[int, float]:
-        """Plain vLLM on the same prompts (no logprobs, no per-request seeds): (generated tokens, seconds), the
-        baseline the trainer's generation is measured against."""
-        import time
-
-        from vllm import SamplingParams, TokensPrompt
-
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        t0 = time.perf_counter()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        seconds = time.perf_counter() - t0
-        return sum(len(o.token_ids) for out in outputs for o in out.outputs), seconds
+        ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
+                               [SamplingParams(**kwargs, logprobs=0) for kwargs in params], use_tqdm=False)
+        # outputs carry the id the request was given; enqueue returns it with vLLM's unique suffix ("7-1a2b3c4d")
+        where = {key: i for i, rid in enumerate(ids) for key in (rid, rid.rsplit("-", 1)[0])}
+        outs: list = [None] * len(prompt_ids)
+        engine = self.llm.llm_engine
+        try:
+            left = len(ids)
+            while left:
+                for out in engine.step():
+                    i = where.get(out.request_id)
+                    if out.finished and i is not None and outs[i] is None:
+                        outs[i] = out
+                        left -= 1
+                        if on_done is not None:
+                            on_done(i, [_completion(o) for o in out.outputs])
+        finally:
+            unfinished = [rid.rsplit("-", 1)[0] for rid, out in zip(ids, outs) if out is None]
+            if unfinished:  # by the ids given (a request of n samples is n requests inside)
+                engine.abort_request(unfinished)
+        return outs
 
     def device_used_gib(self) -> float:
         """GPU memory in use on this rank's device by every process (vLLM's included), in GiB; 0 on CPU."""
@@ -319,9 +389,10 @@ class RolloutEngine:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def sleep(self) -> None:
-        """Colocated on GPU: free the weights and KV cache for the policy's training step."""
+        """Colocated on GPU: free the KV cache and the weights for the policy's training step (level 1 keeps a copy
+        of the weights in CPU memory; level 2 does not, since the next sync overwrites every weight)."""
         if self.sleep_mode and not self._asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self._asleep = True
 
     def wake_up(self) -> None:
@@ -350,6 +421,8 @@ class RolloutEngine:
         threading.Thread(target=watch, name="tgrpo-engine-watch", daemon=True).start()
 
     def shutdown(self) -> None:
+        if self._closing:
+            return
         self._closing = True
         if self._announced:
             self.llm.collective_rpc("tgrpo_release")

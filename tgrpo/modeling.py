@@ -1,0 +1,111 @@
+"""The policy's forward on a micro-batch (batch.MicroBatch): per-token logprobs of the completion tokens.
+
+Models are loaded with the attention implementation registered here (ATTENTION). On a packed micro-batch it runs
+each sequence's causal attention on its own span of the concatenated row: on GPU with flash attention's varlen
+kernel (torch.nn.attention.varlen, FlashAttention-2 in torch itself), elsewhere by gathering the sequences into
+padded rows for one scaled-dot-product call. On a padded micro-batch it is transformers' SDPA with the batch's mask. The model computes logits only at
+the positions that predict a completion token, and the log-softmax runs a chunk of rows at a time in float32
+(algorithm.token_logprobs): no full-vocabulary float32 logits of the micro-batch are made.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from tgrpo import algorithm
+from tgrpo.batch import MicroBatch
+
+ATTENTION = "tgrpo_packed"
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _params = inspect.signature(_varlen_attn).parameters
+    _CAUSAL = {"is_causal": True} if "is_causal" in _params else {"window_size": (-1, 0)}
+    _TAKES_SCALE = "scale" in _params
+except ImportError:  # torch without it: the per-sequence path
+    _varlen_attn = None
+_kv_heads_ok = [True]  # grouped-query key/value heads as they are; False once the kernel refused them
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:  # a padded batch, with its mask
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if kwargs.get("sliding_window") or dropout:
+        raise ValueError("packed micro-batches support plain causal attention only (this model has sliding-window "
+                         "layers or attention dropout): set padding_free false")
+    default_scale = scaling is None or abs(scaling - query.shape[-1] ** -0.5) < 1e-12
+    if (query.is_cuda and _varlen_attn is not None and query.dtype in (torch.bfloat16, torch.float16)
+            and (_TAKES_SCALE or default_scale)):
+        return _varlen(query, key, value, bounds, kwargs["max_length_q"], scaling), None
+    return _padded_attention(query, key, value, bounds, scaling), None
+
+
+def _padded_attention(query, key, value, bounds: torch.Tensor, scaling):
+    """Causal attention of packed sequences without a varlen kernel (CPU; float32 on GPU): the sequences gathered
+    into padded rows, one SDPA call over them, then back into the packed order."""
+    rows, keep = _pad_index(bounds, query.device)
+    width = rows.shape[1]
+    q, k, v = (x[0][:, rows.view(-1)].unflatten(1, rows.shape).transpose(0, 1) for x in (query, key, value))
+    mask = torch.ones(width, width, dtype=torch.bool, device=query.device).tril()[None] & keep[:, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])[keep.view(-1)].unsqueeze(0)
+
+
+def _pad_index(bounds: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] packed positions of each sequence's tokens (padding repeats the sequence's first token) and the mask
+    of real ones."""
+    edges = bounds.tolist()
+    starts = torch.tensor(edges[:-1], device=device)
+    lengths = torch.tensor([b - a for a, b in zip(edges, edges[1:])], device=device)
+    width = int(lengths.max())
+    offsets = torch.arange(width, device=device)
+    keep = offsets[None] < lengths[:, None]
+    return starts[:, None] + torch.where(keep, offsets[None], 0), keep
+
+
+def _varlen(query, key, value, bounds, longest: int, scaling):
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [T, heads, D]
+    extra = dict(_CAUSAL, **({"scale": scaling} if _TAKES_SCALE else {}))
+    if _kv_heads_ok[0] or k.shape[1] == q.shape[1]:
+        try:
+            return _varlen_attn(q, k, v, bounds, bounds, longest, longest, **extra).unsqueeze(0)
+        except RuntimeError:
+            if k.shape[1] == q.shape[1]:
+                raise
+            _kv_heads_ok[0] = False
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    return _varlen_attn(q, k, v, bounds, bounds, longest, longest, **extra).unsqueeze(0)
+
+
+def register() -> str:
+    """Make ATTENTION known to transformers (before a model is loaded with it); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _packed_attention)
+    return ATTENTION
+
+
+def logits_at_targets(model, mb: MicroBatch) -> torch.Tensor:
+    """The model's logits at the positions predicting each completion token, [N, V] (the model's dtype)."""
+    if mb.packed:
+        out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, logits_to_keep=mb.logits_index,
+                    use_cache=False, **mb.model_kwargs)
+        return out.logits[0]
+    out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **mb.model_kwargs)
+    return out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, mb.logits_index)
+
+
+def token_logprobs(model, mb: MicroBatch, temperature: float,
+                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logprob of each completion token under the model at the sampling temperature ([N] float32, with gradient
+    when enabled) and, if asked, the entropy of each position's distribution (no gradient)."""
+    return algorithm.token_logprobs(logits_at_targets(model, mb), mb.targets, temperature, entropy)

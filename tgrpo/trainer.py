@@ -247,6 +247,8 @@ def sync_weights(job: Job) -> float:
     engine, policy, groups = job.engine, job.policy, job.groups
     if job.placement.colocated:
         if engine is not None:
+            if job.device.type == "cuda":
+                torch.cuda.empty_cache()  # the policy's cached activations: vLLM takes its memory back on waking
             engine.wake_up()
         sync.load_colocated(policy.model, job.plan, engine, job.device)
     elif job.placement.sync_mode == "partitions":

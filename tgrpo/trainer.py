@@ -44,6 +44,9 @@ def launch(argv: list[str] | None, body, adjust=None) -> None:
     """Config, validation and error handling around body(cfg, placement, rank); the benchmarks use it too.
     adjust(cfg) may change the config before it is validated."""
     distributed.adopt_slurm_env()
+    # token-budget micro-batches vary in size from one to the next: without expandable segments the CUDA caching
+    # allocator fragments and flushes its cache (seen on H200), stalling the GPU; vLLM's engines do without it
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     rank, world_size = distributed.env_rank(), distributed.env_world_size()
     try:
         cfg = load_config(argv)

@@ -181,10 +181,11 @@ def _open_cuda_ipc(pickled: bytes, uuid: str) -> torch.Tensor:
 def _without_launcher_env():
     """vLLM's engine processes inherit our environment. torchrun's variables would make their own one-rank
     torch.distributed world join ours: with TORCHELASTIC_USE_AGENT_STORE set, their tcp:// init waits as a client
-    for a store that never starts (seen on GPU). They are hidden while the engine starts, then restored."""
+    for a store that never starts (seen on GPU); and vLLM's sleep-mode memory pool refuses expandable segments.
+    They are hidden while the engine starts, then restored."""
     names = [n for n in os.environ if n.startswith("TORCHELASTIC_") or n in (
         "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
-        "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]
+        "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTORCH_CUDA_ALLOC_CONF")]
     saved = {n: os.environ.pop(n) for n in names}
     try:
         yield

@@ -117,12 +117,8 @@ def test_validate_checks_batch_divisibility_and_model_path():
 
 
 def test_zero_stage_and_sync_mode():
-    cfg = Config(zero_stage=2)
-    cfg.validate(3)
-    assert cfg.sync_mode == "gather"  # auto: the shards of partitions exist under ZeRO-3 only
-    cfg = Config()
-    cfg.validate(3)
-    assert cfg.sync_mode == "partitions"
+    assert Config(zero_stage=2).validate(3).sync_mode == "gather"  # auto: partitions sends ZeRO-3 shards
+    assert Config().validate(3).sync_mode == "partitions"
     with pytest.raises(ConfigError, match="sync_mode partitions sends ZeRO-3 shards"):
         Config(zero_stage=2, sync_mode="partitions").validate(3)
     with pytest.raises(ConfigError, match="zero_stage must be 1, 2 or 3"):

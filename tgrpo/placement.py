@@ -113,8 +113,9 @@ class Placement:
                 raise ConfigError(f"the engine on ranks {first}-{block[-1]} crosses a node boundary ({node} "
                                   "processes per node): an engine's GPUs must be on one node")
         senders = min(cfg.sync_senders, len(policy), len(rollout) // tp)
+        mode = cfg.sync_mode if cfg.sync_mode != "auto" else ("partitions" if cfg.zero_stage == 3 else "gather")
         return cls(world_size, tuple(rollout), tuple(sorted(policy)), tuple(sorted(reference)), tp,
-                   bool(cfg.colocate), senders, cfg.sync_mode)
+                   bool(cfg.colocate), senders, mode)
 
     @property
     def engine_ranks(self) -> tuple[int, ...]:

@@ -88,7 +88,7 @@ class Config:
     sampling_seeds: Literal["auto", "on", "off"] = _f(
         "auto", "A seed per request, derived from (seed, step, prompt): a resumed run then samples exactly what the "
         "uninterrupted one did where runs are bit-exact (the CPU backend). vLLM samples seeded requests one at a "
-        "time: on an H200 (1.5B, 512 sequences) seeds cost 15-22% of generation throughput. auto: on with the CPU "
+        "time: on an H200 (1.5B, 512 sequences) seeds cost 15-22%% of generation throughput. auto: on with the CPU "
         "backend, off on GPU, where batch-dependent kernels make samples differ between runs anyway.")
 
     # --- multi-turn tools ------------------------------------------------------------------------------------

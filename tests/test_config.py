@@ -132,3 +132,11 @@ def test_plan_buckets_packs_in_order_and_splits_by_size_and_dtype():
     assert [[n for n, *_ in b.params] for b in plan] == [["a", "b"], ["c"], ["d"], ["e"]]
     assert plan[0].params[1] == ("b", [8], 16, 8) and plan[0].numel == 24
     assert [b.dtype for b in plan] == ["float32", "float32", "float32", "bfloat16"]
+
+
+def test_help_lists_every_field():
+    from tgrpo.config import build_parser
+
+    text = build_parser().format_help()  # argparse %-formats each help string: a stray % breaks --help
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name}" in text

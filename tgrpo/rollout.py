@@ -139,8 +139,9 @@ class RolloutWorker:
                 for p, group in zip(prompts, groups) for e in group], stats
 
     def _generate_groups(self, prompts: list[data.Prompt], step: int, sampling_round: int):
-        """Each prompt's group generated, scored and given advantages. The local rewards of a group are scored on
-        the reward pool as soon as its completions are finished, while the engine generates the rest."""
+        """Each prompt's group generated, scored and given advantages. With score_while_generating, the local
+        rewards of a group are scored on the reward pool as soon as its completions are finished, while the engine
+        generates the rest."""
         cfg = self.cfg
         n = cfg.num_generations
         submitted: dict[int, dict] = {}

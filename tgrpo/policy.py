@@ -17,7 +17,7 @@ from tgrpo import algorithm, batch, deepspeed_engine, modeling
 from tgrpo.batch import MicroBatch, Sample
 
 # token-weighted sums per step; the first pass over the batch counts every statistic, later passes
-# (num_iterations > 1) only those of the update itself
+# (num_iterations > 1) only the first EVERY_PASS, those of the update itself
 STATS = ("loss", "clipped", "pass_tokens", "entropy", "kl", "abs_diff", "mismatch_kl", "tokens")
 EVERY_PASS = 3
 

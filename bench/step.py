@@ -72,13 +72,13 @@ def main() -> None:
 
         job = trainer.setup(cfg, placement, rank)
         busy = {"train": Busy(), "generate": Busy(), "bare": Busy()}
-        seen: dict = {}
+        last_rollout: list = []
         if job.policy is not None:
-            job.policy.train_step = _capture(job.policy.train_step, busy["train"], seen, "train")
+            job.policy.train_step = busy["train"].during(job.policy.train_step)
         if job.worker is not None:
             if ours.random_model:
                 job.worker.completion_budget = _varied_budget(cfg.max_completion_length, cfg.seed)
-            job.worker.rollout = _capture(job.worker.rollout, None, seen, "rollout")
+            job.worker.rollout = _keep_last(job.worker.rollout, last_rollout)
             job.engine.generate = busy["generate"].during(job.engine.generate)
         overlap = ours.overlap and not placement.colocated
         modes = [("sequential", 0)] + ([("overlap", 1)] if overlap else [])
@@ -96,7 +96,7 @@ def main() -> None:
             job.policy.train_step = plain_train_step(job.policy)
         histories["plain"] = trainer.run_steps(job, first, first + 1 + ours.plain_steps, 0)
         if job.worker is not None:
-            mine.update(measure_generation(job, cfg, ours, busy["bare"], seen.get("rollout")))
+            mine.update(measure_generation(job, cfg, ours, busy["bare"], last_rollout[-1] if last_rollout else None))
         n_params = sum(b.numel for b in job.plan)
         everyone: list = [None] * placement.world_size
         dist.all_gather_object(everyone, mine, group=job.groups.data)
@@ -107,18 +107,11 @@ def main() -> None:
     trainer.launch(rest, body, adjust)
 
 
-def _capture(fn, busy, seen: dict, key: str):
-    """fn, keeping its last first argument in seen[key] and timing its GPU's busy fraction while it runs."""
+def _keep_last(fn, kept: list):
+    """fn, keeping what its last call returned in kept[-1]."""
     def wrapped(*args, **kwargs):
-        if busy is not None:
-            busy.start()
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            if busy is not None:
-                busy.stop()
-        seen[key] = out if key == "rollout" else args[0]
-        return out
+        kept[:] = [fn(*args, **kwargs)]
+        return kept[0]
     return wrapped
 
 

@@ -144,7 +144,6 @@ class MicroBatch:
     loss_weight: torch.Tensor  # [N] the loss normaliser of each counted token (algorithm.token_loss_weights)
     ref_logp: torch.Tensor | None  # [N] the reference's logprobs, when every sample has them
     lengths: list[int]  # completion tokens per sample, to split [N] results back into samples
-    tokens: int  # tokens the model reads (packed: T; padded: the real ones)
     old_logp: torch.Tensor | None = None  # [N] the policy's logprobs before the step's first update, when needed
     packed: bool = True
 
@@ -178,7 +177,6 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
         position_ids = torch.tensor([positions], dtype=torch.long)
         cu = torch.tensor(bounds, dtype=torch.int32)
         model_kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
-        tokens = len(ids)
     else:
         width = max(s.length for s in samples)
         input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
@@ -193,7 +191,6 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         mask = causal[None] & real[:, None, :]  # [B, L(query), L(key)]: earlier real tokens only
         model_kwargs = {"attention_mask": mask[:, None]}
-        tokens = int(real.sum())
 
     def floats(values):
         return torch.tensor(values, dtype=torch.float32)
@@ -205,7 +202,7 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
     on_device = {k: _to(v, device) for k, v in host.items()}
     model_kwargs = {k: _to(v, device) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
     return MicroBatch(**on_device, model_kwargs=model_kwargs, lengths=[len(s.completion_ids) for s in samples],
-                      tokens=tokens, packed=packed)
+                      packed=packed)
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -140,11 +140,6 @@ def shard_offsets(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list[
     return flat, [s.storage_offset() for s in shards]
 
 
-def is_partitioned(model: torch.nn.Module) -> bool:
-    """Whether the model's parameters are ZeRO-3 shards (else whole on every rank)."""
-    return hasattr(next(model.parameters()), "ds_tensor")
-
-
 def save_state(engine, path: str) -> None:
     """Parameters and optimizer state of a ZeRO-3 engine (every rank of its group writes its shard)."""
     engine.save_checkpoint(path, tag="state", save_latest=False)

@@ -188,8 +188,9 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
         return out
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # colocated: the policy's cached blocks go back to the bare engine
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-    runs = vllm_engine.bare_generate(job.model_dir, ids, dtype=dtype, seed=cfg.seed, max_tokens=budgets,
+    from tgrpo.trainer import dtypes
+
+    runs = vllm_engine.bare_generate(job.model_dir, ids, dtype=dtypes(cfg)[0], seed=cfg.seed, max_tokens=budgets,
                                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                                      repeats=ours.bare_repeats, during=bare_busy.during, **kwargs)
     out["bare_tokens_per_s"] = statistics.fmean(tokens / seconds for tokens, seconds in runs)

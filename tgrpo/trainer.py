@@ -128,7 +128,7 @@ def resolve_model(cfg: Config) -> str:
     return cfg.model
 
 
-def _dtypes(cfg: Config) -> tuple[str, torch.dtype]:
+def dtypes(cfg: Config) -> tuple[str, torch.dtype]:
     name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     return name, getattr(torch, name)
 
@@ -178,7 +178,7 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
     groups = build_groups(placement, backend, cfg.dist_timeout_s)
     extra = more_groups(backend) if more_groups is not None else None
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype_name, dtype = _dtypes(cfg)
+    dtype_name, dtype = dtypes(cfg)
     roles = placement.roles(rank)
 
     # Pre-flight: engine ranks read and check the data before any engine starts; every rank learns the verdict.
@@ -409,7 +409,7 @@ def _sync_check(cfg, placement, groups, worker, policy, step: int) -> dict:
     diffs = [abs(a - b) for (_, lp_e), (_, lp_p) in zip(engine_out, policy_out) for a, b in zip(lp_e, lp_p)]
     max_diff = max(diffs, default=0.0)
     token_match = matched / max(1, len(engine_out))
-    exact = _dtypes(cfg)[1] == torch.float32
+    exact = dtypes(cfg)[1] == torch.float32
     atol = cfg.sync_check_atol if cfg.sync_check_atol is not None else (5e-3 if exact else 1.0)
     mean_diff = sum(diffs) / max(1, len(diffs))
     return {"sync_check/token_match": token_match, "sync_check/max_logprob_diff": max_diff,

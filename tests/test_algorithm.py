@@ -57,18 +57,20 @@ def test_entropy_hand_example():
     assert_close(exact, torch.tensor([[0.5623351]]))
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 1 << 26])
-def test_token_logprobs_chunks_match_float64_log_softmax_with_gradient(chunk, monkeypatch):
-    """The chunked softmax (any chunk size, temperature) against a plain float64 log_softmax: values, entropy and
-    the gradient of a weighted sum."""
+@pytest.mark.parametrize("fused,chunk", [(False, 1), (False, 3), (False, 1 << 26), (True, 3), (True, 1 << 26)])
+def test_token_logprobs_chunks_match_float64_log_softmax_with_gradient(fused, chunk, monkeypatch):
+    """The chunked softmax and the compiled one (GPU's default; here through torch.compile's CPU code), any chunk
+    size, with a temperature, against a plain float64 log_softmax: values, entropy and the gradient of a weighted
+    sum."""
     import tgrpo.algorithm as algo
 
-    monkeypatch.setattr(algo, "CHUNK_ELEMENTS", chunk * 11)  # rows of V = 11
+    monkeypatch.setattr(algo, "FUSED_CHUNK_ELEMENTS" if fused else "CHUNK_ELEMENTS", chunk * 11)  # rows of V = 11
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(7, 11, generator=g)).requires_grad_()
     ids = torch.randint(0, 11, (7,), generator=g)
     weights = torch.randn(7, generator=g)
-    logp, ent = token_logprobs(logits, ids, temperature=0.7, entropy=True)
+    logp, ent = token_logprobs(logits, ids, temperature=0.7, entropy=True, fused=fused)
+    assert algo._compiled is not False, "torch.compile failed: the fused path fell back to the chunked one"
     (logp * weights).sum().backward()
     ref_logits = logits.detach().double().requires_grad_()
     ref_all = torch.log_softmax(ref_logits / 0.7, -1)

@@ -15,21 +15,102 @@ LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 
 
 CHUNK_ELEMENTS = 1 << 26  # float32 elements of one row chunk of logits (256 MiB): bounds the softmax's memory
+FUSED_CHUNK_ELEMENTS = 1 << 28  # logits elements per call of the compiled kernels (their float32 stays in registers)
 
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0,
-                   entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                   entropy: bool = False, fused: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """log softmax(logits / temperature)[token_ids] and, if asked, the softmax's entropy (no gradient),
     [..., V] x [...] -> [...] float32.
 
-    The float32 softmax is made a chunk of rows at a time, in the forward and again in the backward, so besides
-    the logits themselves (bf16 on GPU) and their gradient, at most CHUNK_ELEMENTS float32 values are alive: a
-    plain float32 log_softmax of a packed micro-batch (16k tokens x 152k vocabulary) would take 10 GB, twice.
+    Two ways to the same numbers, neither making the batch's full-vocabulary float32 logits (16k tokens x 152k
+    vocabulary would be 10 GB, twice):
+    - fused (default on GPU): torch.compile'd kernels read the logits' rows once or twice per pass, the float32
+      softmax staying in registers; the backward writes the gradient of the logits in one pass;
+    - chunked (CPU, or if compiling fails): a float32 copy of a chunk of rows at a time, worked on in place.
     """
     shape = token_ids.shape
-    logp, ent = _SelectedLogSoftmax.apply(logits.reshape(-1, logits.shape[-1]), token_ids.reshape(-1),
-                                          1.0 / temperature, entropy)
+    flat, ids = logits.reshape(-1, logits.shape[-1]), token_ids.reshape(-1)
+    if fused is None:
+        fused = logits.is_cuda and _compiled is not False
+    out = None
+    if fused:
+        out = _fused(flat, ids, 1.0 / temperature, entropy)
+    if out is None:
+        out = _SelectedLogSoftmax.apply(flat, ids, 1.0 / temperature, entropy)
+    logp, ent = out
     return logp.view(shape), (ent.view(shape) if entropy else None)
+
+
+_compiled = None  # the compiled (forward, backward) once made; False when compiling failed here
+
+
+def _fused(logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool):
+    """The fused path, or None (after one warning) where torch.compile cannot build its kernels."""
+    global _compiled
+    if _compiled is None:
+        _compiled = (torch.compile(_fused_forward, dynamic=True), torch.compile(_fused_backward, dynamic=True))
+    try:
+        return _FusedSelectedLogSoftmax.apply(logits, ids, inv_temp, entropy)
+    except Exception as e:  # noqa: BLE001 - a missing compiler or an unsupported device: the chunked path is exact
+        if _compiled is False or not _is_compile_error(e):
+            raise
+        _compiled = False
+        import warnings
+
+        warnings.warn(f"torch.compile could not build the fused log-softmax ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); using the chunked one, slower on GPU")
+        return None
+
+
+def _is_compile_error(e: Exception) -> bool:
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")) or isinstance(
+        e, (OSError, ImportError, RuntimeError)) and "compile" in str(e).lower()
+
+
+def _fused_forward(logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    x = logits.float() * inv_temp
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(-1, ids[:, None]).squeeze(-1) - lse
+    if not entropy:
+        return logp, lse, lse.new_empty(0)
+    ent = lse - (torch.exp(x - lse[:, None]) * x).sum(-1)  # H = -sum p log p = lse - sum p x
+    return logp, lse, ent
+
+
+def _fused_backward(logits: Tensor, ids: Tensor, lse: Tensor, grad_logp: Tensor, inv_temp: float) -> Tensor:
+    x = logits.float() * inv_temp
+    onehot = torch.arange(logits.shape[-1], device=logits.device)[None, :] == ids[:, None]
+    d = (onehot.float() - torch.exp(x - lse[:, None])) * (grad_logp[:, None] * inv_temp)
+    return d.to(logits.dtype)
+
+
+class _FusedSelectedLogSoftmax(torch.autograd.Function):
+    """The compiled kernels over row chunks of FUSED_CHUNK_ELEMENTS (bounding memory even where the compiler
+    keeps a float32 intermediate)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool):
+        forward, _ = _compiled
+        rows = max(1, FUSED_CHUNK_ELEMENTS // logits.shape[-1])
+        parts = [forward(logits[s:s + rows], ids[s:s + rows], inv_temp, entropy)
+                 for s in range(0, logits.shape[0], rows)]
+        logp, lse, ent = (torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts))
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.inv_temp = inv_temp
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
+        _, backward = _compiled
+        logits, ids, lse = ctx.saved_tensors
+        rows = max(1, FUSED_CHUNK_ELEMENTS // logits.shape[-1])
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], rows):
+            grad[s:s + rows] = backward(logits[s:s + rows], ids[s:s + rows], lse[s:s + rows],
+                                        grad_logp[s:s + rows].contiguous(), ctx.inv_temp)
+        return grad, None, None, None
 
 
 class _SelectedLogSoftmax(torch.autograd.Function):

@@ -10,6 +10,7 @@ from tgrpo.algorithm import (
     group_advantages,
     kl_penalty,
     masked_mean,
+    mismatch_kl,
     policy_loss,
     token_logprobs,
     truncated_is_weights,
@@ -107,6 +108,37 @@ def test_group_advantages_batch_scale():
 
 def test_group_advantages_none_scale():
     assert torch.equal(group_advantages(REWARDS, 3, "none"), CENTRED)
+
+
+def test_batch_scaled_advantages_are_those_of_the_whole_step_whatever_the_engines():
+    """Two engines' groups of 4: the step's advantages come from all 16 rewards (6 ones: std sqrt(16 * 0.375 * 0.625 / 15) = 0.5), as on one engine; each
+    engine's own std (0.5345, 0.4629) would move them by up to 0.12."""
+    from tgrpo.batch import Sample
+    from tgrpo.rollout import assign_advantages
+
+    engine0, engine1 = [0, 0, 0, 1, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0, 0, 1]
+    two = [Sample([1], [2], [0.0], reward=float(r)) for r in engine0 + engine1]  # gathered: engine 0's, then 1's
+    assign_advantages(two, 4, "batch")
+    one = group_advantages(t(*(engine0 + engine1)), 4, "batch")
+    assert_close(t(*[s.advantage for s in two]), one)
+    centred = t(-0.25, -0.25, -0.25, 0.75, -0.75, 0.25, 0.25, 0.25, -0.25, -0.25, -0.25, 0.75, -0.25, -0.25, -0.25, 0.75)
+    assert_close(one, centred / (0.5 + EPS))
+    per_engine = torch.cat([group_advantages(t(*engine0), 4, "batch"), group_advantages(t(*engine1), 4, "batch")])
+    assert (per_engine - one).abs().max() > 0.1
+
+
+def test_mismatch_kl_is_the_kl_of_the_rollout_engine_to_the_trainer_on_its_own_tokens():
+    """Monte Carlo: 400k tokens drawn from a rollout distribution p far from the trainer's q. The mean of the metric
+    is KL(p || q) (exact value from the distributions); the ratio the other way round (r = p / q) is not."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2])
+    tokens = torch.multinomial(p, 400_000, replacement=True, generator=g)
+    exact = (p * (p / q).log()).sum().item()  # 0.6799; the reversed ratio's expectation: 1.3295
+    estimate = mismatch_kl(q.log()[tokens], p.log()[tokens]).mean().item()
+    assert estimate == pytest.approx(exact, abs=0.01)
+    reversed_ratio = kl_penalty(q.log()[tokens], p.log()[tokens], "k3").mean().item()  # r = p / q
+    assert abs(reversed_ratio - exact) > 0.2
 
 
 def test_group_advantages_errors():

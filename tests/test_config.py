@@ -125,6 +125,19 @@ def test_zero_stage_and_sync_mode():
         Config(zero_stage=0).validate(3)
 
 
+def test_tis_cap_with_nucleus_sampling_stops_in_one_line():
+    """vLLM's logprobs under top_p < 1 are renormalised over the nucleus: importance weights against the trainer's
+    full-vocabulary logprobs would be biased, so the pair is refused (and max_staleness, which needs tis_cap)."""
+    Config(top_p=0.9).validate(3)
+    Config(tis_cap=2.0).validate(3)
+    with pytest.raises(ConfigError, match="with top_p=0.9 vLLM's logprobs are renormalised over the nucleus"):
+        Config(top_p=0.9, tis_cap=2.0).validate(3)
+    bad = load_config(["--config", "configs/default.yaml", "--top_p", "0.95", "--tis_cap", "2"])
+    with pytest.raises(ConfigError) as e:
+        bad.validate(3)
+    assert "\n" not in str(e.value) and "set top_p 1.0 or tis_cap 0" in str(e.value)
+
+
 def test_plan_buckets_packs_in_order_and_splits_by_size_and_dtype():
     f32, bf16 = torch.float32, torch.bfloat16
     params = [("a", [4, 4], f32), ("b", [8], f32), ("c", [100], f32), ("d", [2], f32), ("e", [3], bf16)]

@@ -1,7 +1,11 @@
 """Other placements, each a short real run under torchrun on gloo with the sync check on after every step."""
 import json
 
+import torch
 from helpers import torchrun
+from torch.testing import assert_close
+
+from tgrpo.algorithm import group_advantages
 
 SHORT = ["train_grpo.py", "--config", "configs/default.yaml", "--max_steps", "3", "--prompts_per_step", "8",
          "--micro_batch_size", "8", "--sync_check", "true"]
@@ -31,11 +35,19 @@ def test_tensor_parallel_engine_and_reference_on_its_own_rank(tmp_path):
 
 def test_colocated_every_rank_rolls_out_and_trains(tmp_path):
     """Two ranks, each a ZeRO-3 shard of the policy, a shard of the reference (beta > 0) and a vLLM engine that
-    loads the weights its rank gathers."""
+    loads the weights its rank gathers. With scale_rewards batch, the advantages of the two engines' samples are
+    divided by the std of the whole step's rewards, as one engine would have them."""
     result = torchrun([*SHORT, "--colocate", "true", "--rollout_ranks", "all", "--policy_ranks", "all",
-                       "--beta", "0.05", "--output_dir", str(tmp_path)], nproc=2, timeout=900)
+                       "--beta", "0.05", "--scale_rewards", "batch", "--num_samples_to_log", "64",
+                       "--output_dir", str(tmp_path)], nproc=2, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = _metrics(tmp_path)
     assert [m["sync_check/passed"] for m in metrics] == [1.0, 1.0, 1.0]
     assert all(m["policy/grad_norm"] > 0 for m in metrics)
     assert abs(metrics[0]["policy/kl"]) < 1e-6 and metrics[2]["policy/kl"] > 0
+    rows = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    for step in (1, 2, 3):
+        step_rows = [r for r in rows if r["step"] == step]
+        assert len(step_rows) == 64  # 8 prompts x 8 samples, 32 from each engine
+        rewards = torch.tensor([r["reward"] for r in step_rows])
+        assert_close(torch.tensor([r["advantage"] for r in step_rows]), group_advantages(rewards, 8, "batch"))

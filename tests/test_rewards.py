@@ -79,6 +79,29 @@ MALFORMED = [
 ]
 
 
+# numbers with units, in the answer, the gold answer or both: the unit is not part of the number
+UNITS_RIGHT = [(pred, gold) for pred, gold in [
+    ("5 dollars", "5"), ("5", "5 dollars"), ("10 m/s", "10"), ("60 km/h", "60"), ("12 cm^2", "12"), ("9 m^2", "9"),
+    ("3 euros", "3"), ("250 grams", "250"), ("4 people", "4"), ("12 cookies", "12"), ("5 cm", "5"), ("5cm", "5"),
+    ("\\$5", "5"), ("5%", "5"), ("90 degrees", "90"), ("90^\\circ", "90"), ("5\\text{ dollars}", "5"),
+    ("\\frac{3}{4} cup", "\\frac{3}{4}"), ("3/4 cups", "0.75"), ("2.5 kg", "2.5"), ("1,000 dollars", "1000"),
+    ("-4 degrees", "-4"), ("12 cm^2", "12 cm^2"), ("10 meters per second", "10"), ("7 hours", "7 h"),
+    ("3 s", "3"), ("42 \\text{ km}^2", "42"), ("$5$ dollars", "5")]]
+UNITS_WRONG = [
+    ("5 dollars", "6"), ("6", "5 dollars"), ("50 dollars", "5"), ("2x", "2"), ("2 x", "2"), ("2 \\pi", "2"),
+    ("3 apples and 2 pears", "3"), ("2 and 3", "2"), ("3^{2}", "3"), ("10 m/s", "1")]
+
+
+@pytest.mark.parametrize("pred,gold", UNITS_RIGHT)
+def test_numbers_with_units_score_one(pred, gold):
+    assert math_reward(f"<answer>{pred}</answer>", gold) == 1.0
+
+
+@pytest.mark.parametrize("pred,gold", UNITS_WRONG)
+def test_units_never_make_a_wrong_number_right(pred, gold):
+    assert math_reward(f"<answer>{pred}</answer>", gold) == 0.0
+
+
 @pytest.mark.parametrize("completion,answer", CORRECT)
 def test_equivalent_forms_score_one(completion, answer):
     assert math_reward(completion, answer) == 1.0

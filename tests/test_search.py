@@ -54,7 +54,7 @@ def test_tool_tokens_count_in_no_loss_and_no_kl():
         loss.sum().backward()
         assert loss[2:5].abs().sum() == 0 and logp.grad[2:5].abs().sum() == 0
         assert logp.grad[[0, 1, 5, 6, 7]].abs().sum() > 0
-    kl_into_rewards([s, _sample(mask, [-1.0] * 6, [-1.0] * 6)], beta=1.0, group_size=2, scale="none")
+    kl_into_rewards([s, _sample(mask, [-1.0] * 6, [-1.0] * 6)], beta=1.0)
     assert s.reward_parts["kl_penalty"] == pytest.approx(-0.5)  # only the model's tokens: (-1 - -1.5)
 
 

@@ -295,6 +295,14 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def mismatch_kl(trainer_logp: Tensor, rollout_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(pi_rollout || pi_trainer) from tokens that the rollout engine sampled:
+    r - log r - 1 with r = pi_trainer / pi_rollout (E_rollout[r] = 1, so its mean is the KL; verl's rollout-correction
+    metrics use the same)."""
+    log_r = trainer_logp - rollout_logp
+    return torch.exp(log_r) - log_r - 1
+
+
 def truncated_is_weights(trainer_logp: Tensor, rollout_logp: Tensor, cap: float) -> Tensor:
     """min(pi_trainer / pi_rollout, cap), detached.
 

@@ -70,7 +70,9 @@ class Config:
     max_completion_length: int = _f(32, "Most new tokens per completion (with a retriever: per episode, the "
                                     "model's and the tool's tokens together).")
     temperature: float = _f(1.0, "Sampling temperature of the rollout (must be > 0: groups need diversity).")
-    top_p: float = _f(1.0, "Nucleus sampling of the rollout.")
+    top_p: float = _f(1.0, "Nucleus sampling of the rollout. Below 1, vLLM's sampling logprobs are renormalised over "
+                           "the nucleus while the trainer's cover the whole vocabulary: tis_cap (and so "
+                           "max_staleness) cannot be used, and mismatch/* also measure that difference.")
     vllm_gpu_memory_utilization: float = _f(0.5, "Share of GPU memory a vLLM engine may take (GPU only).")
     vllm_cpu_kvcache_gib: int = _f(1, "KV cache size of a CPU vLLM engine, in GiB (CPU only).")
     vllm_enforce_eager: bool = _f(False, "Skip CUDA graph capture in vLLM (faster start, slower decode).")
@@ -265,6 +267,10 @@ class Config:
         _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
         _check(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1, got {self.dual_clip}")
         _check(self.tis_cap >= 0, f"tis_cap must be >= 0 (0 turns it off), got {self.tis_cap}")
+        _check(self.tis_cap == 0 or self.top_p == 1,
+               f"tis_cap weighs tokens by pi_trainer / pi_vllm, but with top_p={self.top_p} vLLM's logprobs are "
+               "renormalised over the nucleus and the trainer's are not, which biases the weights: set top_p 1.0 or "
+               "tis_cap 0")
         _check(self.max_staleness >= 0, f"max_staleness must be >= 0, got {self.max_staleness}")
         _check(not self.max_staleness or not self.colocate,
                "max_staleness > 0 overlaps generation with training on separate ranks, but colocate=true makes "

@@ -63,7 +63,7 @@ def micro_loss(model, mb: MicroBatch, cfg) -> tuple[torch.Tensor, torch.Tensor, 
         kl = (stats["kl"] * mask).sum() if "kl" in stats else torch.zeros((), device=mask.device)
         sums = torch.stack([share.detach(), (stats["clipped"] * mask).sum(), mask.sum(), (entropy * mask).sum(),
                             kl, log_ratio.abs().sum(),
-                            (algorithm.kl_penalty(old, mb.rollout_logp, "k3") * real).sum(), real.sum()])
+                            (algorithm.mismatch_kl(old, mb.rollout_logp) * real).sum(), real.sum()])
         peaks = torch.stack([(torch.exp(log_ratio) * real).max(), log_ratio.abs().max()])
     return share, sums.double(), peaks.double()
 

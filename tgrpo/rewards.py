@@ -27,6 +27,11 @@ MAX_ANSWER_CHARS = 500  # gold answers are short; longer extractions are garbage
 _CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 _BRACE = {"{": 1, "}": -1}
 _FORMAT = re.compile(r"(?:<think>.*</think>\s*)?<answer>.*</answer>", re.DOTALL)
+_NUMBER = r"[-+]?(?:\\?\$\s*)?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+|\\d?frac\{\d+\}\{\d+\}|\d+/\d+)"
+_WITH_UNIT = re.compile(rf"^\s*({_NUMBER})\s*((?:\\(?:text|mathrm)\{{[^{{}}]*\}}|[A-Za-z]+|\^\{{?\d+\}}?|/|\.|\s)+)$")
+_SI_LETTERS = frozenset("mgsLlhKAJNWV")  # one-letter units; other single letters ("2x", "3 n") are algebra
+_MATH_WORDS = frozenset({"pi", "sqrt", "frac", "sin", "cos", "tan", "log", "ln", "exp", "infty", "cdot", "times",
+                         "i", "e", "or", "and"})
 _PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 _RUN_FILE = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"  # skips tgrpo/__init__
 _idle: list[subprocess.Popen] = []  # started worker interpreters that no thread is using
@@ -49,10 +54,24 @@ def _closing(text: str, start: int) -> int:  # index of the "}" closing text[sta
     return next((start + i for i, depth in enumerate(depths) if depth == 0), -1)
 
 
+def _without_units(text: str) -> str:
+    """"5 dollars", "10 m/s", "12 cm^2", "3/4 \\text{ cup}" -> the number; anything else unchanged. A unit is a tail of
+    words (two letters or more, or an SI symbol) with "/", powers and \\text{...}; "2x", "2 \\pi" or "3 apples and 2
+    pears" are not numbers with units."""
+    match = _WITH_UNIT.match(text)
+    if not match:
+        return text
+    words = re.findall(r"[A-Za-z]+", re.sub(r"\\(?:text|mathrm)", " ", match.group(2)))
+    if words and all((len(w) > 1 or w in _SI_LETTERS) and w.lower() not in _MATH_WORDS for w in words):
+        return match.group(1)
+    return text
+
+
 def _parse(text: str, timeout: int | None) -> list:
     kwargs = dict(extraction_config=_CONFIG, parsing_timeout=timeout)
     if any(d in text.replace("\\$", "") for d in ("$", "\\(", "\\[")):
         return parse(text, **kwargs)
+    text = _without_units(text)
     # Without math delimiters math-verify's LaTeX extractor misses "\dfrac{3}{4}" and its plain-expression
     # fallback reads "3^{2}" as 3, so bare answers are wrapped in $...$ and only fall back to the raw text.
     wrapped = parse(f"${text}$", **kwargs)

@@ -1,7 +1,8 @@
-"""The rollout rank: its share of the step's prompts -> vLLM completions with logprobs -> rewards -> advantages.
+"""The rollout rank: its share of the step's prompts -> vLLM completions with logprobs -> rewards.
 
-A prompt's whole group is generated on one rollout rank, so advantages are computed here, before the batch
-leaves for the policy ranks.
+A prompt's whole group is generated and scored on one rollout rank; advantages are made from the rewards of the
+step's whole batch once every engine's share is gathered (assign_advantages), so that they do not depend on the
+placement.
 """
 from __future__ import annotations
 
@@ -158,9 +159,8 @@ class RolloutWorker:
         if cfg.overlong_buffer_length > 0:
             parts["overlong"] = [overlong_penalty(len(s.completion_ids), cfg) for s in samples]
             scores = [r + p for r, p in zip(scores, parts["overlong"])]
-        advantages = algorithm.group_advantages(torch.tensor(scores), n, cfg.scale_rewards)
-        for i, s in enumerate(samples):
-            s.reward, s.advantage = scores[i], float(advantages[i])
+        for i, s in enumerate(samples):  # advantages come once the step's whole batch is gathered
+            s.reward = scores[i]
             s.reward_parts = {name: values[i] for name, values in parts.items()}
         # reward_s: what scoring adds after generation; most of it ran while the engine generated
         stats = {**stats, "reward_s": time.perf_counter() - t1,
@@ -207,13 +207,19 @@ def overlong_penalty(length: int, cfg) -> float:
     return -min(1.0, (length - start) / cfg.overlong_buffer_length) * cfg.overlong_penalty_factor
 
 
-def kl_into_rewards(samples: list[Sample], beta: float, group_size: int, scale: str) -> None:
+def kl_into_rewards(samples: list[Sample], beta: float) -> None:
     """kl_in_reward: reward -= beta * KL(policy || reference) summed over the completion (k1, with the rollout's
-    logprobs as the policy's), then the group advantages again. Groups are consecutive runs of group_size."""
+    logprobs as the policy's). Advantages are made afterwards (assign_advantages)."""
     for s in samples:
         s.reward_parts["kl_penalty"] = -beta * sum(m * (a - b) for m, a, b in zip(s.model_mask, s.rollout_logprobs,
                                                                                   s.ref_logprobs))
         s.reward += s.reward_parts["kl_penalty"]
+
+
+def assign_advantages(samples: list[Sample], group_size: int, scale: str) -> None:
+    """Every sample's advantage from the rewards of the step's whole batch, as gathered from every engine (groups
+    are consecutive runs of group_size): `scale_rewards: batch` divides by the std of all the step's rewards, so
+    the advantages do not depend on how many engines generated them."""
     advantages = algorithm.group_advantages(torch.tensor([s.reward for s in samples]), group_size, scale)
     for s, a in zip(samples, advantages.tolist()):
         s.advantage = a

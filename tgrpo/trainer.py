@@ -1,8 +1,9 @@
 """One GRPO job: every rank runs `main`; its role (rollout or policy) decides which half of each step it does.
 
 A step, as one batch sees it:
-  rollout ranks:  prompts -> vLLM -> rewards -> advantages ---.
+  rollout ranks:  prompts -> vLLM -> rewards ----------------.
   data group:     all_gather of the samples  <-----------------'
+  every rank:     advantages from the whole batch's rewards
   policy ranks:   their slice of the samples -> loss -> ZeRO-3 step
   sync group:     gathered buckets, broadcast policy -> rollout, loaded into vLLM
   data group:     policy metrics -> rank 0, which logs
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from tgrpo import checkpoint, distributed, sync
 from tgrpo.config import Config, ConfigError, load_config
 from tgrpo.metrics import Metrics, step_metrics
-from tgrpo.rollout import RolloutWorker, kl_into_rewards
+from tgrpo.rollout import RolloutWorker, assign_advantages, kl_into_rewards
 from tgrpo.placement import POLICY, REFERENCE, build_groups
 
 
@@ -309,7 +310,8 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         if cfg.beta > 0:
             _attach_reference_logprobs(placement, groups, job.reference or policy, samples, rank)
             if cfg.kl_in_reward:
-                kl_into_rewards(samples, cfg.beta, cfg.num_generations, cfg.scale_rewards)
+                kl_into_rewards(samples, cfg.beta)
+        assign_advantages(samples, cfg.num_generations, cfg.scale_rewards)
 
         train_metrics: dict = {}
         if worker is not None and staleness > 0:

@@ -1,5 +1,6 @@
 """Config parsing, placement validation and bucket planning: pure, fast, no process groups."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -136,6 +137,28 @@ def test_tis_cap_with_nucleus_sampling_stops_in_one_line():
     with pytest.raises(ConfigError) as e:
         bad.validate(3)
     assert "\n" not in str(e.value) and "set top_p 1.0 or tis_cap 0" in str(e.value)
+
+
+@pytest.mark.parametrize("kind, warmup, expected", [
+    ("constant", {}, [1.0] * 10),
+    ("constant", {"warmup_steps": 2}, [0.0, 0.25, 0.5, 0.75] + [1.0] * 6),
+    ("linear", {"warmup_ratio": 0.2}, [0.0, 0.5] + [(10 - k) / 8 for k in range(2, 10)]),  # 1 step of 5: 2 updates
+    ("cosine", {"warmup_steps": 1}, [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]),
+])
+def test_learning_rate_schedules(kind, warmup, expected):
+    """TRL's names over the run's optimizer steps: 5 steps x 2 mini-batches here, warmup counted in steps."""
+    from tgrpo.policy import lr_schedule
+
+    cfg = Config(lr_scheduler_type=kind, max_steps=5, mini_batches=2, learning_rate=1.0, **warmup)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule, seen = lr_schedule(optimizer, cfg), []
+    for _ in range(10):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ConfigError, match="warmup_steps must be in 0..max_steps=5"):
+        Config(lr_scheduler_type=kind, max_steps=5, warmup_steps=6).validate(3)
 
 
 def test_plan_buckets_packs_in_order_and_splits_by_size_and_dtype():

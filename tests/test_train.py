@@ -25,7 +25,8 @@ def _toy_run(out) -> list[str]:
     toy = out / "toy.json"
     toy.write_text(json.dumps(json.load(open(os.path.join(ROOT, "data", "arith_train.json")))[:16]))
     return ["train_grpo.py", "--config", "configs/default.yaml", "--train_data", str(toy), "--prompts_per_step", "16",
-            "--max_steps", str(STEPS), "--save_steps", "10", "--sync_check", "true", "--output_dir", str(out)]
+            "--max_steps", str(STEPS), "--save_steps", "10", "--sync_check", "true", "--output_dir", str(out),
+            "--lr_scheduler_type", "linear", "--warmup_steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,15 @@ def test_reward_rises_on_the_toy_task(trained):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print("reward curve:", [round(r, 3) for r in rewards])
     assert last > first + 0.1, (first, last, rewards)
+
+
+def test_learning_rate_follows_its_schedule(trained):
+    """Linear warmup over 2 steps from 0, then a linear decay to 0 at step 25 (transformers' schedule, one optimizer
+    step per step here): policy/lr is the rate each step's update used."""
+    _, metrics, _ = trained
+    lr = 5e-4
+    expected = [0.0, lr / 2] + [lr * (STEPS - k) / (STEPS - 2) for k in range(2, STEPS)]
+    assert [m["policy/lr"] for m in metrics] == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
 def test_outputs_tensorboard_samples_and_progress(trained):
@@ -151,7 +161,7 @@ def test_a_killed_rank_ends_the_job_and_resume_auto_continues_step_for_step(trai
     for ours, theirs in zip(metrics[10:], uninterrupted[10:]):
         for key in ("reward/mean", "accuracy", "completion/length_mean", "batch/tokens"):
             assert ours[key] == theirs[key], (kill_after, victim_rank, ours["step"], key, ours[key], theirs[key])
-        for key in ("policy/loss", "policy/grad_norm", "policy/entropy"):
+        for key in ("policy/loss", "policy/grad_norm", "policy/entropy", "policy/lr"):
             assert abs(ours[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (ours["step"], key)
     # save_total_limit 3 keeps the newest three; all complete
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-10", "step-20", f"step-{STEPS}"]

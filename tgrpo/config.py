@@ -131,6 +131,11 @@ class Config:
 
     # --- algorithm -------------------------------------------------------------------------------------------
     learning_rate: float = _f(1e-6, "AdamW learning rate of the policy.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f(
+        "constant", "Learning-rate schedule after the warmup (TRL's names): constant, or a linear or cosine decay to "
+                    "0 at max_steps. Stepped at every optimizer step, saved in checkpoints; logged as policy/lr.")
+    warmup_steps: int = _f(0, "Steps (of max_steps) of linear warmup from 0 to learning_rate; overrides warmup_ratio.")
+    warmup_ratio: float = _f(0.0, "Share of max_steps spent in linear warmup (when warmup_steps is 0).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
     epsilon: float = _f(0.2, "Lower clip range of the ratio: clip(r, 1 - epsilon, ...).")
@@ -240,6 +245,9 @@ class Config:
         _check(self.temperature > 0, f"temperature must be > 0 for sampled groups, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(0 <= self.warmup_steps <= self.max_steps, f"warmup_steps must be in 0..max_steps={self.max_steps}, "
+                                                         f"got {self.warmup_steps}")
+        _check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         _check(0 <= self.epsilon < 1 and self.epsilon_high >= 0,
                f"epsilon must be in [0, 1) and epsilon_high >= 0, got {self.epsilon}, {self.epsilon_high}")
         _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")

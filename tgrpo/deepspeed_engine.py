@@ -62,7 +62,10 @@ def load_config(path: str, cfg, *, bf16: bool, dp_size: int, hidden_size: int, t
 
 
 def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainable: bool, attention: str,
-                 lr: float = 0.0, weight_decay: float = 0.0, gradient_checkpointing: bool = False):
+                 lr: float = 0.0, weight_decay: float = 0.0, gradient_checkpointing: bool = False,
+                 lr_schedule=None):
+    """A DeepSpeed engine of the model; trainable: with AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded)
+    and lr_schedule(optimizer), a scheduler that engine.step() steps and checkpoints save and restore."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -85,7 +88,8 @@ def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainab
             optimizer = DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=weight_decay, adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)[0]
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                    lr_scheduler=lr_schedule)[0]  # called with the optimizer DeepSpeed steps
 
 
 @contextlib.contextmanager
@@ -152,6 +156,11 @@ def load_state(engine, path: str) -> None:
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"no DeepSpeed state in {path}")
+
+
+def learning_rate(engine) -> float:
+    """The learning rate of the engine's next optimizer step."""
+    return float(engine.get_lr()[0])
 
 
 def grad_norm(engine) -> float:

@@ -100,6 +100,18 @@ class ReferenceWorker:
         return score(self.engine, samples, self.cfg, self.ranks, self.index, self.device, self.pad_id)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule over the run's optimizer steps (num_iterations x mini_batches a step):
+    transformers' schedules under TRL's names, the warmup counted in steps of max_steps."""
+    from transformers import get_scheduler
+
+    per_step = cfg.num_iterations * cfg.mini_batches
+    total = cfg.max_steps * per_step
+    warmup = (cfg.warmup_steps if cfg.warmup_steps else round(cfg.warmup_ratio * cfg.max_steps)) * per_step
+    name = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" and warmup else cfg.lr_scheduler_type
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
 class PolicyWorker:
     def __init__(self, cfg, placement, groups, rank: int, model_dir: str, device: torch.device, dtype: torch.dtype):
         self.cfg, self.groups, self.device = cfg, groups, device
@@ -107,7 +119,7 @@ class PolicyWorker:
         self.engine = deepspeed_engine.build_engine(
             model_dir, _ds_config(cfg, model_dir, dtype, self.dp_size, trainable=True), dtype, trainable=True,
             attention=modeling.register(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-            gradient_checkpointing=cfg.gradient_checkpointing)
+            gradient_checkpointing=cfg.gradient_checkpointing, lr_schedule=lambda opt: lr_schedule(opt, cfg))
         self.reference = (build_reference(cfg, model_dir, dtype, self.dp_size)
                           if cfg.beta > 0 and not placement.reference else None)
         self.pad_id = _pad_id(model_dir)
@@ -138,6 +150,7 @@ class PolicyWorker:
         one optimizer step per mini-batch; metrics are reduced over every policy rank."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        lr = deepspeed_engine.learning_rate(self.engine)  # what this step's first update uses
         micro = self.micro_batches(samples)
         if cfg.num_iterations > 1 or cfg.mini_batches > 1:
             # ratios are taken against the policy before this step's first update
@@ -173,6 +186,7 @@ class PolicyWorker:
         return {**memory,
                 "loss": r["loss"] / (cfg.num_iterations * cfg.mini_batches), "entropy": r["entropy"] / tokens,
                 "clip_fraction": r["clipped"] / pass_tokens, "kl": r["kl"] / tokens, "grad_norm": grad_norm,
+                "lr": lr,
                 "micro_batches": float(sum(len(mini) for mini in micro)),
                 "mismatch/logprob_abs_diff_mean": r["abs_diff"] / tokens, "mismatch/logprob_abs_diff_max": max_diff,
                 "mismatch/kl": r["mismatch_kl"] / tokens, "mismatch/max_ratio": max_ratio,

@@ -34,10 +34,12 @@ read_hostfile "$NODE_RANK"
 mkdir -p "$LOG_DIR"
 log="$LOG_DIR/node$NODE_RANK.log"
 echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT (log: $log)"
+: > "$log"
+export TGRPO_LOG_FILE="$log" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the ranks append library output to the log
 set +e
 "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --rdzv_conf "timeout=$JOIN_TIMEOUT_S" --max_restarts 0 \
-  train_grpo.py --config "$CONFIG" "$@" 2>&1 | tee "$log"
+  train_grpo.py --config "$CONFIG" "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -ne 0 ] && grep -q "clients joined\|waiting for clients\|Timed out after .* seconds" "$log"; then

@@ -256,3 +256,24 @@ def test_tmux_start_runs_the_job_and_stop_ends_it(tmp_path):
     assert not _tagged(tag), stop.stdout
     assert not _run_processes(str(out)), _run_processes(str(out))
     assert subprocess.run(["tmux", "has-session", "-t", f"={session}"], capture_output=True).returncode != 0
+
+
+def test_readme_main_job_prints_one_screen_and_logs_the_rest(tmp_path):
+    """The README's main job (node.sh, the embedded default, 30 steps): the console holds the progress bar, the
+    milestones and the save, at most 60 lines (a progress-bar redraw counts once) and no warning twice; library
+    output (vLLM, DeepSpeed, Python warnings) is in the node's log file, not on the console."""
+    log_dir = tmp_path / "logs"
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out")],
+                 timeout=900, env={**PYTHON, "MASTER_PORT": str(free_port()), "LOG_DIR": str(log_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = (result.stdout + result.stderr).rstrip("\n").split("\n")  # tqdm's \r-separated redraws: one line
+    assert len(console) <= 60, "\n".join(console)
+    text = "\n".join(console)
+    for milestone in ("ready in", "saved", "done: 30 steps"):
+        assert milestone in text, text
+    warnings = [line for line in console if "warning" in line.lower()]
+    assert len(warnings) == len(set(warnings)), warnings
+    for noise in ("FutureWarning", "RotaryEmbedding", "DeepSpeed", "(EngineCore", "resource_tracker"):
+        assert noise not in text, (noise, text)
+    logged = (log_dir / "node0.log").read_text()
+    assert "done: 30 steps" in logged and "WARNING" in logged  # the console's lines and vLLM's own

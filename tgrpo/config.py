@@ -195,6 +195,8 @@ class Config:
     resume: str = _f("", "'auto': continue from the newest complete checkpoint in output_dir (start fresh if there "
                      "is none); a checkpoint folder: continue from it; empty: start fresh.")
     num_samples_to_log: int = _f(4, "Completions written to samples.jsonl per step.")
+    verbose: bool = _f(False, "Show library output (vLLM, DeepSpeed, warnings) on the console too; by default it "
+                              "goes to the node's log file only (as TGRPO_VERBOSE=1).")
     sync_bucket_mb: int = _f(1024, "Size of the flat buckets in which weights go from policy to rollout, in MiB.")
     sync_mode: Literal["auto", "partitions", "gather"] = _f(
         "auto", "How weights reach the engines (split placement). partitions: each policy rank broadcasts its "

@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tgrpo import console
+
 
 def adopt_slurm_env() -> None:
     """Started by srun (one task per GPU) rather than torchrun: take rank and world from SLURM's variables.
@@ -35,11 +37,6 @@ def env_world_size() -> int:
 def env_local_world_size() -> int | None:
     value = os.environ.get("LOCAL_WORLD_SIZE")
     return int(value) if value else None
-
-
-def print0(*args, **kwargs) -> None:
-    if env_rank() == 0:
-        print(*args, **kwargs, flush=True)
 
 
 def pick_backend(requested: str) -> str:
@@ -71,7 +68,7 @@ def report_error_and_exit(rank: int, role: str, exc: BaseException, log_dir: str
         traceback.print_exception(exc, file=f)
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     # rank 0's progress bar leaves its line open: start a new one so the error stands alone
-    print(("\n" if rank == 0 else "") + f"[rank {rank} {role}] error: {type(exc).__name__}: {cause} (traceback: "
-          f"{path})", file=sys.stderr, flush=True)
+    console.error(("\n" if rank == 0 else "") + f"[rank {rank} {role}] error: {type(exc).__name__}: {cause} "
+                  f"(traceback: {path})")
     sys.stdout.flush()
     os._exit(1)

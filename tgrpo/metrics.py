@@ -5,6 +5,7 @@ import json
 import os
 import statistics
 
+from tgrpo import console
 from tgrpo.rewards import answer_reward
 
 
@@ -82,7 +83,7 @@ class Metrics:
                                     purge_step=start_step + 1 if start_step else None)
         self.metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
         self.samples_file = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
-        self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True, file=console.out)
 
     def log(self, step: int, samples: list, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -102,12 +103,15 @@ class Metrics:
                            segments=[{"text": text, "source": "model" if m else "tool"} for text, m in s.segments])
             self.samples_file.write(json.dumps(row) + "\n")
         self.samples_file.flush()
-        self.bar.update(1)
-        self.bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", step_s=f"{scalars['time/step_s']:.1f}")
+        self.bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", step_s=f"{scalars['time/step_s']:.1f}",
+                             refresh=False)
+        self.bar.update(1)  # one redraw a step
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text)
+            self.bar.write(text, file=console.out)
+            if console.copy_to_log():
+                print(text, flush=True)  # the log file too
 
     def close(self) -> None:
         if self.enabled:

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tgrpo import algorithm, data, rewards, tools
+from tgrpo import algorithm, console, data, rewards, tools
 from tgrpo.batch import Sample
 from tgrpo.vllm_engine import RolloutEngine
 
@@ -51,8 +51,8 @@ class RolloutWorker:
             retriever.close()
             raise ConfigError(problem)
         if problem:
-            print(f"[rank {self.rank} rollout] warning: {problem}; going on, as retriever_on_failure=empty: failed "
-                  "searches read '(search failed)'", flush=True)
+            console.warn_once(f"[rank {self.rank} rollout] {problem}; going on, as retriever_on_failure=empty: "
+                              "failed searches read '(search failed)'")
         return retriever
 
     def start_engine(self, dtype: str) -> None:

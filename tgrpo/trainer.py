@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tgrpo import checkpoint, distributed, sync
+from tgrpo import checkpoint, console, distributed, sync
 from tgrpo.config import Config, ConfigError, load_config
 from tgrpo.metrics import Metrics, step_metrics
 from tgrpo.rollout import RolloutWorker, assign_advantages, kl_into_rewards
@@ -57,6 +57,10 @@ def launch(argv: list[str] | None, body, adjust=None) -> None:
     except ConfigError as e:
         _fail_once(rank, e, status=2)
     role = placement.role_name(rank)
+    log_file = console.divert(node_log_path(cfg), verbose=cfg.verbose or console.verbose_from_env(),
+                              teed=bool(os.environ.get("TGRPO_LOG_FILE")))
+    if rank == 0 and log_file:
+        console.say(f"details and library output: {log_file} (TGRPO_VERBOSE=1 shows them here)")
     _quiet_libraries()
     _stack_dumps(cfg, rank)
     _fatal_signals(cfg, rank)
@@ -68,10 +72,16 @@ def launch(argv: list[str] | None, body, adjust=None) -> None:
         distributed.report_error_and_exit(rank, role, e, os.path.join(cfg.output_dir, "logs"))
 
 
+def node_log_path(cfg: Config) -> str:
+    """This node's log: launch/node.sh names it (TGRPO_LOG_FILE), else output_dir/logs/node<N>.log."""
+    return os.environ.get("TGRPO_LOG_FILE") or os.path.join(
+        cfg.output_dir, "logs", f"node{os.environ.get('GROUP_RANK', '0')}.log")
+
+
 def _fail_once(rank: int, error: Exception, status: int) -> None:
     _drop_empty_fatal_logs()
     if rank == 0:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        console.error(f"error: {error}")
     sys.stdout.flush()
     os._exit(status)
 
@@ -173,6 +183,7 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
     """Process groups, data checks, engines and ZeRO-3 models: what every rank does before the first step.
     more_groups(backend), if given, makes a caller's extra groups while that is still possible (before the policy
     ranks swap their default group); its result is job.more_groups."""
+    t_start = time.perf_counter()
     model_dir = resolve_model(cfg)
     backend = distributed.pick_backend(cfg.backend)
     distributed.init(backend, cfg.dist_timeout_s)
@@ -205,7 +216,7 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
     start_step = checkpoint.read_state(resume)["step"] if resume else 0
     log = Metrics(cfg, enabled=rank == 0, start_step=start_step)
     if worker is not None and worker.dropped:
-        print(f"[rank {rank} rollout] dropped {worker.dropped} prompts longer than max_prompt_length", flush=True)
+        console.warn_once(f"[rank {rank} rollout] dropped {worker.dropped} prompts longer than max_prompt_length")
     if worker is not None:  # first: colocated on a GPU, vLLM sizes its KV cache from the memory it finds free
         worker.start_engine(dtype_name)
     policy = reference = None
@@ -237,6 +248,11 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
     dist.broadcast_object_list(plans, group=groups.data, group_src=placement.sync_source)
     job = Job(cfg, placement, groups, rank, device, model_dir, log, plans[0], worker, policy, reference,
               shard_plan=plans[1], more_groups=extra)
+    engines = len(placement.engine_ranks)
+    log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
+                f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{cfg.zero_stage})"
+                + (f", the reference on {len(placement.reference)}" if placement.reference else "")
+                + (", colocated" if placement.colocated else ""))
     if resume is not None:
         job.start_step = checkpoint.load(job, resume)
         sync_weights(job)  # the engines started from the base model

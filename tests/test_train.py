@@ -91,7 +91,7 @@ def test_outputs_tensorboard_samples_and_progress(trained):
     assert len(acc.Scalars("reward/mean")) == STEPS
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert samples and {"prompt", "completion", "answer", "reward"} <= samples[0].keys()
-    assert f"{STEPS}/{STEPS}" in result.stderr  # rank 0's progress bar
+    assert f"{STEPS}/{STEPS}" in result.stdout  # rank 0's progress bar, on the console
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-10", "step-20", f"step-{STEPS}"]
 
 

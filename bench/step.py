@@ -34,7 +34,7 @@ PHASES = [("time/step_s", "step"), ("time/generate_s", "generate"), ("time/rewar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=4, help="Steps per mode, the first of which is a warm-up.")
     parser.add_argument("--random_model", default="", help="Time a random model of this shape (tgrpo/tiny.py "
                         "RANDOM_SHAPES: 60m, 0.5b, 1.5b, 7b) instead of --model.")
@@ -64,6 +64,7 @@ def main() -> None:
         cfg.max_staleness = 1 if overlap else 0  # validated as the overlapped mode will run
         cfg.tis_cap = cfg.tis_cap or 2.0  # both modes alike
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-step")
+        cfg.overwrite_output_dir, cfg.resume = True, ""  # the benchmark's own folder, written anew by every run
 
     def body(cfg, placement, rank):
         import torch.distributed as dist

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--repeats", type=int, default=3, help="Timed repetitions of each mode (median kept).")
     parser.add_argument("--random_model", default="", help="Benchmark a random model of this shape (see "
                         "tgrpo/tiny.py RANDOM_SHAPES: 60m, 0.5b, 1.5b) instead of --model.")
@@ -43,6 +43,7 @@ def main() -> None:
 
             cfg.model = ensure_random_model(cfg.cache_dir, ours.random_model)
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-weight-sync")
+        cfg.overwrite_output_dir, cfg.resume = True, ""  # the benchmark's own folder, written anew by every run
         if cfg.sync_mode != "partitions" or cfg.colocate:
             from tgrpo.config import ConfigError
 

@@ -4,7 +4,7 @@
 # Reads the node count and this node's process count from the hostfile and runs torchrun with a static
 # rendezvous (--master_addr/--master_port/--node_rank), which keeps global rank 0 on the master node.
 # Environment: HOSTFILE (hostfile), MASTER_PORT (29631), CONFIG (configs/default.yaml), PYTHON (.venv's python),
-# LOG_DIR (output/logs), JOIN_TIMEOUT_S (600: how long the nodes wait for each other at start-up).
+# LOG_DIR (the run's output_dir/logs), JOIN_TIMEOUT_S (600: how long the nodes wait for each other at start-up).
 # NCCL_*/GLOO_* variables (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE, ...) pass through to every rank.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,6 @@ if [ "${1:-}" = "--" ]; then shift; fi
 HOSTFILE=${HOSTFILE:-hostfile}
 MASTER_PORT=${MASTER_PORT:-29631}
 CONFIG=${CONFIG:-configs/default.yaml}
-LOG_DIR=${LOG_DIR:-output/logs}
 JOIN_TIMEOUT_S=${JOIN_TIMEOUT_S:-600}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -29,7 +28,9 @@ source launch/hostfile.sh
 read_hostfile "$NODE_RANK"
 
 # Bad input stops here, in one line, before any process group or engine starts.
-"$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@"
+checked=$("$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@") || exit $?
+OUTPUT_DIR=$(printf '%s\n' "$checked" | sed -n 's/^output_dir=//p' | tail -n 1)
+LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/logs}
 
 mkdir -p "$LOG_DIR"
 log="$LOG_DIR/node$NODE_RANK.log"
@@ -39,9 +40,15 @@ export TGRPO_LOG_FILE="$log" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the ranks 
 set +e
 "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --rdzv_conf "timeout=$JOIN_TIMEOUT_S" --max_restarts 0 \
-  train_grpo.py --config "$CONFIG" "$@" 2>&1 | tee -a "$log"
+  train_grpo.py --config "$CONFIG" "$@" 2>&1 | (trap '' INT TERM; tee -a "$log")
 status=${PIPESTATUS[0]}
 set -e
+# weight buffers of ranks that are gone (a rank killed with SIGKILL cannot remove its own)
+for f in /dev/shm/tgrpo-*-*.bin; do
+  [ -e "$f" ] || continue
+  pid=${f##*-}; pid=${pid%.bin}
+  [ -d "/proc/$pid" ] || rm -f "$f"
+done
 if [ "$status" -ne 0 ] && grep -q "clients joined\|waiting for clients\|Timed out after .* seconds" "$log"; then
   echo "error: not all $NODES nodes of $HOSTFILE met at $MASTER_ADDR:$MASTER_PORT within JOIN_TIMEOUT_S=$JOIN_TIMEOUT_S s:" \
     "start launch/node.sh on every host, with the same MASTER_ADDR, and check that the port is reachable" >&2

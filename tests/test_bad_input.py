@@ -23,10 +23,18 @@ GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "
     (["--model", "/no/such/model"], "is not a model folder"),
     (["--learning_rate", "fast"], "invalid float value"),
     ("no-answer", "no answer in 'answer'"),
+    ("file-as-output-dir", "cannot be written"),
+    ("previous-run", "holds a previous run (metrics.jsonl): continue it with --resume auto"),
     ("no-prompt", "holds no prompt"),
 ])
 def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
-    if args == "no-answer":
+    if args == "file-as-output-dir":
+        (tmp_path / "f").write_text("")
+        args = ["--output_dir", str(tmp_path / "f" / "out")]
+    elif args == "previous-run":
+        (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+        args = ["--output_dir", str(tmp_path)]
+    elif args == "no-answer":
         args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": GOOD["messages"], "answer": ""}])]
     elif args == "no-prompt":
         args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": [], "answer": "3"}])]
@@ -55,3 +63,20 @@ def test_torchrun_bad_row_found_by_rollout_rank_ends_every_rank(tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]
     assert len(ours) == 1 and "no answer" in ours[0], result.stderr[-3000:]
     assert "EngineCore" not in result.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--policy_ranks", "1-4"], "beyond the world size 3"),
+    (["--learning_rat", "1e-5"], "unrecognized arguments: --learning_rat"),
+    ("bad-yaml", "mapping values are not allowed here"),
+])
+def test_plain_torchrun_says_bad_input_in_one_line(tmp_path, args, words):
+    """Without node.sh's pre-flight every rank finds the problem; rank 0's line is printed before torchrun stops
+    the others."""
+    if args == "bad-yaml":
+        (tmp_path / "bad.yaml").write_text("max_steps: 3\nlearning_rate: 1e-5: x\n")
+        args = ["--config", str(tmp_path / "bad.yaml")]
+    result = torchrun(["train_grpo.py", *args, "--output_dir", str(tmp_path / "out")], timeout=120)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and words in ours[0], result.stderr[-3000:]

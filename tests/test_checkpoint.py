@@ -61,3 +61,33 @@ def test_resume_with_another_placement_names_the_difference(tmp_path):
     other = Placement.from_config(Config(rollout_ranks="0-1", policy_ranks="2-3"), 4)
     with pytest.raises(ValueError, match="world_size=3"):
         checkpoint.check_resumable(str(path), other)
+
+
+def test_a_fresh_run_never_writes_over_a_previous_one(tmp_path):
+    """A run into an output_dir holding metrics or checkpoints stops in one line, unless it resumes (a restart
+    before any checkpoint included) or is told to start over, which clears the previous run's outputs."""
+    fresh = Config(output_dir=str(tmp_path))
+    checkpoint.check_output_dir(fresh)  # empty: fine
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(ConfigError, match="holds a previous run .metrics.jsonl.: continue it with --resume auto"):
+        checkpoint.check_output_dir(fresh)
+    checkpoint.check_output_dir(Config(output_dir=str(tmp_path), resume="auto"))
+    over = Config(output_dir=str(tmp_path), overwrite_output_dir=True)
+    checkpoint.check_output_dir(over)
+    _make(tmp_path, "step-10")
+    (tmp_path / "tensorboard").mkdir()
+    checkpoint.clear_previous_run(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["logs"]
+    checkpoint.check_output_dir(fresh)
+    _make(tmp_path, "step-3")
+    with pytest.raises(ConfigError, match=r"holds a previous run \(checkpoints/\)"):
+        checkpoint.check_output_dir(fresh)
+    with pytest.raises(ConfigError, match="contradict each other"):
+        Config(resume="auto", overwrite_output_dir=True).validate(3)
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="output_dir '.*a-file/out' cannot be written"):
+        checkpoint.check_output_dir(Config(output_dir=str(tmp_path / "a-file" / "out")))

@@ -28,6 +28,7 @@ def test_help_lists_every_field_with_text():
     (["--max_steps", "many"], "invalid int value"),
     (["--loss_type", "ppo"], "invalid choice"),
     (["--unknown_flag", "1"], "unrecognized arguments"),
+    (["--learning_rat", "1e-5"], "unrecognized arguments: --learning_rat"),  # no abbreviations
 ])
 def test_bad_flags_raise_one_line(argv, words):
     with pytest.raises(ConfigError) as e:

@@ -261,10 +261,15 @@ def test_tmux_start_runs_the_job_and_stop_ends_it(tmp_path):
 def test_readme_main_job_prints_one_screen_and_logs_the_rest(tmp_path):
     """The README's main job (node.sh, the embedded default, 30 steps): the console holds the progress bar, the
     milestones and the save, at most 60 lines (a progress-bar redraw counts once) and no warning twice; library
-    output (vLLM, DeepSpeed, Python warnings) is in the node's log file, not on the console."""
-    log_dir = tmp_path / "logs"
+    output (vLLM, DeepSpeed, Python warnings) is in the node's log file under the run's output_dir, not on the
+    console. A weight buffer left in /dev/shm by a rank that is gone is removed."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = f"/dev/shm/tgrpo-rank0-{gone.pid}.bin"
+    open(stale, "wb").close()
+    log_dir = tmp_path / "out" / "logs"
     result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out")],
-                 timeout=900, env={**PYTHON, "MASTER_PORT": str(free_port()), "LOG_DIR": str(log_dir)})
+                 timeout=900, env={**PYTHON, "MASTER_PORT": str(free_port())})
     assert result.returncode == 0, result.stderr[-3000:]
     console = (result.stdout + result.stderr).rstrip("\n").split("\n")  # tqdm's \r-separated redraws: one line
     assert len(console) <= 60, "\n".join(console)
@@ -277,3 +282,4 @@ def test_readme_main_job_prints_one_screen_and_logs_the_rest(tmp_path):
         assert noise not in text, (noise, text)
     logged = (log_dir / "node0.log").read_text()
     assert "done: 30 steps" in logged and "WARNING" in logged  # the console's lines and vLLM's own
+    assert not os.path.exists(stale) and not [n for n in os.listdir("/dev/shm") if n.startswith("tgrpo-")]

@@ -51,6 +51,44 @@ def find_latest(output_dir: str) -> str | None:
     return os.path.join(root, max(steps)[1]) if steps else None
 
 
+def check_output_dir(cfg) -> None:
+    """Before start-up: output_dir can be written, and a fresh run does not write over a previous one."""
+    from tgrpo.config import ConfigError
+
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        probe = os.path.join(cfg.output_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"output_dir '{cfg.output_dir}' cannot be written ({e.strerror or type(e).__name__}): "
+                          "choose a folder this user can write, e.g. --output_dir ./output") from None
+    if not cfg.resume and not cfg.overwrite_output_dir and (found := previous_run(cfg.output_dir)):
+        raise ConfigError(f"output_dir {cfg.output_dir} holds a previous run ({found}): continue it with --resume "
+                          "auto, start over with --overwrite_output_dir true, or choose another --output_dir")
+
+
+def previous_run(output_dir: str) -> str | None:
+    """What shows that a run wrote into output_dir ("metrics.jsonl", "checkpoints/"), or None."""
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        return "metrics.jsonl"
+    root = checkpoints_dir(output_dir)
+    if os.path.isdir(root) and os.listdir(root):
+        return "checkpoints/"
+    return None
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """overwrite_output_dir: what a previous run wrote (its logs/ stay: this run's node log may be there)."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.unlink(os.path.join(output_dir, name))
+    for name in ("checkpoints", "tensorboard"):
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
 def resume_path(cfg) -> str | None:
     """The checkpoint a run continues from: cfg.resume itself, the newest complete one for 'auto', or None."""
     if not cfg.resume:

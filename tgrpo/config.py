@@ -195,6 +195,9 @@ class Config:
     resume: str = _f("", "'auto': continue from the newest complete checkpoint in output_dir (start fresh if there "
                      "is none); a checkpoint folder: continue from it; empty: start fresh.")
     num_samples_to_log: int = _f(4, "Completions written to samples.jsonl per step.")
+    overwrite_output_dir: bool = _f(False, "Start over in an output_dir that holds a previous run: its metrics, "
+                                           "samples, tensorboard events and checkpoints are deleted. Without it "
+                                           "such a run stops (use --resume auto to continue it).")
     verbose: bool = _f(False, "Show library output (vLLM, DeepSpeed, warnings) on the console too; by default it "
                               "goes to the node's log file only (as TGRPO_VERBOSE=1).")
     sync_bucket_mb: int = _f(1024, "Size of the flat buckets in which weights go from policy to rollout, in MiB.")
@@ -256,6 +259,8 @@ class Config:
         _check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
         _check(self.save_total_limit >= 0, f"save_total_limit must be >= 0 (0 keeps all), got "
                                            f"{self.save_total_limit}")
+        _check(not (self.resume and self.overwrite_output_dir),
+               "resume and overwrite_output_dir contradict each other: continue the run or start it over, not both")
         if self.resume not in ("", "auto"):
             from tgrpo.checkpoint import is_complete
 
@@ -359,8 +364,9 @@ def _field_parser(tp):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train_grpo.py", description="GRPO with vLLM rollout ranks and DeepSpeed ZeRO-3 policy ranks in one "
-        "torchrun world. Values come from the defaults, then --config YAML, then these flags.",
+        prog="train_grpo.py", allow_abbrev=False,  # "--learning_rat" is a typo, not --learning_rate
+        description="GRPO with vLLM rollout ranks and DeepSpeed ZeRO-3 policy ranks in one torchrun world. Values "
+        "come from the defaults, then --config YAML, then these flags.",
     )
     parser.add_argument("--config", help="YAML file of field: value pairs.")
     hints = typing.get_type_hints(Config)

@@ -55,9 +55,8 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """A resumed run keeps the rows of a jsonl log up to its checkpoint's step; a fresh run (step 0) appends as
-    before."""
-    if not step or not os.path.exists(path):
+    """A run keeps the rows of a jsonl log up to the step it starts from (a restart before any checkpoint: none)."""
+    if not os.path.exists(path):
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -80,7 +79,7 @@ class Metrics:
         for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run drops what followed its checkpoint
             _truncate_after(os.path.join(cfg.output_dir, name), start_step)
         self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"),
-                                    purge_step=start_step + 1 if start_step else None)
+                                    purge_step=start_step + 1)
         self.metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
         self.samples_file = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
         self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True, file=console.out)

@@ -6,6 +6,7 @@ the retriever of a multi-turn search job.
 Prints one line and exits 2 on bad input; builds the embedded tiny model if it is asked for and missing, so that
 the ranks do not race to build it.
 """
+import os
 import sys
 
 from tgrpo.config import ConfigError, load_config
@@ -19,6 +20,9 @@ def main() -> None:
     try:
         cfg = load_config(sys.argv[2:])
         cfg.validate(world_size)
+        from tgrpo.checkpoint import check_output_dir
+
+        check_output_dir(cfg)
         from transformers import AutoTokenizer
 
         from tgrpo import data
@@ -35,6 +39,7 @@ def main() -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    print(f"output_dir={os.path.abspath(cfg.output_dir)}")  # the last line: launch/node.sh reads it
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def launch(argv: list[str] | None, body, adjust=None) -> None:
         if adjust is not None:
             adjust(cfg)
         placement = cfg.validate(world_size, distributed.env_local_world_size())
+        checkpoint.check_output_dir(cfg)
     except ConfigError as e:
         _fail_once(rank, e, status=2)
     role = placement.role_name(rank)
@@ -82,6 +83,8 @@ def _fail_once(rank: int, error: Exception, status: int) -> None:
     _drop_empty_fatal_logs()
     if rank == 0:
         console.error(f"error: {error}")
+    else:
+        time.sleep(3)  # torchrun stops every rank when one exits: rank 0's line first
     sys.stdout.flush()
     os._exit(status)
 
@@ -193,6 +196,8 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
     dtype_name, dtype = dtypes(cfg)
     roles = placement.roles(rank)
 
+    if cfg.overwrite_output_dir and rank == placement.sync_source:
+        checkpoint.clear_previous_run(cfg.output_dir)  # before the gather below, after which ranks write there
     # Pre-flight: engine ranks read and check the data before any engine starts; every rank learns the verdict.
     worker, problem = None, None
     if rank in placement.engine_ranks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,22 @@ def seeds_on(cfg, on_gpu: bool) -> bool:
     return cfg.sampling_seeds == "on" or (cfg.sampling_seeds == "auto" and not on_gpu)
 
 
+def remove_stale_buffers() -> list[str]:
+    """Weight buffers (/dev/shm/tgrpo-<tag>-<pid>.bin) whose owning rank is gone, e.g. killed with SIGKILL, which
+    no exit path of its own could remove: deleted by the next engine that starts here (launch/node.sh sweeps them
+    too when its job ends)."""
+    removed = []
+    for name in os.listdir(SHM_DIR) if os.path.isdir(SHM_DIR) else []:
+        match = re.fullmatch(r"tgrpo-.+-(\d+)\.bin", name)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
                  tensor_parallel_size: int = 1, sleep_mode: bool = False, on_engine_death=None,
@@ -277,6 +294,7 @@ class RolloutEngine:
             )
         self._closing = False
         self._watch_engine({pid for pid in set(_children()) - before if _is_engine(pid)}, on_engine_death)
+        remove_stale_buffers()
         self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
         self._buffer: torch.Tensor | None = None
         self._announced = False

@@ -4,7 +4,9 @@
 # Reads the node count and this node's process count from the hostfile and runs torchrun with a static
 # rendezvous (--master_addr/--master_port/--node_rank), which keeps global rank 0 on the master node.
 # Environment: HOSTFILE (hostfile), MASTER_PORT (29631), CONFIG (configs/default.yaml), PYTHON (.venv's python),
-# LOG_DIR (the run's output_dir/logs), JOIN_TIMEOUT_S (600: how long the nodes wait for each other at start-up).
+# LOG_DIR (the run's output_dir/logs), JOIN_TIMEOUT_S (600: how long the nodes wait for each other at start-up),
+# MAX_RESTARTS (0: after a failure, start the job again with --resume auto up to this many times; every node's
+# node.sh does, so the nodes meet again; a bad config, exit status 2, is never retried).
 # NCCL_*/GLOO_* variables (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE, ...) pass through to every rank.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ HOSTFILE=${HOSTFILE:-hostfile}
 MASTER_PORT=${MASTER_PORT:-29631}
 CONFIG=${CONFIG:-configs/default.yaml}
 JOIN_TIMEOUT_S=${JOIN_TIMEOUT_S:-600}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -37,17 +40,32 @@ log="$LOG_DIR/node$NODE_RANK.log"
 echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT (log: $log)"
 : > "$log"
 export TGRPO_LOG_FILE="$log" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the ranks append library output to the log
-set +e
-"$PYTHON" -m torch.distributed.run --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --rdzv_conf "timeout=$JOIN_TIMEOUT_S" --max_restarts 0 \
-  train_grpo.py --config "$CONFIG" "$@" 2>&1 | (trap '' INT TERM; tee -a "$log")
-status=${PIPESTATUS[0]}
-set -e
-# weight buffers of ranks that are gone (a rank killed with SIGKILL cannot remove its own)
-for f in /dev/shm/tgrpo-*-*.bin; do
-  [ -e "$f" ] || continue
-  pid=${f##*-}; pid=${pid%.bin}
-  [ -d "/proc/$pid" ] || rm -f "$f"
+stopped=0
+trap 'stopped=1' INT TERM  # Ctrl-C or a kill ends the job (torchrun stops the ranks) and is never restarted
+restarts=0
+args=("$@")
+while true; do
+  start_byte=$(stat -c %s "$log")
+  set +e
+  "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --rdzv_conf "timeout=$JOIN_TIMEOUT_S" --max_restarts 0 \
+    train_grpo.py --config "$CONFIG" "${args[@]}" 2>&1 | (trap '' INT TERM; tee -a "$log")
+  status=${PIPESTATUS[0]}
+  set -e
+  # weight buffers of ranks that are gone (a rank killed with SIGKILL cannot remove its own)
+  for f in /dev/shm/tgrpo-*-*.bin; do
+    [ -e "$f" ] || continue
+    pid=${f##*-}; pid=${pid%.bin}
+    [ -d "/proc/$pid" ] || rm -f "$f"
+  done
+  [ "$status" -ne 0 ] || break
+  cause=$("$PYTHON" -m tgrpo.failures "$log" "$start_byte" 2>/dev/null || true)
+  [ -n "$cause" ] && echo "error: ${cause} (log: $log)" | tee -a "$log" >&2
+  # a bad config (2) is never retried; nor is a job someone stopped
+  if [ "$status" -eq 2 ] || [ "$stopped" -eq 1 ] || [ "$restarts" -ge "$MAX_RESTARTS" ]; then break; fi
+  restarts=$((restarts + 1))
+  echo "restart $restarts/$MAX_RESTARTS after exit status $status: resuming from the newest checkpoint" | tee -a "$log" >&2
+  args=("$@" --overwrite_output_dir false --resume auto)
 done
 if [ "$status" -ne 0 ] && grep -q "clients joined\|waiting for clients\|Timed out after .* seconds" "$log"; then
   echo "error: not all $NODES nodes of $HOSTFILE met at $MASTER_ADDR:$MASTER_PORT within JOIN_TIMEOUT_S=$JOIN_TIMEOUT_S s:" \

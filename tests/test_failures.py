@@ -34,3 +34,37 @@ def test_a_dead_vllm_engine_ends_the_job_with_one_line(tmp_path):
     while alive(everything) and time.time() < deadline:
         time.sleep(1)
     assert not alive(everything)
+
+
+SUMMARY = """{own}Failures:
+[1]:
+  time      : 2026-11-30_19:23:21
+  host      : node-a
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 26593)  (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 26593
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-30_19:23:21
+  host      : node-a
+  rank      : 1 (local_rank: 1)
+  exitcode  : {code} (pid: 26594)
+  error_file: <N/A>
+"""
+
+
+def test_root_cause_names_the_killed_rank_not_torchruns_sigterm_or_the_survivors():
+    """torchrun's summary as it prints it: the rank killed by SIGKILL is the cause, not the ranks torchrun then
+    stopped with SIGTERM nor a survivor's connection error; without a signal, the first rank's own error line."""
+    from tgrpo.failures import root_cause
+
+    survivor = "[rank 0 rollout] error: RuntimeError: Connection reset by peer (traceback: x.log)\n"
+    assert root_cause(SUMMARY.format(own=survivor, code="-9")) == (
+        "rank 1 (local rank 1 on node-a, pid 26594) was killed by SIGKILL; 1 other rank stopped after it")
+    assert root_cause(SUMMARY.format(own="", code="-11")).startswith("rank 1 (local rank 1 on node-a, pid 26594) "
+                                                                     "was killed by SIGSEGV")
+    assert root_cause(SUMMARY.format(own=survivor, code="1")) == (
+        "rank 0 rollout failed: RuntimeError: Connection reset by peer (traceback: x.log)")
+    assert root_cause("no failure here\n") is None

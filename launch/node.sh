@@ -35,6 +35,10 @@ checked=$("$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@") ||
 OUTPUT_DIR=$(printf '%s\n' "$checked" | sed -n 's/^output_dir=//p' | tail -n 1)
 LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/logs}
 
+if [ "$NODE_RANK" = 0 ] && ! "$PYTHON" -c "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('', int(sys.argv[1])))" "$MASTER_PORT" 2>/dev/null; then
+  echo "error: MASTER_PORT $MASTER_PORT is in use on this host (another job?): stop that job or set MASTER_PORT to a free port" >&2
+  exit 2
+fi
 mkdir -p "$LOG_DIR"
 log="$LOG_DIR/node$NODE_RANK.log"
 echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT (log: $log)"

@@ -24,11 +24,17 @@ GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "
     (["--learning_rate", "fast"], "invalid float value"),
     ("no-answer", "no answer in 'answer'"),
     ("file-as-output-dir", "cannot be written"),
+    ("corrupt-model", "cannot be loaded"),
     ("previous-run", "holds a previous run (metrics.jsonl): continue it with --resume auto"),
     ("no-prompt", "holds no prompt"),
 ])
 def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
-    if args == "file-as-output-dir":
+    if args == "corrupt-model":
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "qwen2", "hidden_size": ')  # cut off mid-write
+        args = ["--model", str(model)]
+    elif args == "file-as-output-dir":
         (tmp_path / "f").write_text("")
         args = ["--output_dir", str(tmp_path / "f" / "out")]
     elif args == "previous-run":
@@ -80,3 +86,19 @@ def test_plain_torchrun_says_bad_input_in_one_line(tmp_path, args, words):
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and words in ours[0], result.stderr[-3000:]
+
+
+def test_node_sh_names_a_master_port_in_use(tmp_path):
+    import socket
+
+    from helpers import free_port
+
+    with socket.socket() as busy:
+        port = free_port()
+        busy.bind(("", port))
+        busy.listen()
+        result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out")],
+                     timeout=300, env={"PYTHON": sys.executable, "MASTER_PORT": str(port)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"MASTER_PORT {port} is in use" in lines[0], result.stderr

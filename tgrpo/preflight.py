@@ -28,7 +28,14 @@ def main() -> None:
         from tgrpo import data
         from tgrpo.trainer import resolve_model
 
-        data.load_prompts(cfg, AutoTokenizer.from_pretrained(resolve_model(cfg)))
+        model_dir = resolve_model(cfg)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError) as e:  # a corrupt config.json or tokenizer file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model '{cfg.model}' cannot be loaded ({first}): check its config.json and "
+                              "tokenizer files, or download it again") from None
+        data.load_prompts(cfg, tokenizer)
         if cfg.retriever_url and cfg.retriever_on_failure == "fail":
             from tgrpo.retriever import connect
 

@@ -111,7 +111,8 @@ def test_group_advantages_none_scale():
 
 
 def test_batch_scaled_advantages_are_those_of_the_whole_step_whatever_the_engines():
-    """Two engines' groups of 4: the step's advantages come from all 16 rewards (6 ones: std sqrt(16 * 0.375 * 0.625 / 15) = 0.5), as on one engine; each
+    """Two engines' groups of 4: the step's advantages come from all 16 rewards (6 ones: std
+    sqrt(16 * 0.375 * 0.625 / 15) = 0.5), as on one engine; each
     engine's own std (0.5345, 0.4629) would move them by up to 0.12."""
     from tgrpo.batch import Sample
     from tgrpo.rollout import assign_advantages
@@ -121,7 +122,8 @@ def test_batch_scaled_advantages_are_those_of_the_whole_step_whatever_the_engine
     assign_advantages(two, 4, "batch")
     one = group_advantages(t(*(engine0 + engine1)), 4, "batch")
     assert_close(t(*[s.advantage for s in two]), one)
-    centred = t(-0.25, -0.25, -0.25, 0.75, -0.75, 0.25, 0.25, 0.25, -0.25, -0.25, -0.25, 0.75, -0.25, -0.25, -0.25, 0.75)
+    centred = t(-0.25, -0.25, -0.25, 0.75, -0.75, 0.25, 0.25, 0.25,
+                -0.25, -0.25, -0.25, 0.75, -0.25, -0.25, -0.25, 0.75)
     assert_close(one, centred / (0.5 + EPS))
     per_engine = torch.cat([group_advantages(t(*engine0), 4, "batch"), group_advantages(t(*engine1), 4, "batch")])
     assert (per_engine - one).abs().max() > 0.1

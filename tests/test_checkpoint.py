@@ -91,3 +91,22 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match="output_dir '.*a-file/out' cannot be written"):
         checkpoint.check_output_dir(Config(output_dir=str(tmp_path / "a-file" / "out")))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_the_file(tmp_path, capfd):
+    """Sizes written at save are checked at resume: a truncated DeepSpeed shard or missing model weights make
+    --resume auto take the previous checkpoint and say which file; an explicit --resume of it is one error."""
+    older, newer = _make(tmp_path, "step-10"), _make(tmp_path, "step-20")
+    for path in (older, newer):
+        (path / "deepspeed").mkdir()
+        (path / "deepspeed" / "shard.pt").write_bytes(b"0123456789")
+        checkpoint.write_manifest(str(path))
+    assert checkpoint.find_latest(str(tmp_path)).endswith("step-20")
+    (newer / "deepspeed" / "shard.pt").write_bytes(b"01234")  # cut off
+    assert checkpoint.find_latest(str(tmp_path)).endswith("step-10")
+    assert "deepspeed/shard.pt has 5 bytes, 10 were written" in capfd.readouterr().err
+    (older / "model.safetensors").unlink()
+    assert checkpoint.find_latest(str(tmp_path)) is None
+    assert "model.safetensors is missing" in capfd.readouterr().err
+    with pytest.raises(ConfigError, match="step-20' is damaged .deepspeed/shard.pt has 5 bytes"):
+        Config(resume=str(newer)).validate(3)

@@ -19,9 +19,10 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from tgrpo import deepspeed_engine, sync
+from tgrpo import console, deepspeed_engine, sync
 
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"  # every file of the checkpoint and its size, written before STATE
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -34,21 +35,62 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, STATE))
 
 
+def write_manifest(path: str) -> None:
+    """Every file under path (but STATE and the manifest) with its size in bytes."""
+    files = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(folder, name)
+            rel = os.path.relpath(full, path)
+            if rel not in (STATE, MANIFEST):
+                files[rel] = os.path.getsize(full)
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump(files, f, indent=0, sort_keys=True)
+
+
+def damage(path: str) -> str | None:
+    """What is wrong with a complete checkpoint's files against its manifest (a file missing or of another size),
+    or None. Checkpoints written before manifests existed are taken as they are."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"{MANIFEST} unreadable"
+    for rel, size in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
+    return None
+
+
 def find_latest(output_dir: str) -> str | None:
-    """The newest complete checkpoint folder, or None."""
+    """The newest complete and undamaged checkpoint folder, or None; a damaged newer one is skipped with a warning
+    that names the file."""
     root = checkpoints_dir(output_dir)
+    candidates = []
     try:
         with open(os.path.join(root, LATEST)) as f:
             named = os.path.join(root, f.read().strip())
-        if _STEP_DIR.match(os.path.basename(named)) and is_complete(named):
-            return named
+        if _STEP_DIR.match(os.path.basename(named)):
+            candidates.append(named)
     except OSError:
         pass
-    if not os.path.isdir(root):
-        return None
-    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))
-             and is_complete(os.path.join(root, name))]
-    return os.path.join(root, max(steps)[1]) if steps else None
+    if os.path.isdir(root):
+        steps = sorted(((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))),
+                       reverse=True)
+        candidates += [os.path.join(root, name) for _, name in steps]
+    for path in dict.fromkeys(candidates):
+        if not is_complete(path):
+            continue
+        problem = damage(path)
+        if problem is None:
+            return path
+        console.warn_once(f"checkpoint {path} is damaged ({problem}): resuming from an older one")
+    return None
 
 
 def check_output_dir(cfg) -> None:
@@ -133,6 +175,7 @@ def save(job, step: int) -> str:
     dist.barrier(group=job.groups.data)
     if job.is_source:
         placement = job.placement
+        write_manifest(tmp)
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump({"step": step, "world_size": placement.world_size, "rollout": list(placement.rollout),
                        "policy": list(placement.policy), "reference": list(placement.reference),

@@ -266,6 +266,11 @@ class Config:
 
             _check(is_complete(self.resume), f"resume='{self.resume}' is not a complete checkpoint folder (no "
                    "trainer_state.json there): name an output_dir/checkpoints/step-N folder or use 'auto'")
+            from tgrpo.checkpoint import damage
+
+            problem = damage(self.resume)
+            _check(problem is None, f"checkpoint '{self.resume}' is damaged ({problem}): name an older one or use "
+                   "'auto', which skips damaged checkpoints")
         if self.retriever_url:
             from urllib.parse import urlparse
 

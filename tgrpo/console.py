@@ -3,7 +3,8 @@
 The console gets rank 0's progress bar, start-up milestones, evaluations, saves, errors and actionable warnings
 (each once). Everything else that this process and the engine processes it starts print (library logs, warnings,
 vLLM's and DeepSpeed's notices) goes to the node's log file: `divert` points file descriptors 1 and 2 at that file
-and keeps the terminal for `out` and `err`. TGRPO_VERBOSE=1 (or `verbose: true`) leaves everything on the console.
+and keeps the terminal for `stdout()` and `stderr()`. TGRPO_VERBOSE=1 (or `verbose: true`) leaves everything on
+the console.
 
 This module imports nothing from tgrpo.
 """
@@ -18,8 +19,16 @@ _said: set[str] = set()
 _logged: set[tuple[str, str]] = set()
 _log_path: str | None = None
 _teed = False  # the console already reaches the log file (launch/node.sh tees it there)
-out = sys.stdout  # the terminal, after divert as before it
-err = sys.stderr
+_out = None  # the terminal once fds 1 and 2 are diverted; before that, sys.stdout and sys.stderr as they are now
+_err = None
+
+
+def stdout():
+    return _out or sys.stdout
+
+
+def stderr():
+    return _err or sys.stderr
 
 
 def verbose_from_env() -> bool:
@@ -28,17 +37,17 @@ def verbose_from_env() -> bool:
 
 def divert(log_path: str, verbose: bool = False, teed: bool = False) -> str | None:
     """From now on, fds 1 and 2 (this process's prints and those of every child it starts) append to log_path;
-    `out`/`err` write to the terminal (teed: which is copied to log_path already). Returns the log's path, or None
-    with verbose (nothing diverted)."""
-    global out, err, _log_path, _teed
+    stdout()/stderr() write to the terminal (teed: which is copied to log_path already). Returns the log's path,
+    or None with verbose (nothing diverted)."""
+    global _out, _err, _log_path, _teed
     if verbose or _log_path is not None:
         return _log_path
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
-    out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
-    err = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    _out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+    _err = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -58,13 +67,13 @@ def copy_to_log() -> bool:
 
 def say(text: str) -> None:
     """A line for people: on the console, and in the log file when the console is diverted."""
-    print(text, file=out, flush=True)
+    print(text, file=stdout(), flush=True)
     if copy_to_log():
         print(text, file=sys.stdout, flush=True)
 
 
 def error(text: str) -> None:
-    print(text, file=err, flush=True)
+    print(text, file=stderr(), flush=True)
     if copy_to_log():
         print(text, file=sys.stderr, flush=True)
 

@@ -4,7 +4,8 @@ own `[rank N role] error:` lines).
     python -m tgrpo.failures LOG [FROM_BYTE]
 
 A rank killed by a signal (not torchrun's own SIGTERM to the rest) is named before the survivors whose
-collectives then failed; otherwise the first rank that reported an error of its own, else torchrun's root cause. Prints nothing when the log holds no failure. Imports nothing from tgrpo.
+collectives then failed; otherwise the first rank that reported an error of its own, else torchrun's root cause.
+Prints nothing when the log holds no failure. Imports nothing from tgrpo.
 """
 from __future__ import annotations
 

@@ -82,7 +82,8 @@ class Metrics:
                                     purge_step=start_step + 1)
         self.metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
         self.samples_file = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
-        self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True, file=console.out)
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True,
+                        file=console.stdout())
 
     def log(self, step: int, samples: list, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -108,7 +109,7 @@ class Metrics:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text, file=console.out)
+            self.bar.write(text, file=console.stdout())
             if console.copy_to_log():
                 print(text, flush=True)  # the log file too
 

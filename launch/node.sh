@@ -6,7 +6,8 @@
 # Environment: HOSTFILE (hostfile), MASTER_PORT (29631), CONFIG (configs/default.yaml), PYTHON (.venv's python),
 # LOG_DIR (the run's output_dir/logs), JOIN_TIMEOUT_S (600: how long the nodes wait for each other at start-up),
 # MAX_RESTARTS (0: after a failure, start the job again with --resume auto up to this many times; every node's
-# node.sh does, so the nodes meet again; a bad config, exit status 2, is never retried).
+# node.sh does, so the nodes meet again; a bad config, exit status 2, is never retried), TGRPO_PREEMPT_FILE (when
+# this file appears the job saves at the end of its step and stops; node.sh then exits with status 3).
 # NCCL_*/GLOO_* variables (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE, ...) pass through to every rank.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,7 @@ read_hostfile "$NODE_RANK"
 # Bad input stops here, in one line, before any process group or engine starts.
 checked=$("$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@") || exit $?
 OUTPUT_DIR=$(printf '%s\n' "$checked" | sed -n 's/^output_dir=//p' | tail -n 1)
+OUTPUT_DIR=${OUTPUT_DIR:-output}
 LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/logs}
 
 if [ "$NODE_RANK" = 0 ] && ! "$PYTHON" -c "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('', int(sys.argv[1])))" "$MASTER_PORT" 2>/dev/null; then
@@ -44,6 +46,7 @@ log="$LOG_DIR/node$NODE_RANK.log"
 echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT (log: $log)"
 : > "$log"
 export TGRPO_LOG_FILE="$log" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the ranks append library output to the log
+rm -f "$OUTPUT_DIR/logs/preempted"
 stopped=0
 trap 'stopped=1' INT TERM  # Ctrl-C or a kill ends the job (torchrun stops the ranks) and is never restarted
 restarts=0
@@ -62,7 +65,12 @@ while true; do
     pid=${f##*-}; pid=${pid%.bin}
     [ -d "/proc/$pid" ] || rm -f "$f"
   done
+  if [ "$status" -eq 0 ] && [ -e "$OUTPUT_DIR/logs/preempted" ]; then
+    rm -f "$OUTPUT_DIR/logs/preempted"
+    status=3  # saved and stopped on a preemption request: for the scheduler to requeue, not for us to restart
+  fi
   [ "$status" -ne 0 ] || break
+  [ "$status" -ne 3 ] || break
   cause=$("$PYTHON" -m tgrpo.failures "$log" "$start_byte" 2>/dev/null || true)
   [ -n "$cause" ] && echo "error: ${cause} (log: $log)" | tee -a "$log" >&2
   # a bad config (2) is never retried; nor is a job someone stopped

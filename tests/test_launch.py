@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from helpers import ROOT, free_port, run, torchrun
+from helpers import ROOT, finish, free_port, run, start, torchrun
+from tgrpo import checkpoint
 
 PYTHON = {"PYTHON": sys.executable}
 
@@ -99,9 +100,10 @@ while [ "${1#--}" != "$1" ]; do shift; done
 for id in 0 1; do SLURM_NODEID=$id "$@" || exit; done
 '''
 
-# node.sh runs $PYTHON twice: the pre-flight (passes here) and torchrun (printed here instead of run)
+# node.sh runs $PYTHON for the pre-flight and the master port check (both pass here) and torchrun (printed here
+# instead of run)
 FAKE_PYTHON = '''#!/usr/bin/env bash
-if [ "$2" = tgrpo.preflight ]; then exit 0; fi
+if [ "$2" = tgrpo.preflight ] || [ "$1" = -c ]; then exit 0; fi
 echo "PYTHON $*"
 '''
 
@@ -283,3 +285,52 @@ def test_readme_main_job_prints_one_screen_and_logs_the_rest(tmp_path):
     logged = (log_dir / "node0.log").read_text()
     assert "done: 30 steps" in logged and "WARNING" in logged  # the console's lines and vLLM's own
     assert not os.path.exists(stale) and not [n for n in os.listdir("/dev/shm") if n.startswith("tgrpo-")]
+
+
+def test_sbatch_preemption_warning_asks_the_job_to_save_and_requeues_it(tmp_path):
+    """SLURM's USR1 before the time limit reaches the batch shell: it creates the job's preemption request file
+    (which the trainer polls every step) and, once the step has ended, requeues the job; the requeued run (restart
+    count 1) resumes."""
+    env = _slurm_env(tmp_path, 0, DRY_RUN="1", SLURM_NODEID="", SLURM_SUBMIT_DIR=ROOT, LOG_DIR=str(tmp_path / "logs"))
+    stub = tmp_path / "bin"
+    (stub / "srun").write_text("#!/usr/bin/env bash\nkill -USR1 $PPID; sleep 2\n"
+                               "[ -e \"$TGRPO_PREEMPT_FILE\" ] && echo REQUEST-SEEN\n")
+    (stub / "scontrol").write_text(f"#!/usr/bin/env bash\nif [ \"$1\" = requeue ]; then echo \"$@\" > {tmp_path}/requeued;"
+                                   f" exit 0; fi\nexec {stub}/scontrol-hosts \"$@\"\n")
+    (stub / "scontrol-hosts").write_text(SCONTROL)
+    (stub / "scontrol-hosts").chmod(0o755)
+    result = run(["bash", "launch/slurm.sbatch", "--", "--max_steps", "5"], timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "REQUEST-SEEN" in result.stdout and "requeueing job 4242" in result.stdout, result.stdout
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    requeued = run(["bash", "launch/slurm.sbatch", "--", "--max_steps", "5"], timeout=30,
+                   env={**_slurm_env(tmp_path, 0, DRY_RUN="1", SLURM_NODEID="", SLURM_SUBMIT_DIR=ROOT,
+                                     LOG_DIR=str(tmp_path / "logs")), "SLURM_RESTART_COUNT": "1"})
+    assert requeued.returncode == 0 and "--resume auto" in requeued.stdout, requeued.stdout
+
+
+def test_a_preemption_request_saves_at_the_step_end_and_the_next_run_resumes(tmp_path):
+    """The trainer under node.sh: when TGRPO_PREEMPT_FILE appears, the job saves at the end of its step, stops,
+    and node.sh exits with status 3 (to be requeued, not restarted); the same command with --resume auto then
+    continues from that step to the end."""
+    out, request = tmp_path / "out", tmp_path / "preempt-request"
+    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--max_steps", "8", "--prompts_per_step", "8",
+           "--micro_batch_size", "8", "--save_steps", "0", "--output_dir", str(out)]
+    env = {**PYTHON, "MASTER_PORT": str(free_port()), "TGRPO_PREEMPT_FILE": str(request)}
+    proc = start(cmd, env=env, log=str(tmp_path / "first.out"))
+    deadline = time.time() + 600
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, open(tmp_path / "first.out").read()[-3000:]
+        time.sleep(0.5)
+    request.touch()
+    first = finish(proc, 300)
+    console = open(tmp_path / "first.out").read()
+    assert first.returncode == 3, console[-3000:]
+    stopped = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= stopped < 8 and f"preempted: stopped after step {stopped}" in console, console[-3000:]
+    assert checkpoint.find_latest(str(out)).endswith(f"step-{stopped}")
+    request.unlink()
+    second = run([*cmd, "--resume", "auto"], timeout=600, env={**env, "MASTER_PORT": str(free_port())})
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"(step {stopped})" in second.stdout and "done: 8 steps" in second.stdout
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, 9))

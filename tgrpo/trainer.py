@@ -15,7 +15,9 @@ and training instead of their sum; samples are then up to k updates old and tis_
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ def launch(argv: list[str] | None, body, adjust=None) -> None:
     if rank == 0 and log_file:
         console.say(f"details and library output: {log_file} (TGRPO_VERBOSE=1 shows them here)")
     _quiet_libraries()
+    signal.signal(signal.SIGUSR1, lambda *_: _SIGNALLED.set())  # a preemption warning: save at the step's end
     _stack_dumps(cfg, rank)
     _fatal_signals(cfg, rank)
     try:
@@ -166,6 +169,7 @@ class Job:
     shard_plan: object = None
     more_groups: object = None
     start_step: int = 0  # the step a resumed run continues after
+    stopped_at: int | None = None  # the step after which a preemption request stopped the run (saved there)
 
     @property
     def engine(self):
@@ -348,8 +352,10 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         if cfg.sync_check:
             train_metrics.update(_sync_check(cfg, placement, groups, worker, policy, step))
         shared: list = [None] * placement.world_size
-        dist.all_gather_object(shared, (train_metrics if job.is_source else None, sync_s), group=groups.data)
-        train_metrics = {**shared[placement.sync_source][0], "sync_s": max(s for _, s in shared)}
+        dist.all_gather_object(shared, (train_metrics if job.is_source else None, sync_s, preemption_requested()),
+                               group=groups.data)
+        train_metrics = {**shared[placement.sync_source][0], "sync_s": max(s for _, s, _ in shared)}
+        preempted = any(p for _, _, p in shared)  # every rank decides alike, at the same step
         if cfg.sync_check and not train_metrics["sync_check/passed"]:
             raise JobError(f"sync check failed after step {step + 1}: vLLM's greedy tokens or logprobs differ from "
                            f"the policy's (token match {train_metrics['sync_check/token_match']:.3f}, max logprob "
@@ -363,7 +369,7 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
             t_eval = time.perf_counter()
             scalars.update(_evaluate(cfg, placement, groups, worker, job.log, done))
             scalars["time/eval_s"] = time.perf_counter() - t_eval
-        if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+        if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps or preempted:
             t_save = time.perf_counter()
             path = checkpoint.save(job, done)
             scalars["time/save_s"] = time.perf_counter() - t_save
@@ -373,12 +379,36 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
                             f"'(search failed)' (retriever_on_failure=empty)")
         job.log.log(done, samples, scalars)
         history.append(scalars if rank == 0 else {})
+        if preempted and done < cfg.max_steps:
+            job.stopped_at = done
+            if rank == 0:
+                os.makedirs(os.path.join(cfg.output_dir, "logs"), exist_ok=True)
+                with open(os.path.join(cfg.output_dir, "logs", PREEMPTED), "w") as f:
+                    f.write(f"{done}\n")
+            break
     return history
+
+
+PREEMPTED = "preempted"  # written into output_dir/logs when a preemption request stopped the run; node.sh reads it
+
+
+def preemption_requested() -> bool:
+    """SLURM's warning before the time limit, passed on by launch/slurm.sbatch as a file (TGRPO_PREEMPT_FILE), or
+    SIGUSR1 to this rank."""
+    path = os.environ.get("TGRPO_PREEMPT_FILE")
+    return _SIGNALLED.is_set() or bool(path and os.path.exists(path))
+
+
+_SIGNALLED = threading.Event()
 
 
 def finish(job: Job) -> None:
     dist.barrier(group=job.groups.data)  # checkpoints written before anyone reports success
-    job.log.message(f"done: {job.cfg.max_steps} steps; outputs in {job.cfg.output_dir}")
+    if job.stopped_at is not None:
+        job.log.message(f"preempted: stopped after step {job.stopped_at}, saved; run again with --resume auto "
+                        "(launch/slurm.sbatch requeues the job, which does)")
+    else:
+        job.log.message(f"done: {job.cfg.max_steps} steps; outputs in {job.cfg.output_dir}")
     job.log.close()
     if job.worker is not None:
         job.worker.scorer.close()

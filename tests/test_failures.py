@@ -68,3 +68,44 @@ def test_root_cause_names_the_killed_rank_not_torchruns_sigterm_or_the_survivors
     assert root_cause(SUMMARY.format(own=survivor, code="1")) == (
         "rank 0 rollout failed: RuntimeError: Connection reset by peer (traceback: x.log)")
     assert root_cause("no failure here\n") is None
+
+
+def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
+    """SIGSTOP of a policy rank mid-run: within hang_report_s + 30 s rank 0 prints one line naming the frozen rank
+    and writes a report of where every rank is, with the Python stacks of those still running; long before
+    dist_timeout_s would end the job."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
+           "train_grpo.py", "--config", "configs/default.yaml", "--max_steps", "200", "--prompts_per_step", "8",
+           "--micro_batch_size", "8", "--hang_report_s", "15", "--dist_timeout_s", "600", "--output_dir", str(out)]
+    log = tmp_path / "run.log"
+    proc = start(cmd, log=str(log))
+    try:
+        deadline = time.time() + 600
+        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        ranks = [pid for pid in descendants(proc.pid) if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        victim = next(pid for pid in ranks if b"RANK=2" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+        os.kill(victim, signal.SIGSTOP)
+        frozen_at = time.time()
+        report = out / "logs" / "hang-report.txt"
+        while not report.exists() or "error: no heartbeat" not in log.read_text():
+            assert time.time() - frozen_at < 15 + 30, log.read_text()[-3000:]
+            time.sleep(1)
+        named = [line for line in log.read_text().split("\n") if line.startswith("error: no heartbeat")]
+        assert len(named) == 1 and f"from rank 2 (policy" in named[0] and f"pid {victim}" in named[0], named
+        text = report.read_text()
+        assert "silent ranks [2]" in text and "rank 0 rollout" in text and "rank 1 policy" in text, text
+        time.sleep(2 * 2.0 + 1)  # the ranks still running write their stacks at their next heartbeat
+        assert (out / "logs" / "stacks-rank0.txt").exists() and (out / "logs" / "stacks-rank1.txt").exists()
+    finally:
+        everything = descendants(proc.pid)
+        for pid in everything:
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait()

@@ -198,6 +198,9 @@ class Config:
     overwrite_output_dir: bool = _f(False, "Start over in an output_dir that holds a previous run: its metrics, "
                                            "samples, tensorboard events and checkpoints are deleted. Without it "
                                            "such a run stops (use --resume auto to continue it).")
+    hang_report_s: float = _f(600.0, "When a rank is silent or one phase of a step lasts longer than this, rank 0 "
+                                     "writes output_dir/logs/hang-report.txt (where every rank is, and their Python "
+                                     "stacks) and names the ranks in one line; 0 turns the watchdog off.")
     verbose: bool = _f(False, "Show library output (vLLM, DeepSpeed, warnings) on the console too; by default it "
                               "goes to the node's log file only (as TGRPO_VERBOSE=1).")
     sync_bucket_mb: int = _f(1024, "Size of the flat buckets in which weights go from policy to rollout, in MiB.")

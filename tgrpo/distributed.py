@@ -52,6 +52,12 @@ def init(backend: str, timeout_s: int) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
+def default_store():
+    """The world's c10d key-value store (torchrun's rendezvous store), for heartbeats. Private torch API: here
+    alone. Taken before any rank swaps its default group."""
+    return dist.distributed_c10d._get_default_store()
+
+
 def make_default_group(group: dist.ProcessGroup) -> None:
     """Make `group` this rank's default group. DeepSpeed ZeRO-3 issues some collectives on the default group (a
     barrier in stage-3 set-up, a broadcast in assert_ints_same_as_other_ranks), so it only runs on a subset of the

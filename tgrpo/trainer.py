@@ -30,6 +30,7 @@ from tgrpo.config import Config, ConfigError, load_config
 from tgrpo.metrics import Metrics, step_metrics
 from tgrpo.rollout import RolloutWorker, assign_advantages, kl_into_rewards
 from tgrpo.placement import POLICY, REFERENCE, build_groups
+from tgrpo.watchdog import Watchdog
 
 
 BF16_MEAN_ATOL = 0.05  # sync check in bfloat16: largest mean |logprob difference| per token
@@ -169,6 +170,7 @@ class Job:
     shard_plan: object = None
     more_groups: object = None
     start_step: int = 0  # the step a resumed run continues after
+    watchdog: Watchdog | None = None
     stopped_at: int | None = None  # the step after which a preemption request stopped the run (saved there)
 
     @property
@@ -194,6 +196,8 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
     model_dir = resolve_model(cfg)
     backend = distributed.pick_backend(cfg.backend)
     distributed.init(backend, cfg.dist_timeout_s)
+    watch = (Watchdog(distributed.default_store(), rank, placement.world_size, placement.role_name(rank),
+                      os.path.join(cfg.output_dir, "logs"), cfg.hang_report_s) if cfg.hang_report_s > 0 else None)
     groups = build_groups(placement, backend, cfg.dist_timeout_s)
     extra = more_groups(backend) if more_groups is not None else None
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -256,7 +260,7 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
                  if split_partitions else None]
     dist.broadcast_object_list(plans, group=groups.data, group_src=placement.sync_source)
     job = Job(cfg, placement, groups, rank, device, model_dir, log, plans[0], worker, policy, reference,
-              shard_plan=plans[1], more_groups=extra)
+              shard_plan=plans[1], more_groups=extra, watchdog=watch)
     engines = len(placement.engine_ranks)
     log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
                 f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{cfg.zero_stage})"
@@ -321,10 +325,13 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
     cfg, placement, groups, rank = job.cfg, job.placement, job.groups, job.rank
     worker, engine, policy = job.worker, job.engine, job.policy
     history = []
+    watch = job.watchdog.at if job.watchdog is not None else (lambda step, phase: None)
     for step in range(first, last):
         t_step = time.perf_counter()
+        watch(step + 1, "generate")
         local = _batch_for(job, step) if worker is not None else ([], None)
         everyone: list = [None] * placement.world_size
+        watch(step + 1, "gather samples")
         t_gather = time.perf_counter()
         dist.all_gather_object(everyone, local, group=groups.data)
         gather_s = time.perf_counter() - t_gather
@@ -341,8 +348,10 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         train_metrics: dict = {}
         if worker is not None and staleness > 0:
             _generate_ahead(job, step, last, staleness)
+        watch(step + 1, "train")
         if policy is not None:
             train_metrics = policy.train_step(samples)
+        watch(step + 1, "sync")
         # every rank here first, so that the sync is timed from its start, not from an engine's wait for training
         dist.barrier(group=groups.data)
         t_sync = time.perf_counter()
@@ -352,6 +361,7 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         if cfg.sync_check:
             train_metrics.update(_sync_check(cfg, placement, groups, worker, policy, step))
         shared: list = [None] * placement.world_size
+        watch(step + 1, "gather metrics")
         dist.all_gather_object(shared, (train_metrics if job.is_source else None, sync_s, preemption_requested()),
                                group=groups.data)
         train_metrics = {**shared[placement.sync_source][0], "sync_s": max(s for _, s, _ in shared)}
@@ -366,10 +376,12 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         scalars["time/gather_s"] = gather_s  # rank 0's: on a rollout rank, the samples' trip to every rank
         scalars["time/step_s"] = time.perf_counter() - t_step  # evaluation and saving are timed on their own
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
+            watch(step + 1, "eval")
             t_eval = time.perf_counter()
             scalars.update(_evaluate(cfg, placement, groups, worker, job.log, done))
             scalars["time/eval_s"] = time.perf_counter() - t_eval
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps or preempted:
+            watch(step + 1, "save")
             t_save = time.perf_counter()
             path = checkpoint.save(job, done)
             scalars["time/save_s"] = time.perf_counter() - t_save
@@ -403,7 +415,11 @@ _SIGNALLED = threading.Event()
 
 
 def finish(job: Job) -> None:
+    if job.watchdog is not None:
+        job.watchdog.at(job.stopped_at or job.cfg.max_steps, "finish")
     dist.barrier(group=job.groups.data)  # checkpoints written before anyone reports success
+    if job.watchdog is not None:
+        job.watchdog.stop()
     if job.stopped_at is not None:
         job.log.message(f"preempted: stopped after step {job.stopped_at}, saved; run again with --resume auto "
                         "(launch/slurm.sbatch requeues the job, which does)")

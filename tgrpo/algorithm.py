@@ -37,7 +37,7 @@ def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0,
     if fused:
         out = _fused(flat, ids, 1.0 / temperature, entropy)
     if out is None:
-        out = _SelectedLogSoftmax.apply(flat, ids, 1.0 / temperature, entropy)
+        out = _SelectedLogSoftmax.apply(flat, ids, 1.0 / temperature, entropy, False)
     logp, ent = out
     return logp.view(shape), (ent.view(shape) if entropy else None)
 
@@ -51,7 +51,7 @@ def _fused(logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool):
     if _compiled is None:
         _compiled = (torch.compile(_fused_forward, dynamic=True), torch.compile(_fused_backward, dynamic=True))
     try:
-        return _FusedSelectedLogSoftmax.apply(logits, ids, inv_temp, entropy)
+        return _SelectedLogSoftmax.apply(logits, ids, inv_temp, entropy, True)
     except Exception as e:  # noqa: BLE001 - a missing compiler or an unsupported device: the chunked path is exact
         if _compiled is False or not _is_compile_error(e):
             raise
@@ -85,68 +85,56 @@ def _fused_backward(logits: Tensor, ids: Tensor, lse: Tensor, grad_logp: Tensor,
     return d.to(logits.dtype)
 
 
-class _FusedSelectedLogSoftmax(torch.autograd.Function):
-    """The compiled kernels over row chunks of FUSED_CHUNK_ELEMENTS (bounding memory even where the compiler
-    keeps a float32 intermediate)."""
+def _eager_forward(logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The chunked path's forward of a chunk: one float32 copy of its rows, worked on in place."""
+    x = _scaled(logits, inv_temp)
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(-1, ids[:, None]).squeeze(-1) - lse
+    if not entropy:
+        return logp, lse, lse.new_empty(0)
+    x.sub_(lse[:, None])  # H = -sum(p log p), log p = x - lse
+    return logp, lse, -torch.bmm(x.exp().unsqueeze(1), x.unsqueeze(2)).view(-1)
+
+
+def _eager_backward(logits: Tensor, ids: Tensor, lse: Tensor, grad_logp: Tensor, inv_temp: float) -> Tensor:
+    # d logp / d x = onehot(id) - softmax(x), and x = logits * inv_temp
+    g = grad_logp[:, None]
+    d = _scaled(logits, inv_temp).sub_(lse[:, None]).exp_().mul_(-g)
+    d.scatter_add_(-1, ids[:, None], g)
+    return d.mul_(inv_temp) if inv_temp != 1.0 else d
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """Row chunks through a forward and a backward kernel: the compiled ones (fused, FUSED_CHUNK_ELEMENTS a chunk,
+    bounding memory even where the compiler keeps a float32 intermediate) or the eager in-place ones (CHUNK_ELEMENTS
+    float32 values a chunk). Either reads the logits a few times per pass, as a fused cross-entropy would."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool):
-        forward, _ = _compiled
-        rows = max(1, FUSED_CHUNK_ELEMENTS // logits.shape[-1])
+    def _kernels(fused: bool):
+        return (*_compiled, FUSED_CHUNK_ELEMENTS) if fused else (_eager_forward, _eager_backward, CHUNK_ELEMENTS)
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool, fused: bool):
+        forward, _, elements = _SelectedLogSoftmax._kernels(fused)
+        rows = max(1, elements // logits.shape[-1])
         parts = [forward(logits[s:s + rows], ids[s:s + rows], inv_temp, entropy)
                  for s in range(0, logits.shape[0], rows)]
         logp, lse, ent = (torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts))
         ctx.save_for_backward(logits, ids, lse)
-        ctx.inv_temp = inv_temp
+        ctx.inv_temp, ctx.fused = inv_temp, fused
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
-        _, backward = _compiled
+        _, backward, elements = _SelectedLogSoftmax._kernels(ctx.fused)
         logits, ids, lse = ctx.saved_tensors
-        rows = max(1, FUSED_CHUNK_ELEMENTS // logits.shape[-1])
+        rows = max(1, elements // logits.shape[-1])
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], rows):
             grad[s:s + rows] = backward(logits[s:s + rows], ids[s:s + rows], lse[s:s + rows],
                                         grad_logp[s:s + rows].contiguous(), ctx.inv_temp)
-        return grad, None, None, None
-
-
-class _SelectedLogSoftmax(torch.autograd.Function):
-    """Each chunk is a float32 copy of its rows of logits, worked on in place: forward and backward each read the
-    logits about three times, as a fused cross-entropy would."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, inv_temp: float, entropy: bool):
-        rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-        logp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(logp)
-        ent = torch.empty_like(logp) if entropy else logp.new_empty(0)
-        for s in range(0, logits.shape[0], rows):
-            x = _scaled(logits[s:s + rows], inv_temp)
-            lse[s:s + rows] = torch.logsumexp(x, dim=-1)
-            logp[s:s + rows] = x.gather(-1, ids[s:s + rows, None]).squeeze(-1) - lse[s:s + rows]
-            if entropy:  # H = -sum(p log p), log p = x - lse
-                x.sub_(lse[s:s + rows, None])
-                ent[s:s + rows] = -torch.bmm(x.exp().unsqueeze(1), x.unsqueeze(2)).view(-1)
-        ctx.save_for_backward(logits, ids, lse)
-        ctx.inv_temp = inv_temp
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
-        logits, ids, lse = ctx.saved_tensors
-        rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], rows):
-            g = grad_logp[s:s + rows, None]
-            # d logp / d x = onehot(id) - softmax(x), and x = logits * inv_temp
-            d = _scaled(logits[s:s + rows], inv_temp=ctx.inv_temp).sub_(lse[s:s + rows, None]).exp_().mul_(-g)
-            d.scatter_add_(-1, ids[s:s + rows, None], g)
-            grad[s:s + rows] = d.mul_(ctx.inv_temp) if ctx.inv_temp != 1.0 else d
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _scaled(logits: Tensor, inv_temp: float) -> Tensor:

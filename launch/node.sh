@@ -43,7 +43,7 @@ if [ "$NODE_RANK" = 0 ] && ! "$PYTHON" -c "import socket, sys; s = socket.socket
 fi
 mkdir -p "$LOG_DIR"
 log="$LOG_DIR/node$NODE_RANK.log"
-echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT (log: $log)"
+echo "node $NODE_RANK/$NODES: $NPROC processes, world size $WORLD_SIZE, master $MASTER_ADDR:$MASTER_PORT (log: $log; TGRPO_VERBOSE=1 shows library output here too)"
 : > "$log"
 export TGRPO_LOG_FILE="$log" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the ranks append library output to the log
 rm -f "$OUTPUT_DIR/logs/preempted"

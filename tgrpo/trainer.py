@@ -63,7 +63,7 @@ def launch(argv: list[str] | None, body, adjust=None) -> None:
     role = placement.role_name(rank)
     log_file = console.divert(node_log_path(cfg), verbose=cfg.verbose or console.verbose_from_env(),
                               teed=bool(os.environ.get("TGRPO_LOG_FILE")))
-    if rank == 0 and log_file:
+    if rank == 0 and log_file and not os.environ.get("TGRPO_LOG_FILE"):  # node.sh has named its log already
         console.say(f"details and library output: {log_file} (TGRPO_VERBOSE=1 shows them here)")
     _quiet_libraries()
     signal.signal(signal.SIGUSR1, lambda *_: _SIGNALLED.set())  # a preemption warning: save at the step's end

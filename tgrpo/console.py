@@ -56,10 +56,6 @@ def divert(log_path: str, verbose: bool = False, teed: bool = False) -> str | No
     return log_path
 
 
-def log_path() -> str | None:
-    return _log_path
-
-
 def copy_to_log() -> bool:
     """Whether console lines must also be written to the log file (diverted, and not teed there already)."""
     return _log_path is not None and not _teed

@@ -50,9 +50,10 @@ def main() -> None:
     ours, rest = parser.parse_known_args()
     if ours.steps < 2 or ours.plain_steps < 1:
         sys.exit("error: --steps must be >= 2 (the first step of each mode is a warm-up), --plain_steps >= 1")
-    from tgrpo import trainer
+    from tgrpo import rank_life, trainer
+    from tgrpo.config import load_config
 
-    def adjust(cfg):
+    def adjusted(cfg):
         if ours.random_model:
             from tgrpo.tiny import ensure_random_model
 
@@ -65,9 +66,9 @@ def main() -> None:
         cfg.tis_cap = cfg.tis_cap or 2.0  # both modes alike
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-step")
         cfg.overwrite_output_dir, cfg.resume = True, ""  # the benchmark's own folder, written anew by every run
+        return cfg
 
     def body(cfg, placement, rank):
-        import torch.distributed as dist
 
         from gpu import Busy
 
@@ -99,13 +100,12 @@ def main() -> None:
         if job.worker is not None:
             mine.update(measure_generation(job, cfg, ours, busy["bare"], last_rollout[-1] if last_rollout else None))
         n_params = sum(b.numel for b in job.plan)
-        everyone: list = [None] * placement.world_size
-        dist.all_gather_object(everyone, mine, group=job.groups.data)
+        everyone = rank_life.gather_objects(mine, job.groups.data)
         trainer.finish(job)
         if rank == 0:
             report(histories, cfg, placement, everyone, n_params, ours)
 
-    trainer.launch(rest, body, adjust)
+    rank_life.run(lambda: adjusted(load_config(rest)), body)
 
 
 def _keep_last(fn, kept: list):
@@ -161,8 +161,6 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
     bare vLLM on the same requests in a fresh engine, and the rewards of the last batch scored alone."""
     import torch
 
-    from tgrpo import vllm_engine
-
     worker, out = job.worker, {}
     prompts = worker.step_prompts(1)  # the first timed step's
     ids, budgets = [p.prompt_ids for p in prompts], [worker.completion_budget(p) for p in prompts]
@@ -191,12 +189,37 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
         torch.cuda.empty_cache()  # colocated: the policy's cached blocks go back to the bare engine
     from tgrpo.trainer import dtypes
 
-    runs = vllm_engine.bare_generate(job.model_dir, ids, dtype=dtypes(cfg)[0], seed=cfg.seed, max_tokens=budgets,
-                                     gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                     repeats=ours.bare_repeats, during=bare_busy.during, **kwargs)
+    runs = bare_generate(job.model_dir, ids, dtype=dtypes(cfg)[0], seed=cfg.seed, max_tokens=budgets,
+                         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, repeats=ours.bare_repeats,
+                         during=bare_busy.during, **kwargs)
     out["bare_tokens_per_s"] = statistics.fmean(tokens / seconds for tokens, seconds in runs)
     out["busy_bare"] = bare_busy.fraction()
     return out
+
+
+def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, seed: int, n: int,
+                  max_tokens: list[int], temperature: float, top_p: float, gpu_memory_utilization: float,
+                  repeats: int, during) -> list[tuple[int, float]]:
+    """The generation ceiling: a fresh vLLM engine with vLLM's own defaults (tgrpo.vllm_engine.bare_llm), the same
+    requests with sampled-token logprobs (which the trainer needs), after a short warm-up. Returns (generated
+    tokens, seconds) of each of `repeats` timed runs; during(fn) wraps the timed calls (the GPU busy sampler)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from tgrpo.vllm_engine import bare_llm
+
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+    with bare_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization) as llm:
+        warm = SamplingParams(n=n, max_tokens=8, temperature=temperature, top_p=top_p, logprobs=0)
+        llm.generate(prompts, warm, use_tqdm=False)
+        params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0)
+                  for m in max_tokens]
+        generate = during(llm.generate)
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            outputs = generate(prompts, params, use_tqdm=False)
+            runs.append((sum(len(o.token_ids) for out in outputs for o in out.outputs), time.perf_counter() - t0))
+        return runs
 
 
 def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours) -> None:

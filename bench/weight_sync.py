@@ -35,9 +35,10 @@ def main() -> None:
                         "tgrpo/tiny.py RANDOM_SHAPES: 60m, 0.5b, 1.5b) instead of --model.")
     parser.add_argument("--skip_per_param", action="store_true", help="Leave out the (slow) per-parameter mode.")
     ours, rest = parser.parse_known_args()
-    from tgrpo import trainer
+    from tgrpo import rank_life
+    from tgrpo.config import load_config
 
-    def adjust(cfg):
+    def adjusted(cfg):
         if ours.random_model:
             from tgrpo.tiny import ensure_random_model
 
@@ -45,34 +46,34 @@ def main() -> None:
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-weight-sync")
         cfg.overwrite_output_dir, cfg.resume = True, ""  # the benchmark's own folder, written anew by every run
         if cfg.sync_mode != "partitions" or cfg.colocate:
-            from tgrpo.config import ConfigError
+            from tgrpo.errors import ConfigError
 
             raise ConfigError("bench/weight_sync.py times the split placement's syncs: leave sync_mode partitions "
                               "and colocate false (every mode is timed anyway)")
 
-    trainer.launch(rest, lambda cfg, placement, rank: body(cfg, placement, rank, ours), adjust)
+        return cfg
+
+    rank_life.run(lambda: adjusted(load_config(rest)), lambda cfg, placement, rank: body(cfg, placement, rank, ours))
 
 
 def body(cfg, placement, rank: int, ours) -> None:
     import torch
     import torch.distributed as dist
 
-    from tgrpo import distributed, sync, trainer
+    from tgrpo import buckets, sync, trainer
     from tgrpo.placement import build_partition_groups, build_sync_groups
 
     fanout = min(placement.num_policy, placement.num_engines)
-
-    def more_groups(backend):
-        return (build_sync_groups(placement, 1, backend, cfg.dist_timeout_s),
-                build_sync_groups(placement, fanout, backend, cfg.dist_timeout_s) if fanout > 1 else None,
-                build_partition_groups(placement, backend, cfg.dist_timeout_s))
-
-    job = trainer.setup(cfg, placement, rank, more_groups)
-    one, alt, part_groups = job.more_groups
+    # the modes' own groups, made while every rank's default group is still the world (before ZeRO-3 starts)
+    connection = trainer.connect(cfg, placement, rank)
+    backend = connection.backend
+    one = build_sync_groups(placement, 1, backend, cfg.dist_timeout_s)
+    alt = build_sync_groups(placement, fanout, backend, cfg.dist_timeout_s) if fanout > 1 else None
+    part_groups = build_partition_groups(placement, backend, cfg.dist_timeout_s)
+    job = trainer.setup(cfg, placement, rank, connection)
     groups, plan, device = job.groups, job.plan, job.device
     total_bytes = sum(b.numel * b.torch_dtype.itemsize for b in plan)
-    per_param_plan = sync.plan_buckets([(n, shape, b.torch_dtype) for b in plan for n, shape, _, _ in b.params], 1)
-    backend = distributed.pick_backend(cfg.backend)
+    per_param_plan = buckets.plan_buckets([(n, shape, b.torch_dtype) for b in plan for n, shape, _, _ in b.params], 1)
 
     def timed(fn) -> float:
         times = []
@@ -90,7 +91,7 @@ def body(cfg, placement, rank: int, ours) -> None:
 
     def raw(sync_group):
         group, src, is_sender = sync_group
-        buffer = torch.ones(sync.max_bucket_bytes(plan), dtype=torch.uint8, device=device) if group else None
+        buffer = torch.ones(buckets.max_bucket_bytes(plan), dtype=torch.uint8, device=device) if group else None
 
         def run():
             if group is None:
@@ -117,7 +118,14 @@ def body(cfg, placement, rank: int, ours) -> None:
                 (group, src), = part_groups
                 sync.send_shards(job.policy.model, shard_plan, group, src, device)
             elif job.engine is not None:
-                sync.receive_shards(job.engine, shard_plan, part_groups, load=load)
+                if load:
+                    sync.receive_shards(job.engine, shard_plan, part_groups)
+                else:  # transport only: the segments land in the engine's buffer, nothing is loaded
+                    job.engine.ensure_buffer(shard_plan.max_bytes())
+                    for b in shard_plan.buckets:
+                        buffer = job.engine.weight_buffer(shard_plan.parts * b.length, b.torch_dtype)
+                        for j, (group, src) in enumerate(part_groups):
+                            dist.broadcast(buffer[j * b.length:(j + 1) * b.length], group=group, group_src=src)
         return run
 
     def load_only():
@@ -136,7 +144,7 @@ def body(cfg, placement, rank: int, ours) -> None:
         """Pieces of the bucketed path, to show where its time goes: gather (+ copy) only, or also broadcast into
         a plain buffer (no engine load)."""
         group, src, is_sender = sync_group
-        buffer = torch.empty(sync.max_bucket_bytes(plan), dtype=torch.uint8, device=device)
+        buffer = torch.empty(buckets.max_bucket_bytes(plan), dtype=torch.uint8, device=device)
 
         def run():
             if job.policy is not None:

@@ -29,6 +29,8 @@ fi
 
 # shellcheck source=launch/hostfile.sh
 source launch/hostfile.sh
+# shellcheck source=launch/cleanup.sh
+source launch/cleanup.sh
 read_hostfile "$NODE_RANK"
 
 # Bad input stops here, in one line, before any process group or engine starts.
@@ -51,6 +53,7 @@ stopped=0
 trap 'stopped=1' INT TERM  # Ctrl-C or a kill ends the job (torchrun stops the ranks) and is never restarted
 restarts=0
 args=("$@")
+started=$(date +%s)
 while true; do
   start_byte=$(stat -c %s "$log")
   set +e
@@ -59,12 +62,7 @@ while true; do
     train_grpo.py --config "$CONFIG" "${args[@]}" 2>&1 | (trap '' INT TERM; tee -a "$log")
   status=${PIPESTATUS[0]}
   set -e
-  # weight buffers of ranks that are gone (a rank killed with SIGKILL cannot remove its own)
-  for f in /dev/shm/tgrpo-*-*.bin; do
-    [ -e "$f" ] || continue
-    pid=${f##*-}; pid=${pid%.bin}
-    [ -d "/proc/$pid" ] || rm -f "$f"
-  done
+  sweep_shm "$started"  # shared memory of killed ranks and engines
   if [ "$status" -eq 0 ] && [ -e "$OUTPUT_DIR/logs/preempted" ]; then
     rm -f "$OUTPUT_DIR/logs/preempted"
     status=3  # saved and stopped on a preemption request: for the scheduler to requeue, not for us to restart

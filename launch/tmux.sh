@@ -16,6 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd -P)
+# shellcheck source=launch/cleanup.sh
+source launch/cleanup.sh
 
 usage="usage: bash launch/tmux.sh start|stop|attach [-- train_grpo.py arguments]"
 USER=${USER:-$(id -un)}
@@ -104,10 +106,13 @@ tagged_pids() {
 }
 
 kill_tagged() {
-  # SIGTERM first, so that torchrun and vLLM can end their children; SIGKILL whatever is left after the grace.
-  local tag=$1 grace=${STOP_GRACE_S:-20} pids waited=0
+  # SIGTERM first, so that torchrun and vLLM can end their children; SIGKILL whatever is left after the grace;
+  # then the shared memory they leave (made since the oldest of them started).
+  local tag=$1 grace=${STOP_GRACE_S:-20} pids waited=0 since
   pids=$(tagged_pids "$tag")
   [ -z "$pids" ] && return 0
+  # shellcheck disable=SC2086
+  since=$(( $(date +%s) - $(ps -o etimes= -p ${pids//$'\n'/,} | sort -n | tail -n 1) - 1 ))
   echo "$(hostname): stopping $(echo "$pids" | wc -l) process(es)"
   # shellcheck disable=SC2086
   kill -TERM $pids 2>/dev/null || true
@@ -117,7 +122,9 @@ kill_tagged() {
     echo "$(hostname): $(echo "$pids" | wc -l) process(es) still running after ${grace} s: SIGKILL"
     # shellcheck disable=SC2086
     kill -KILL $pids 2>/dev/null || true
+    sleep 1
   fi
+  sweep_shm "$since"
 }
 
 stop() {

@@ -4,8 +4,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def check(cfg, world_size: int, local_world_size: int | None = None):
+    """tgrpo.checks.check_job as every rank runs it (the data rows left to the engines), with the default
+    output_dir swapped for an empty temporary one: the repo's own output/ may hold a run."""
+    from tgrpo.checks import check_job
+
+    with tempfile.TemporaryDirectory() as out:
+        if cfg.output_dir == "output":
+            cfg.output_dir = out
+        return check_job(cfg, world_size, local_world_size, data=False)
 
 
 def free_port() -> int:
@@ -63,6 +75,11 @@ def descendants(pid: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+def shm() -> set[str]:
+    """What /dev/shm holds now: compare before and after a job to see what it left behind."""
+    return set(os.listdir("/dev/shm"))
 
 
 def alive(pids: set[int]) -> set[int]:

@@ -1,10 +1,10 @@
-"""Run by test_distributed.py under torchrun with 3 gloo ranks: rank 0 plays rollout, ranks 1-2 policy."""
+"""Run by test_rank_life.py under torchrun with 3 gloo ranks: rank 0 plays rollout, ranks 1-2 policy."""
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from tgrpo.distributed import make_default_group
+from tgrpo.rank_life import make_default_group
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank = dist.get_rank()

@@ -1,5 +1,6 @@
 """Bad input: one clear line naming the problem and the fix, exit status 2, before any engine starts."""
 import json
+import os
 import sys
 
 import pytest
@@ -16,6 +17,7 @@ def _rows(tmp_path, rows) -> str:
 GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--rollout_ranks", "0-1", "--policy_ranks", "1-2"], "in both rollout_ranks"),
     (["--rollout_ranks", "0-0", "--policy_ranks", "1-1"], "have no role"),
@@ -61,6 +63,7 @@ def test_bad_hostfile_and_node_rank(tmp_path):
     assert result.returncode == 2 and "NODE_RANK '3'" in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_bad_row_found_by_rollout_rank_ends_every_rank(tmp_path):
     """Without the launcher's pre-flight, the rollout rank finds the bad row; all ranks stop, rank 0 says it once."""
     data = _rows(tmp_path, [GOOD] * 20 + [{"messages": GOOD["messages"]}])
@@ -71,23 +74,43 @@ def test_torchrun_bad_row_found_by_rollout_rank_ends_every_rank(tmp_path):
     assert "EngineCore" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--policy_ranks", "1-4"], "beyond the world size 3"),
     (["--learning_rat", "1e-5"], "unrecognized arguments: --learning_rat"),
     ("bad-yaml", "mapping values are not allowed here"),
+    ("corrupt-model", "cannot be loaded"),
+    ("file-as-output-dir", "cannot be written"),
+    ("previous-run", "holds a previous run (metrics.jsonl)"),
 ])
 def test_plain_torchrun_says_bad_input_in_one_line(tmp_path, args, words):
-    """Without node.sh's pre-flight every rank finds the problem; rank 0's line is printed before torchrun stops
-    the others."""
+    """Without node.sh's pre-flight every rank runs the same checks (tgrpo.checks.check_job) before its process
+    group starts; rank 0's line is printed before torchrun stops the others, and every rank exits 2 (torchrun's
+    own status is 1 whenever a rank fails; its summary shows the ranks' 2)."""
+    out = str(tmp_path / "out")
     if args == "bad-yaml":
         (tmp_path / "bad.yaml").write_text("max_steps: 3\nlearning_rate: 1e-5: x\n")
         args = ["--config", str(tmp_path / "bad.yaml")]
-    result = torchrun(["train_grpo.py", *args, "--output_dir", str(tmp_path / "out")], timeout=120)
+    elif args == "corrupt-model":
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2", "hidden_size": ')
+        args = ["--model", str(tmp_path / "model")]
+    elif args == "file-as-output-dir":
+        (tmp_path / "f").write_text("")
+        args, out = [], str(tmp_path / "f" / "out")
+    elif args == "previous-run":
+        os.makedirs(out)
+        (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1}\n')
+        args = []
+    result = torchrun(["train_grpo.py", *args, "--output_dir", out], timeout=120)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and words in ours[0], result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr  # torchrun's summary: rank 0 exited 2 (torchrun's own traceback follows)
+    assert result.stderr.count("Traceback") <= 1  # torchrun's, none of a rank's
 
 
+@pytest.mark.slow
 def test_node_sh_names_a_master_port_in_use(tmp_path):
     import socket
 

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from tgrpo import checkpoint
+from helpers import check
 from tgrpo.config import Config, ConfigError
 from tgrpo.placement import Placement
 
@@ -50,7 +51,7 @@ def test_only_the_newest_are_kept(tmp_path):
 def test_resume_from_a_folder_that_is_not_a_checkpoint_is_one_clear_error(tmp_path):
     _make(tmp_path, "step-7", complete=False)
     with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
-        Config(resume=str(tmp_path / "checkpoints" / "step-7")).validate(3)
+        check(Config(resume=str(tmp_path / "checkpoints" / "step-7")), 3)
 
 
 def test_resume_with_another_placement_names_the_difference(tmp_path):
@@ -84,7 +85,7 @@ def test_a_fresh_run_never_writes_over_a_previous_one(tmp_path):
     with pytest.raises(ConfigError, match=r"holds a previous run \(checkpoints/\)"):
         checkpoint.check_output_dir(fresh)
     with pytest.raises(ConfigError, match="contradict each other"):
-        Config(resume="auto", overwrite_output_dir=True).validate(3)
+        check(Config(resume="auto", overwrite_output_dir=True), 3)
 
 
 def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
@@ -109,4 +110,4 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_the_file(t
     assert checkpoint.find_latest(str(tmp_path)) is None
     assert "model.safetensors is missing" in capfd.readouterr().err
     with pytest.raises(ConfigError, match="step-20' is damaged .deepspeed/shard.pt has 5 bytes"):
-        Config(resume=str(newer)).validate(3)
+        check(Config(resume=str(newer)), 3)

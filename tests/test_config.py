@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import check
 from tgrpo.config import Config, ConfigError, build_parser, load_config
 from tgrpo.placement import Placement, parse_ranges
 from tgrpo.sync import plan_buckets
@@ -108,35 +109,35 @@ def test_bad_engine_and_reference_placement(kwargs, world, local, words):
 
 def test_validate_checks_batch_divisibility_and_model_path():
     with pytest.raises(ConfigError, match="divisible by policy ranks"):
-        Config(prompts_per_step=3, num_generations=2, micro_batch_size=4, max_tokens_per_micro_batch=0).validate(3)
+        check(Config(prompts_per_step=3, num_generations=2, micro_batch_size=4, max_tokens_per_micro_batch=0), 3)
     with pytest.raises(ConfigError, match="equal mini-batches of at least one sample per policy rank"):
-        Config(prompts_per_step=3, num_generations=2, mini_batches=4).validate(3)
-    Config(prompts_per_step=3, num_generations=2).validate(3)  # a token budget packs any batch size
+        check(Config(prompts_per_step=3, num_generations=2, mini_batches=4), 3)
+    check(Config(prompts_per_step=3, num_generations=2), 3)  # a token budget packs any batch size
     with pytest.raises(ConfigError, match="not a model folder"):
-        Config(model="/no/such/model").validate(3)
+        check(Config(model="/no/such/model"), 3)
     with pytest.raises(ConfigError, match="unknown reward"):
-        Config(reward_funcs=["math", "nope"], reward_weights=[1, 1]).validate(3)
+        check(Config(reward_funcs=["math", "nope"], reward_weights=[1, 1]), 3)
 
 
 def test_zero_stage_and_sync_mode():
-    assert Config(zero_stage=2).validate(3).sync_mode == "gather"  # auto: partitions sends ZeRO-3 shards
-    assert Config().validate(3).sync_mode == "partitions"
+    assert check(Config(zero_stage=2), 3).sync_mode == "gather"  # auto: partitions sends ZeRO-3 shards
+    assert check(Config(), 3).sync_mode == "partitions"
     with pytest.raises(ConfigError, match="sync_mode partitions sends ZeRO-3 shards"):
-        Config(zero_stage=2, sync_mode="partitions").validate(3)
+        check(Config(zero_stage=2, sync_mode="partitions"), 3)
     with pytest.raises(ConfigError, match="zero_stage must be 1, 2 or 3"):
-        Config(zero_stage=0).validate(3)
+        check(Config(zero_stage=0), 3)
 
 
 def test_tis_cap_with_nucleus_sampling_stops_in_one_line():
     """vLLM's logprobs under top_p < 1 are renormalised over the nucleus: importance weights against the trainer's
     full-vocabulary logprobs would be biased, so the pair is refused (and max_staleness, which needs tis_cap)."""
-    Config(top_p=0.9).validate(3)
-    Config(tis_cap=2.0).validate(3)
+    check(Config(top_p=0.9), 3)
+    check(Config(tis_cap=2.0), 3)
     with pytest.raises(ConfigError, match="with top_p=0.9 vLLM's logprobs are renormalised over the nucleus"):
-        Config(top_p=0.9, tis_cap=2.0).validate(3)
+        check(Config(top_p=0.9, tis_cap=2.0), 3)
     bad = load_config(["--config", "configs/default.yaml", "--top_p", "0.95", "--tis_cap", "2"])
     with pytest.raises(ConfigError) as e:
-        bad.validate(3)
+        check(bad, 3)
     assert "\n" not in str(e.value) and "set top_p 1.0 or tis_cap 0" in str(e.value)
 
 
@@ -159,7 +160,7 @@ def test_learning_rate_schedules(kind, warmup, expected):
         schedule.step()
     assert seen == pytest.approx(expected, abs=1e-9)
     with pytest.raises(ConfigError, match="warmup_steps must be in 0..max_steps=5"):
-        Config(lr_scheduler_type=kind, max_steps=5, warmup_steps=6).validate(3)
+        check(Config(lr_scheduler_type=kind, max_steps=5, warmup_steps=6), 3)
 
 
 def test_plan_buckets_packs_in_order_and_splits_by_size_and_dtype():

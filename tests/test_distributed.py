@@ -1,7 +1,11 @@
 """The private default-group swap that lets DeepSpeed ZeRO-3 run on the policy ranks alone, with real gloo ranks."""
 import re
 
+import pytest
+
 from helpers import torchrun
+
+pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
 
 
 def test_policy_group_becomes_default_and_cross_role_broadcast_works():

@@ -5,9 +5,12 @@ import signal
 import sys
 import time
 
-from helpers import alive, descendants, finish, free_port, start
+import pytest
+
+from helpers import alive, descendants, finish, free_port, shm, start
 
 
+@pytest.mark.slow
 def test_a_dead_vllm_engine_ends_the_job_with_one_line(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
@@ -70,22 +73,26 @@ def test_root_cause_names_the_killed_rank_not_torchruns_sigterm_or_the_survivors
     assert root_cause("no failure here\n") is None
 
 
+@pytest.mark.slow
 def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
-    """SIGSTOP of a policy rank mid-run: within hang_report_s + 30 s rank 0 prints one line naming the frozen rank
-    and writes a report of where every rank is, with the Python stacks of those still running; long before
-    dist_timeout_s would end the job."""
+    """SIGSTOP of a policy rank mid-run under launch/node.sh: within hang_report_s + 30 s rank 0 prints one line
+    naming the frozen rank and writes a report of where every rank is, with the Python stacks of those still
+    running; long before dist_timeout_s would end the job. Then Ctrl-C, as its user would: node.sh ends, and no
+    process of the job and nothing in /dev/shm is left."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
-           "train_grpo.py", "--config", "configs/default.yaml", "--max_steps", "200", "--prompts_per_step", "8",
+    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--max_steps", "200", "--prompts_per_step", "8",
            "--micro_batch_size", "8", "--hang_report_s", "15", "--dist_timeout_s", "600", "--output_dir", str(out)]
     log = tmp_path / "run.log"
-    proc = start(cmd, log=str(log))
+    shm_before = shm()
+    proc = start(cmd, env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())}, log=str(log))
+    everything: set[int] = set()
     try:
         deadline = time.time() + 600
         while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        ranks = [pid for pid in descendants(proc.pid) if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        everything = descendants(proc.pid)
+        ranks = [pid for pid in everything if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
         victim = next(pid for pid in ranks if b"RANK=2" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
         os.kill(victim, signal.SIGSTOP)
         frozen_at = time.time()
@@ -99,13 +106,21 @@ def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
         assert "silent ranks [2]" in text and "rank 0 rollout" in text and "rank 1 policy" in text, text
         time.sleep(2 * 2.0 + 1)  # the ranks still running write their stacks at their next heartbeat
         assert (out / "logs" / "stacks-rank0.txt").exists() and (out / "logs" / "stacks-rank1.txt").exists()
+        os.kill(victim, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in node.sh's terminal
+        assert finish(proc, 120).returncode != 0
+        deadline = time.time() + 30
+        while alive(everything) and time.time() < deadline:
+            time.sleep(1)
+        assert not alive(everything), [open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(everything)]
+        assert not shm() - shm_before, shm() - shm_before
     finally:
-        everything = descendants(proc.pid)
-        for pid in everything:
+        for pid in everything | descendants(proc.pid):
             try:
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        proc.kill()
-        proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from helpers import ROOT, finish, free_port, run, start, torchrun
+from helpers import ROOT, alive, descendants, finish, free_port, run, shm, start, torchrun
 from tgrpo import checkpoint
 
 PYTHON = {"PYTHON": sys.executable}
 
 
+@pytest.mark.slow
 def test_check_sh_passes_with_the_hostfile_world(tmp_path):
     result = run(["bash", "launch/check.sh", "0", "127.0.0.1"], timeout=180,
                  env={**PYTHON, "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path)})
@@ -31,6 +32,7 @@ def test_check_sh_passes_with_the_hostfile_world(tmp_path):
     assert all(r["algbw_gbps"] > 0 for r in report["all_reduce"] + report["broadcast"])
 
 
+@pytest.mark.slow
 def test_check_sh_fails_in_one_line_on_a_wrong_count(tmp_path):
     result = run(["bash", "launch/check.sh", "0", "127.0.0.1", "4"], timeout=120,
                  env={**PYTHON, "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path), "CHECK_SIZES_MIB": "1"})
@@ -59,6 +61,7 @@ sys.exit(check_cluster.main())
 '''
 
 
+@pytest.mark.slow
 def test_check_finds_a_wrong_all_reduce_value(tmp_path):
     script = tmp_path / "corrupting_check.py"
     script.write_text(CORRUPTING_CHECK.format(root=ROOT))
@@ -69,6 +72,7 @@ def test_check_finds_a_wrong_all_reduce_value(tmp_path):
     assert '"check": "ok"' not in result.stdout
 
 
+@pytest.mark.slow
 def test_check_sh_missing_node_ends_with_a_clear_line(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\nnode-b slots=1\n")
@@ -224,6 +228,7 @@ def _wait_for(predicate, timeout: float, every: float = 2.0):
         time.sleep(every)
 
 
+@pytest.mark.slow
 def test_tmux_start_runs_the_job_and_stop_ends_it(tmp_path):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install -y tmux)")
@@ -260,6 +265,7 @@ def test_tmux_start_runs_the_job_and_stop_ends_it(tmp_path):
     assert subprocess.run(["tmux", "has-session", "-t", f"={session}"], capture_output=True).returncode != 0
 
 
+@pytest.mark.slow
 def test_readme_main_job_prints_one_screen_and_logs_the_rest(tmp_path):
     """The README's main job (node.sh, the embedded default, 30 steps): the console holds the progress bar, the
     milestones and the save, at most 60 lines (a progress-bar redraw counts once) and no warning twice; library
@@ -309,6 +315,7 @@ def test_sbatch_preemption_warning_asks_the_job_to_save_and_requeues_it(tmp_path
     assert requeued.returncode == 0 and "--resume auto" in requeued.stdout, requeued.stdout
 
 
+@pytest.mark.slow
 def test_a_preemption_request_saves_at_the_step_end_and_the_next_run_resumes(tmp_path):
     """The trainer under node.sh: when TGRPO_PREEMPT_FILE appears, the job saves at the end of its step, stops,
     and node.sh exits with status 3 (to be requeued, not restarted); the same command with --resume auto then
@@ -317,15 +324,18 @@ def test_a_preemption_request_saves_at_the_step_end_and_the_next_run_resumes(tmp
     cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--max_steps", "8", "--prompts_per_step", "8",
            "--micro_batch_size", "8", "--save_steps", "0", "--output_dir", str(out)]
     env = {**PYTHON, "MASTER_PORT": str(free_port()), "TGRPO_PREEMPT_FILE": str(request)}
+    shm_before = shm()
     proc = start(cmd, env=env, log=str(tmp_path / "first.out"))
     deadline = time.time() + 600
     while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline, open(tmp_path / "first.out").read()[-3000:]
         time.sleep(0.5)
+    everything = descendants(proc.pid)
     request.touch()
     first = finish(proc, 300)
     console = open(tmp_path / "first.out").read()
     assert first.returncode == 3, console[-3000:]
+    _assert_nothing_left(everything, shm_before)
     stopped = len((out / "metrics.jsonl").read_text().splitlines())
     assert 2 <= stopped < 8 and f"preempted: stopped after step {stopped}" in console, console[-3000:]
     assert checkpoint.find_latest(str(out)).endswith(f"step-{stopped}")
@@ -334,3 +344,13 @@ def test_a_preemption_request_saves_at_the_step_end_and_the_next_run_resumes(tmp
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"(step {stopped})" in second.stdout and "done: 8 steps" in second.stdout
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, 9))
+    _assert_nothing_left(set(), shm_before)
+
+
+def _assert_nothing_left(processes: set[int], shm_before: set[str]) -> None:
+    """No process of a job (vLLM's engines notice their rank is gone within seconds) and nothing new in /dev/shm."""
+    deadline = time.time() + 30
+    while alive(processes) and time.time() < deadline:
+        time.sleep(1)
+    assert not alive(processes), {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(processes)}
+    assert not shm() - shm_before, shm() - shm_before

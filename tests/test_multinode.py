@@ -11,6 +11,8 @@ import pytest
 
 from helpers import ROOT, finish, free_port, run, start
 
+pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
+
 SHORT = ["--max_steps", "2", "--prompts_per_step", "8", "--micro_batch_size", "8"]
 
 

@@ -5,9 +5,12 @@ ZeRO-3 shards reaching both engines (sync_mode partitions), checked after every 
 checked in tests/test_algorithm.py; this checks that they run together and reach tensorboard."""
 import json
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import torchrun
+
+pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
 
 
 def test_options_run_together_and_eval_reaches_tensorboard(tmp_path):

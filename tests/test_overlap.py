@@ -3,7 +3,11 @@ run in tests/test_options_run.py."""
 import json
 import os
 
+import pytest
+
 from helpers import ROOT, torchrun
+
+pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
 
 STEPS = 25
 

@@ -1,11 +1,14 @@
 """Other placements, each a short real run under torchrun on gloo with the sync check on after every step."""
 import json
 
+import pytest
 import torch
 from helpers import torchrun
 from torch.testing import assert_close
 
 from tgrpo.algorithm import group_advantages
+
+pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
 
 SHORT = ["train_grpo.py", "--config", "configs/default.yaml", "--max_steps", "3", "--prompts_per_step", "8",
          "--micro_batch_size", "8", "--sync_check", "true"]

@@ -82,6 +82,7 @@ def test_bad_corpus_is_one_clear_error(tmp_path):
         load_corpus(str(bad))
 
 
+@pytest.mark.slow
 def test_launch_script_starts_one_server_per_node_and_stops_it(tmp_path):
     env = {"RETRIEVER_PORT": str(free_port()), "LOG_DIR": str(tmp_path), "PYTHON": sys.executable}
     started = run(["bash", "launch/retriever.sh", "start"], timeout=120, env=env)

@@ -18,6 +18,7 @@ import torch
 from helpers import ROOT, free_port, run, torchrun
 from tgrpo import algorithm, batch, tools
 from tgrpo.batch import Sample
+from helpers import check
 from tgrpo.config import ConfigError, load_config
 from tgrpo.rollout import kl_into_rewards
 
@@ -64,7 +65,7 @@ def test_retriever_options_are_checked_before_start():
                         (["--retriever_topk", "0"], "retriever_topk must be in 1..100"),
                         (["--retriever_on_failure", "skip"], "invalid choice")]:
         with pytest.raises(ConfigError, match=re.escape(words)):
-            load_config(["--config", "configs/search.yaml", *args]).validate(3)
+            check(load_config(["--config", "configs/search.yaml", *args]), 3)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,7 @@ def search_run(tmp_path_factory, retriever):
     return out, metrics, samples, result
 
 
+@pytest.mark.slow
 def test_episodes_search_read_and_answer(search_run):
     _, metrics, samples, _ = search_run
     assert len(metrics) == STEPS
@@ -141,6 +143,7 @@ def test_episodes_search_read_and_answer(search_run):
     assert sum(m["reward/em"] for m in metrics) > 0  # some episodes answered right from what they read
 
 
+@pytest.mark.slow
 def test_tool_tokens_are_masked_in_the_logged_samples(search_run):
     from transformers import AutoTokenizer
 
@@ -169,6 +172,7 @@ def test_tool_tokens_are_masked_in_the_logged_samples(search_run):
         assert sum(1 for _, source in runs if source == "tool") == s["tool_calls"] or s["truncated"]
 
 
+@pytest.mark.slow
 def test_tool_metrics_reach_tensorboard(search_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -182,6 +186,7 @@ def test_tool_metrics_reach_tensorboard(search_run):
     assert [e.step for e in acc.Scalars("tool/calls")] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_a_slow_retriever_fails_searches_and_the_run_goes_on_as_configured(search_run):
     _, metrics, _, result = search_run
     failed = sum(m["tool/search_failures"] for m in metrics)
@@ -198,6 +203,7 @@ def dead_url():
         yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
+@pytest.mark.slow
 def test_a_dead_retriever_stops_the_run_in_one_line_before_any_engine_starts(tmp_path, dead_url):
     result = torchrun(["train_grpo.py", "--config", "configs/search.yaml", "--output_dir", str(tmp_path),
                        "--retriever_url", dead_url, "--retriever_retries", "1"], timeout=300)
@@ -208,6 +214,7 @@ def test_a_dead_retriever_stops_the_run_in_one_line_before_any_engine_starts(tmp
     assert "EngineCore" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_node_sh_checks_the_retriever_before_torchrun_starts(tmp_path, dead_url):
     result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--retriever_url", dead_url,
                   "--retriever_retries", "0", "--output_dir", str(tmp_path)],

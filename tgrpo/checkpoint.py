@@ -95,7 +95,7 @@ def find_latest(output_dir: str) -> str | None:
 
 def check_output_dir(cfg) -> None:
     """Before start-up: output_dir can be written, and a fresh run does not write over a previous one."""
-    from tgrpo.config import ConfigError
+    from tgrpo.errors import ConfigError
 
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)

@@ -2,8 +2,11 @@
 
     python train_grpo.py --config configs/default.yaml --learning_rate 1e-4 --max_steps 20
 
-Everything a user types is checked here (data rows in `data.load_prompts`) before any process group, engine or model
-starts, and a problem is raised as one `ConfigError` line that names the field and the fix.
+The config describes values: defaults, help, types, and the rules between values (`Config.check`). It imports no
+other tgrpo module but the errors. Checks that touch the world (the placement against the ranks launched, files, the
+model, the data rows, a checkpoint to resume, user reward modules) are `tgrpo.checks.check_job`, which node.sh's
+pre-flight and every rank run before any process group, engine or model starts. A problem is one `ConfigError`
+line that names the field and the fix.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from typing import Literal, Optional
 import yaml
 
 
-class ConfigError(ValueError):
-    """Bad user input: printed as one line by rank 0, then every rank exits with status 2."""
+from tgrpo.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "build_parser", "load_config"]
 
 
 def _f(default, help: str):
@@ -224,17 +228,17 @@ class Config:
                                           "two correct implementations pick different argmaxes where logits are "
                                           "nearly tied.")
 
-    # --- derived, not user-set -------------------------------------------------------------------------------
-    def validate(self, world_size: int, local_world_size: int | None = None) -> "Placement":
-        from tgrpo.placement import Placement
-
-        if self.epsilon_high is None:
+    def __post_init__(self) -> None:
+        if self.epsilon_high is None:  # resolved when the config is made: every reader sees the value used
             self.epsilon_high = self.epsilon
+
+    def check(self) -> None:
+        """The rules between values (ranges, combinations that contradict each other), raised as one ConfigError
+        line naming the field and the fix. Checks that need the world (the placement against the ranks launched,
+        files, the model, the data, a checkpoint, user reward modules) are tgrpo.checks.check_job's."""
         _check(len(self.reward_funcs) == len(self.reward_weights),
                f"reward_funcs has {len(self.reward_funcs)} names but reward_weights has {len(self.reward_weights)}"
                " weights: give one weight per reward")
-        from tgrpo.rewards import check_reward_config
-        check_reward_config(self)
         _check(self.zero_stage in (1, 2, 3), f"zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         _check(self.sync_mode != "partitions" or self.zero_stage == 3 or self.colocate,
                f"sync_mode partitions sends ZeRO-3 shards, but zero_stage is {self.zero_stage}: set sync_mode gather")
@@ -262,18 +266,10 @@ class Config:
         _check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
         _check(self.save_total_limit >= 0, f"save_total_limit must be >= 0 (0 keeps all), got "
                                            f"{self.save_total_limit}")
+        _check(self.hang_report_s >= 0, f"hang_report_s must be >= 0 (0 turns the watchdog off), got "
+                                        f"{self.hang_report_s}")
         _check(not (self.resume and self.overwrite_output_dir),
                "resume and overwrite_output_dir contradict each other: continue the run or start it over, not both")
-        if self.resume not in ("", "auto"):
-            from tgrpo.checkpoint import is_complete
-
-            _check(is_complete(self.resume), f"resume='{self.resume}' is not a complete checkpoint folder (no "
-                   "trainer_state.json there): name an output_dir/checkpoints/step-N folder or use 'auto'")
-            from tgrpo.checkpoint import damage
-
-            problem = damage(self.resume)
-            _check(problem is None, f"checkpoint '{self.resume}' is damaged ({problem}): name an older one or use "
-                   "'auto', which skips damaged checkpoints")
         if self.retriever_url:
             from urllib.parse import urlparse
 
@@ -306,39 +302,6 @@ class Config:
         _check(not self.kl_in_reward or self.beta > 0, "kl_in_reward needs beta > 0 (the KL coefficient)")
         _check(not self.eval_steps or bool(self.eval_data), "eval_steps is set but eval_data is empty: name a "
                                                            "held-out prompt file or set eval_steps 0")
-        _check(not self.eval_data or os.path.exists(self.eval_data),
-               f"eval_data '{self.eval_data}' does not exist")
-        placement = Placement.from_config(self, world_size, local_world_size)
-        _check(self.prompts_per_step % placement.num_engines == 0,
-               f"prompts_per_step={self.prompts_per_step} must be divisible by the {placement.num_engines} rollout "
-               "engines")
-        samples = self.prompts_per_step * self.num_generations
-        if self.max_tokens_per_micro_batch:
-            _check(samples % self.mini_batches == 0 and samples // self.mini_batches >= placement.num_policy,
-                   f"prompts_per_step * num_generations = {samples} must split into mini_batches = "
-                   f"{self.mini_batches} equal mini-batches of at least one sample per policy rank "
-                   f"({placement.num_policy})")
-        else:
-            per_step = placement.num_policy * self.micro_batch_size * self.mini_batches
-            _check(samples % per_step == 0,
-                   f"prompts_per_step * num_generations = {samples} must be divisible by policy ranks * "
-                   f"micro_batch_size * mini_batches = {placement.num_policy} * {self.micro_batch_size} * "
-                   f"{self.mini_batches}: every policy rank runs the same number of micro-batches")
-            if placement.reference:
-                per = len(placement.reference) * self.micro_batch_size
-                _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by "
-                       f"reference ranks * micro_batch_size = {per}")
-        from tgrpo.tiny import EMBEDDED
-
-        _check(self.model in EMBEDDED or os.path.isfile(os.path.join(self.model, "config.json")),
-               f"model '{self.model}' is not a model folder (no config.json there): give a local Hugging Face "
-               "model folder (download it first on clusters without internet), 'tiny' or 'tiny-search'")
-        _check(os.path.isfile(self.deepspeed_config),
-               f"deepspeed_config '{self.deepspeed_config}' does not exist: point it at a DeepSpeed JSON such as "
-               "zero3.json")
-        _check(os.path.exists(self.train_data),
-               f"train_data '{self.train_data}' does not exist: give a chatml JSON file")
-        return placement
 
 
 def _check(ok: bool, message: str) -> None:

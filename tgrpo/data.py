@@ -16,7 +16,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from tgrpo.config import ConfigError
+from tgrpo.errors import ConfigError
 
 FORMATS = ("a .json file (JSON list or JSON lines), a .jsonl file, a .parquet file, or a folder written by "
            "datasets' save_to_disk")

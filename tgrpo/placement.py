@@ -27,7 +27,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from tgrpo.config import ConfigError
+from tgrpo.errors import ConfigError
 
 ROLLOUT, POLICY, REFERENCE = "rollout", "policy", "reference"
 

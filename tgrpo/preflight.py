@@ -1,15 +1,17 @@
-"""Check a job before torchrun starts it: config, placement against the world size, model folder, data rows, and
-the retriever of a multi-turn search job.
+"""Check a job before torchrun starts it: `tgrpo.checks.check_job` with the data rows and the retriever, once per
+node, so that bad input stops in one line before any rank starts.
 
     python -m tgrpo.preflight WORLD_SIZE [train_grpo.py arguments]
 
 Prints one line and exits 2 on bad input; builds the embedded tiny model if it is asked for and missing, so that
-the ranks do not race to build it.
+the ranks do not race to build it. Its last line, `output_dir=...`, is read by launch/node.sh.
 """
 import os
 import sys
 
-from tgrpo.config import ConfigError, load_config
+from tgrpo.checks import check_job
+from tgrpo.config import load_config
+from tgrpo.errors import ConfigError
 
 
 def main() -> None:
@@ -19,34 +21,11 @@ def main() -> None:
         sys.exit("usage: python -m tgrpo.preflight WORLD_SIZE [train_grpo.py arguments]")
     try:
         cfg = load_config(sys.argv[2:])
-        cfg.validate(world_size)
-        from tgrpo.checkpoint import check_output_dir
-
-        check_output_dir(cfg)
-        from transformers import AutoTokenizer
-
-        from tgrpo import data
-        from tgrpo.trainer import resolve_model
-
-        model_dir = resolve_model(cfg)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError) as e:  # a corrupt config.json or tokenizer file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"model '{cfg.model}' cannot be loaded ({first}): check its config.json and "
-                              "tokenizer files, or download it again") from None
-        data.load_prompts(cfg, tokenizer)
-        if cfg.retriever_url and cfg.retriever_on_failure == "fail":
-            from tgrpo.retriever import connect
-
-            retriever, problem = connect(cfg)
-            retriever.close()
-            if problem:
-                raise ConfigError(problem)
+        check_job(cfg, world_size)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"output_dir={os.path.abspath(cfg.output_dir)}")  # the last line: launch/node.sh reads it
+    print(f"output_dir={os.path.abspath(cfg.output_dir)}")
 
 
 if __name__ == "__main__":

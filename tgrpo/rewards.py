@@ -163,7 +163,7 @@ def _line(text: object, limit: int = 300) -> str:  # errors are shown as one lin
 
 def _load(name: str) -> Callable[[str, str], float]:
     """The function behind a builtin or 'module:function' name; ConfigError (one line) if there is none."""
-    from tgrpo.config import ConfigError  # here, not on top: math worker interpreters run this file without tgrpo
+    from tgrpo.errors import ConfigError  # here, not on top: math worker interpreters run this file without tgrpo
 
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
@@ -192,7 +192,7 @@ def _load(name: str) -> Callable[[str, str], float]:
 
 def check_reward_config(cfg) -> None:
     """Raise ConfigError (one line naming the problem and the fix) on any bad reward_* field; imports user rewards."""
-    from tgrpo.config import ConfigError
+    from tgrpo.errors import ConfigError
 
     def check(ok: bool, message: str) -> None:
         if not ok:

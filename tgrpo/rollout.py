@@ -43,7 +43,7 @@ class RolloutWorker:
     def _connect_retriever(self):
         """Pre-flight, before any engine starts: one search must get an answer, or the run stops with one line
         (retriever_on_failure=fail) or says once that it goes on without results (empty)."""
-        from tgrpo.config import ConfigError
+        from tgrpo.errors import ConfigError
         from tgrpo.retriever import connect
 
         retriever, problem = connect(self.cfg)
@@ -67,7 +67,7 @@ class RolloutWorker:
         """From the engine watcher's thread: one line naming this rank, then exit; torchrun stops the rest."""
         import os
 
-        from tgrpo.distributed import report_error_and_exit
+        from tgrpo.rank_life import report_error_and_exit
 
         report_error_and_exit(self.rank, self.placement.role_name(self.rank), RuntimeError(message),
                               os.path.join(self.cfg.output_dir, "logs"))

@@ -19,37 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tgrpo import deepspeed_engine
-
-
-@dataclass
-class Bucket:
-    dtype: str
-    numel: int
-    params: list[tuple[str, list[int], int, int]]  # (name, shape, offset, numel)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-
-def plan_buckets(params: list[tuple[str, list[int], torch.dtype]], bucket_bytes: int) -> list[Bucket]:
-    """Consecutive parameters of one dtype packed up to bucket_bytes; a larger parameter gets a bucket of its own.
-    Model order is kept so that each vLLM layer's weights arrive close together."""
-    buckets: list[Bucket] = []
-    for name, shape, dtype in params:
-        numel = 1
-        for d in shape:
-            numel *= d
-        dtype_name = str(dtype).removeprefix("torch.")
-        size = numel * dtype.itemsize
-        last = buckets[-1] if buckets else None
-        if last is None or last.dtype != dtype_name or (last.numel * dtype.itemsize + size > bucket_bytes
-                                                        and last.params):
-            last = Bucket(dtype_name, 0, [])
-            buckets.append(last)
-        last.params.append((name, list(shape), last.numel, numel))
-        last.numel += numel
-    return buckets
+from tgrpo.buckets import Bucket, ShardPlan, WeightSink, max_bucket_bytes, plan_buckets, plan_shards, shard_size
 
 
 def model_plan(model: torch.nn.Module, bucket_bytes: int) -> list[Bucket]:
@@ -89,34 +59,6 @@ def send_weights(model: torch.nn.Module, plan: list[Bucket], group, group_src: i
     return sent
 
 
-def max_bucket_bytes(plan: list[Bucket]) -> int:
-    return max(b.numel * b.torch_dtype.itemsize for b in plan)
-
-
-@dataclass
-class ShardBucket:
-    """One bucket of sync_mode partitions: a segment of `length` elements of every policy rank's shards."""
-    dtype: str
-    start: int  # zero-copy: where the segment starts in each policy rank's shard buffer
-    length: int
-    params: list[tuple[str, list[int], int, int]]  # (name, full shape, offset of its shard in the segment, numel)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-
-@dataclass
-class ShardPlan:
-    parts: int  # policy ranks, each holding 1/parts of every parameter
-    zero_copy: bool  # segments are broadcast straight from DeepSpeed's shard buffer; else copied into one first
-    buckets: list[ShardBucket]
-
-    def max_bytes(self) -> int:
-        """Receive buffer size: the largest bucket's segments side by side."""
-        return max(self.parts * b.length * b.torch_dtype.itemsize for b in self.buckets)
-
-
 def shard_layout(model: torch.nn.Module) -> list[int] | None:
     """Where this rank's shards sit in DeepSpeed's flat shard buffer (None if they are not in one)."""
     found = deepspeed_engine.shard_offsets([p for _, p in model.named_parameters()])
@@ -124,35 +66,20 @@ def shard_layout(model: torch.nn.Module) -> list[int] | None:
 
 
 def shard_plan(model: torch.nn.Module, bucket_bytes: int, parts: int, zero_copy: bool) -> ShardPlan:
-    """Buckets of whole shards, each segment at most bucket_bytes / parts. zero_copy (every policy rank's shards
-    sit at the same offsets of one flat buffer): segments are ranges of that buffer, in its order; else shards are
-    packed in model order into a staging buffer."""
-    named = list(model.named_parameters())
+    """The model's ShardPlan (tgrpo.buckets.plan_shards, where the engine's join lives too). zero_copy (every policy
+    rank's shards sit at the same offsets of one flat buffer): segments are ranges of that buffer, in its order; else
+    shards are packed in model order into a staging buffer."""
     offsets = shard_layout(model) if zero_copy else None
-    entries = []
-    packed = 0
-    for i, (name, param) in enumerate(named):
-        numel = param.ds_numel
-        size = -(-numel // parts)
+    entries, packed = [], 0
+    for i, (name, param) in enumerate(model.named_parameters()):
         if offsets is None:
-            offset, packed = packed, packed + size
+            offset, packed = packed, packed + shard_size(param.ds_numel, parts)
         else:
             offset = offsets[i]
-        entries.append((offset, size, name, deepspeed_engine.full_shape(param), numel, param.dtype))
+        entries.append((offset, name, deepspeed_engine.full_shape(param), param.ds_numel, param.dtype))
     if offsets is not None:
-        entries.sort()
-    buckets: list[ShardBucket] = []
-    limit = max(1, bucket_bytes // parts)
-    for offset, size, name, shape, numel, dtype in entries:
-        dtype_name = str(dtype).removeprefix("torch.")
-        last = buckets[-1] if buckets else None
-        if (last is None or last.dtype != dtype_name
-                or (offset + size - last.start) * dtype.itemsize > limit and last.params):
-            last = ShardBucket(dtype_name, offset, 0, [])
-            buckets.append(last)
-        last.params.append((name, shape, offset - last.start, numel))
-        last.length = offset + size - last.start
-    return ShardPlan(parts, offsets is not None, buckets)
+        entries.sort(key=lambda e: e[0])
+    return plan_shards(entries, bucket_bytes, parts, offsets is not None)
 
 
 _shard_buffers: dict = {}
@@ -196,24 +123,23 @@ def send_shards(model: torch.nn.Module, plan: ShardPlan, group, group_src: int, 
     return sent
 
 
-def receive_shards(engine, plan: ShardPlan, part_groups: list[tuple], load: bool = True) -> None:
+def receive_shards(engine: WeightSink, plan: ShardPlan, part_groups: list[tuple]) -> None:
     """sync_mode partitions, engine side: the policy ranks' segments of each bucket land side by side in the
     engine's buffer (one broadcast per policy rank's group), then vLLM loads the bucket from there, joining each
-    parameter's slices. load=False stops at the buffer (the benchmark's transport-only mode)."""
+    parameter's slices (tgrpo.buckets.unpack_bucket)."""
     parts = plan.parts
-    engine.begin_update(plan.max_bytes()) if load else engine.ensure_buffer(plan.max_bytes())
+    engine.begin_update(plan.max_bytes())
     for bucket in plan.buckets:
         buffer = engine.weight_buffer(parts * bucket.length, bucket.torch_dtype)
         for j, (group, src) in enumerate(part_groups):
             dist.broadcast(buffer[j * bucket.length:(j + 1) * bucket.length], group=group, group_src=src)
-        if load:
-            engine.load_bucket(parts * bucket.length, bucket.torch_dtype, bucket.params, parts=parts,
-                               segment=bucket.length)
-    if load:
-        engine.finish_update()
+        engine.load_bucket(parts * bucket.length, bucket.torch_dtype, bucket.params, parts=parts,
+                           segment=bucket.length)
+    engine.finish_update()
 
 
-def load_colocated(model: torch.nn.Module, plan: list[Bucket], engine, device: torch.device) -> None:
+def load_colocated(model: torch.nn.Module, plan: list[Bucket], engine: WeightSink | None,
+                   device: torch.device) -> None:
     """Colocated: every policy rank gathers each bucket anyway, so a rank that drives an engine copies it straight
     into the engine's buffer; nothing is broadcast. Ranks without an engine (tensor-parallel helpers) pass None."""
     if engine is not None:
@@ -226,7 +152,7 @@ def load_colocated(model: torch.nn.Module, plan: list[Bucket], engine, device: t
         engine.finish_update()
 
 
-def receive_weights(engine, plan: list[Bucket], group, group_src: int) -> None:
+def receive_weights(engine: WeightSink, plan: list[Bucket], group, group_src: int) -> None:
     """Rollout side: each bucket is received straight into the engine's buffer (GPU memory that the vLLM workers
     opened by CUDA IPC, or a shared-memory file on CPU) and loaded before the next bucket arrives."""
     engine.begin_update(max_bucket_bytes(plan))

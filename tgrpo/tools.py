@@ -12,6 +12,9 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from tgrpo.vllm_engine import Completion
 
 SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
 INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
@@ -56,6 +59,22 @@ class Episode:
         return self.finish == "length"
 
 
+class TurnEngine(Protocol):
+    """What the episode loop needs from an engine (tgrpo.vllm_engine.RolloutEngine): one completion per prompt,
+    each with its own token budget and seed, ending at a stop string (kept in the text) or the end of turn."""
+
+    def generate_each(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int | None],
+                      temperature: float, top_p: float, stop: list[str]) -> list[Completion]: ...
+
+
+class Searcher(Protocol):
+    """What the episode loop needs from a retriever (tgrpo.retriever.Retriever): passages per query, in order, and
+    a running count of the searches that failed."""
+    failures: int
+
+    def search(self, queries: list[str]) -> list[list[str]]: ...
+
+
 def turn_seed(seed: int | None, episode: int, turn: int) -> int | None:
     """Sampling seed of one turn of one episode: a resumed run samples what the uninterrupted one did."""
     if seed is None:
@@ -63,7 +82,7 @@ def turn_seed(seed: int | None, episode: int, turn: int) -> int | None:
     return random.Random(f"{seed}-{episode}-{turn}").randrange(2**30)
 
 
-def run_episodes(engine, tokenizer, retriever, prompt_ids: list[list[int]], *, n: int, max_tokens: int,
+def run_episodes(engine: TurnEngine, tokenizer, retriever: Searcher, prompt_ids: list[list[int]], *, n: int, max_tokens: int,
                  max_turns: int, max_tool_tokens: int, temperature: float, top_p: float,
                  seed: int | None) -> tuple[list[list[Episode]], dict[str, float]]:
     """n episodes per prompt; each gets at most max_tokens tokens after its prompt, model and tool tokens together.

@@ -15,9 +15,6 @@ and training instead of their sum; samples are then up to k updates old and tis_
 from __future__ import annotations
 
 import os
-import signal
-import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,125 +22,27 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tgrpo import checkpoint, console, distributed, sync
-from tgrpo.config import Config, ConfigError, load_config
+from tgrpo import checkpoint, checks, console, rank_life, sync
+from tgrpo.buckets import ShardPlan
+from tgrpo.config import Config, load_config
+from tgrpo.errors import ConfigError, JobError
 from tgrpo.metrics import Metrics, step_metrics
+from tgrpo.placement import POLICY, REFERENCE, Groups, Placement, build_groups
 from tgrpo.rollout import RolloutWorker, assign_advantages, kl_into_rewards
-from tgrpo.placement import POLICY, REFERENCE, build_groups
 from tgrpo.watchdog import Watchdog
 
 
 BF16_MEAN_ATOL = 0.05  # sync check in bfloat16: largest mean |logprob difference| per token
 
 
-class JobError(RuntimeError):
-    """A failure every rank learns of at the same point (a failed sync check): rank 0 reports it once."""
-
-
 def main(argv: list[str] | None = None) -> None:
-    launch(argv, _run)
+    rank_life.run(lambda: load_config(argv), _run)
 
 
-def launch(argv: list[str] | None, body, adjust=None) -> None:
-    """Config, validation and error handling around body(cfg, placement, rank); the benchmarks use it too.
-    adjust(cfg) may change the config before it is validated."""
-    distributed.adopt_slurm_env()
-    # token-budget micro-batches vary in size from one to the next: without expandable segments the CUDA caching
-    # allocator fragments and flushes its cache (seen on H200), stalling the GPU; vLLM's engines do without it
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    rank, world_size = distributed.env_rank(), distributed.env_world_size()
-    try:
-        cfg = load_config(argv)
-        if adjust is not None:
-            adjust(cfg)
-        placement = cfg.validate(world_size, distributed.env_local_world_size())
-        checkpoint.check_output_dir(cfg)
-    except ConfigError as e:
-        _fail_once(rank, e, status=2)
-    role = placement.role_name(rank)
-    log_file = console.divert(node_log_path(cfg), verbose=cfg.verbose or console.verbose_from_env(),
-                              teed=bool(os.environ.get("TGRPO_LOG_FILE")))
-    if rank == 0 and log_file and not os.environ.get("TGRPO_LOG_FILE"):  # node.sh has named its log already
-        console.say(f"details and library output: {log_file} (TGRPO_VERBOSE=1 shows them here)")
-    _quiet_libraries()
-    signal.signal(signal.SIGUSR1, lambda *_: _SIGNALLED.set())  # a preemption warning: save at the step's end
-    _stack_dumps(cfg, rank)
-    _fatal_signals(cfg, rank)
-    try:
-        body(cfg, placement, rank)
-    except (ConfigError, JobError) as e:
-        _fail_once(rank, e, status=2 if isinstance(e, ConfigError) else 1)
-    except BaseException as e:  # noqa: BLE001 - every other failure: one line per failing rank, then exit
-        distributed.report_error_and_exit(rank, role, e, os.path.join(cfg.output_dir, "logs"))
-
-
-def node_log_path(cfg: Config) -> str:
-    """This node's log: launch/node.sh names it (TGRPO_LOG_FILE), else output_dir/logs/node<N>.log."""
-    return os.environ.get("TGRPO_LOG_FILE") or os.path.join(
-        cfg.output_dir, "logs", f"node{os.environ.get('GROUP_RANK', '0')}.log")
-
-
-def _fail_once(rank: int, error: Exception, status: int) -> None:
-    _drop_empty_fatal_logs()
-    if rank == 0:
-        console.error(f"error: {error}")
-    else:
-        time.sleep(3)  # torchrun stops every rank when one exits: rank 0's line first
-    sys.stdout.flush()
-    os._exit(status)
-
-
-def _fatal_signals(cfg: Config, rank: int) -> None:
-    """A crash in native code (a segfault in a CUDA or NCCL call) kills a rank with no Python exception: its Python
-    stacks go to output_dir/logs/fatal-rankR.log, which a clean exit removes (torchrun names the signal)."""
-    import faulthandler
-
-    logs = os.path.join(cfg.output_dir, "logs")
-    os.makedirs(logs, exist_ok=True)
-    path = os.path.join(logs, f"fatal-rank{rank}.log")
-    faulthandler.enable(file=open(path, "w"), all_threads=True)
-    _FATAL_LOGS.append(path)
-    import atexit
-
-    atexit.register(_drop_empty_fatal_logs)
-
-
-_FATAL_LOGS: list[str] = []
-
-
-def _drop_empty_fatal_logs() -> None:
-    for path in _FATAL_LOGS:
-        if os.path.exists(path) and os.path.getsize(path) == 0:
-            os.unlink(path)
-
-
-def _stack_dumps(cfg: Config, rank: int) -> None:
-    """TGRPO_STACK_DUMP_S=N: every N seconds each rank writes its Python stacks to output_dir/logs/stacks-rankR.txt,
-    which shows where a hung job waits (a collective, an engine call) without attaching a debugger."""
-    every = float(os.environ.get("TGRPO_STACK_DUMP_S", "0") or 0)
-    if every > 0:
-        import faulthandler
-
-        os.makedirs(os.path.join(cfg.output_dir, "logs"), exist_ok=True)
-        faulthandler.dump_traceback_later(every, repeat=True, file=open(
-            os.path.join(cfg.output_dir, "logs", f"stacks-rank{rank}.txt"), "w"))
-
-
-def _quiet_libraries() -> None:
-    """Rank 0's progress bar is the output; engines log warnings and errors only."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import logging
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-def resolve_model(cfg: Config) -> str:
-    from tgrpo.tiny import EMBEDDED, ensure_model
-
-    if cfg.model in EMBEDDED:
-        return ensure_model(cfg.cache_dir, cfg.model)
-    return cfg.model
+def _run(cfg: Config, placement: Placement, rank: int) -> None:
+    job = setup(cfg, placement, rank)
+    run_steps(job, job.start_step, cfg.max_steps, cfg.max_staleness)
+    finish(job)
 
 
 def dtypes(cfg: Config) -> tuple[str, torch.dtype]:
@@ -155,8 +54,8 @@ def dtypes(cfg: Config) -> tuple[str, torch.dtype]:
 class Job:
     """Everything a rank holds once started: its groups, engine, policy or reference, and the weight plan."""
     cfg: Config
-    placement: object
-    groups: object
+    placement: Placement
+    groups: Groups
     rank: int
     device: torch.device
     model_dir: str
@@ -167,8 +66,7 @@ class Job:
     reference: object = None
     # batches generated ahead of their step (max_staleness >= 1): (step, weights version, samples, metrics)
     ahead: deque = field(default_factory=deque)
-    shard_plan: object = None
-    more_groups: object = None
+    shard_plan: ShardPlan | None = None
     start_step: int = 0  # the step a resumed run continues after
     watchdog: Watchdog | None = None
     stopped_at: int | None = None  # the step after which a preemption request stopped the run (saved there)
@@ -182,24 +80,33 @@ class Job:
         return self.rank == self.placement.sync_source
 
 
-def _run(cfg: Config, placement, rank: int) -> None:
-    job = setup(cfg, placement, rank)
-    run_steps(job, job.start_step, cfg.max_steps, cfg.max_staleness)
-    finish(job)
+@dataclass
+class Connection:
+    """A rank joined to the job: its backend, process groups and heartbeat. Made by `connect`, before any model
+    or engine; a caller that needs groups of its own (the weight-sync benchmark) makes them right after it, while
+    every rank's default group is still the world."""
+    backend: str
+    groups: Groups
+    watchdog: Watchdog | None
+    started: float  # perf_counter() when the rank began to connect
 
 
-def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
-    """Process groups, data checks, engines and ZeRO-3 models: what every rank does before the first step.
-    more_groups(backend), if given, makes a caller's extra groups while that is still possible (before the policy
-    ranks swap their default group); its result is job.more_groups."""
+def connect(cfg: Config, placement: Placement, rank: int) -> Connection:
     t_start = time.perf_counter()
-    model_dir = resolve_model(cfg)
-    backend = distributed.pick_backend(cfg.backend)
-    distributed.init(backend, cfg.dist_timeout_s)
-    watch = (Watchdog(distributed.default_store(), rank, placement.world_size, placement.role_name(rank),
-                      os.path.join(cfg.output_dir, "logs"), cfg.hang_report_s) if cfg.hang_report_s > 0 else None)
-    groups = build_groups(placement, backend, cfg.dist_timeout_s)
-    extra = more_groups(backend) if more_groups is not None else None
+    backend = rank_life.pick_backend(cfg.backend)
+    rank_life.init(backend, cfg.dist_timeout_s)
+    watch = (Watchdog(rank_life.default_store(), rank, placement.world_size, placement.role_name(rank),
+                      os.path.join(cfg.output_dir, "logs"), cfg.hang_report_s, nccl_trace=rank_life.nccl_trace)
+             if cfg.hang_report_s > 0 else None)
+    return Connection(backend, build_groups(placement, backend, cfg.dist_timeout_s), watch, t_start)
+
+
+def setup(cfg: Config, placement: Placement, rank: int, connection: Connection | None = None) -> Job:
+    """What every rank does before the first step: connect (unless given), data checks on the engine ranks,
+    engines, ZeRO-3 models, the weight plans, and a resumed run's checkpoint."""
+    connection = connection or connect(cfg, placement, rank)
+    groups, watch, t_start = connection.groups, connection.watchdog, connection.started
+    model_dir = checks.model_dir(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype_name, dtype = dtypes(cfg)
     roles = placement.roles(rank)
@@ -213,14 +120,12 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
             worker = RolloutWorker(cfg, placement, rank, model_dir)
         except ConfigError as e:
             problem = str(e)
-    verdicts: list = [None] * placement.world_size
-    dist.all_gather_object(verdicts, problem, group=groups.data)
+    verdicts = rank_life.gather_objects(problem, groups.data)
     if any(verdicts):
         raise ConfigError(next(v for v in verdicts if v))
 
-    resume = [checkpoint.resume_path(cfg) if rank == placement.sync_source else None]
-    dist.broadcast_object_list(resume, group=groups.data, group_src=placement.sync_source)
-    resume = resume[0]
+    resume = rank_life.broadcast_object(checkpoint.resume_path(cfg) if rank == placement.sync_source else None,
+                                        groups.data, placement.sync_source)
     if resume is not None:
         try:
             checkpoint.check_resumable(resume, placement)
@@ -236,31 +141,30 @@ def setup(cfg: Config, placement, rank: int, more_groups=None) -> Job:
     if POLICY in roles:
         from tgrpo.policy import PolicyWorker
 
-        distributed.make_default_group(groups.policy)
+        rank_life.make_default_group(groups.policy)
         policy = PolicyWorker(cfg, placement, groups, rank, model_dir, device, dtype)
     elif REFERENCE in roles:
         from tgrpo.policy import ReferenceWorker
 
-        distributed.make_default_group(groups.reference)
+        rank_life.make_default_group(groups.reference)
         reference = ReferenceWorker(cfg, placement, rank, model_dir, device, dtype)
 
     # The gather plan (checkpoints, colocated and sync_mode gather) and, for sync_mode partitions, the shard plan:
     # zero-copy when every policy rank's shards sit at the same offsets of DeepSpeed's flat buffer.
     split_partitions = not placement.colocated and placement.sync_mode == "partitions"
-    layouts: list = [None] * placement.world_size
-    dist.all_gather_object(layouts, sync.shard_layout(policy.model) if policy is not None and split_partitions
-                           else None, group=groups.data)
+    layouts = rank_life.gather_objects(sync.shard_layout(policy.model) if policy is not None and split_partitions
+                                       else None, groups.data)
     policy_layouts = [layouts[r] for r in placement.policy]
     zero_copy = policy_layouts[0] is not None and all(x == policy_layouts[0] for x in policy_layouts)
-    plans: list = [None, None]
+    plans = None
     if rank == placement.sync_source:
         bucket_bytes = cfg.sync_bucket_mb << 20
-        plans = [sync.model_plan(policy.model, bucket_bytes),
+        plans = (sync.model_plan(policy.model, bucket_bytes),
                  sync.shard_plan(policy.model, bucket_bytes, placement.num_policy, zero_copy)
-                 if split_partitions else None]
-    dist.broadcast_object_list(plans, group=groups.data, group_src=placement.sync_source)
-    job = Job(cfg, placement, groups, rank, device, model_dir, log, plans[0], worker, policy, reference,
-              shard_plan=plans[1], more_groups=extra, watchdog=watch)
+                 if split_partitions else None)
+    plan, shard_plan = rank_life.broadcast_object(plans, groups.data, placement.sync_source)
+    job = Job(cfg, placement, groups, rank, device, model_dir, log, plan, worker, policy, reference,
+              shard_plan=shard_plan, watchdog=watch)
     engines = len(placement.engine_ranks)
     log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
                 f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{cfg.zero_stage})"
@@ -330,10 +234,9 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         t_step = time.perf_counter()
         watch(step + 1, "generate")
         local = _batch_for(job, step) if worker is not None else ([], None)
-        everyone: list = [None] * placement.world_size
         watch(step + 1, "gather samples")
         t_gather = time.perf_counter()
-        dist.all_gather_object(everyone, local, group=groups.data)
+        everyone = rank_life.gather_objects(local, groups.data)
         gather_s = time.perf_counter() - t_gather
         samples = [s for rank_samples, _ in everyone for s in rank_samples]
         rollout_metrics = [m for _, m in everyone if m is not None]
@@ -360,10 +263,9 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
 
         if cfg.sync_check:
             train_metrics.update(_sync_check(cfg, placement, groups, worker, policy, step))
-        shared: list = [None] * placement.world_size
         watch(step + 1, "gather metrics")
-        dist.all_gather_object(shared, (train_metrics if job.is_source else None, sync_s, preemption_requested()),
-                               group=groups.data)
+        shared = rank_life.gather_objects(
+            (train_metrics if job.is_source else None, sync_s, rank_life.preemption_requested()), groups.data)
         train_metrics = {**shared[placement.sync_source][0], "sync_s": max(s for _, s, _ in shared)}
         preempted = any(p for _, _, p in shared)  # every rank decides alike, at the same step
         if cfg.sync_check and not train_metrics["sync_check/passed"]:
@@ -395,23 +297,10 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
             job.stopped_at = done
             if rank == 0:
                 os.makedirs(os.path.join(cfg.output_dir, "logs"), exist_ok=True)
-                with open(os.path.join(cfg.output_dir, "logs", PREEMPTED), "w") as f:
+                with open(os.path.join(cfg.output_dir, "logs", rank_life.PREEMPTED), "w") as f:
                     f.write(f"{done}\n")
             break
     return history
-
-
-PREEMPTED = "preempted"  # written into output_dir/logs when a preemption request stopped the run; node.sh reads it
-
-
-def preemption_requested() -> bool:
-    """SLURM's warning before the time limit, passed on by launch/slurm.sbatch as a file (TGRPO_PREEMPT_FILE), or
-    SIGUSR1 to this rank."""
-    path = os.environ.get("TGRPO_PREEMPT_FILE")
-    return _SIGNALLED.is_set() or bool(path and os.path.exists(path))
-
-
-_SIGNALLED = threading.Event()
 
 
 def finish(job: Job) -> None:
@@ -437,9 +326,7 @@ def finish(job: Job) -> None:
 def _evaluate(cfg, placement, groups, worker, log, step: int) -> dict[str, float]:
     """Every engine evaluates its share of the eval prompts; rank 0 gets the sums."""
     mine = worker.evaluate() if worker is not None else None
-    everyone: list = [None] * placement.world_size
-    dist.all_gather_object(everyone, mine, group=groups.data)
-    parts = [e for e in everyone if e is not None]
+    parts = [e for e in rank_life.gather_objects(mine, groups.data) if e is not None]
     prompts = max(1, sum(p["prompts"] for p in parts))
     result = {"eval/pass@1": sum(p["greedy_correct"] for p in parts) / prompts,
               f"eval/mean@{cfg.eval_k}": sum(p["sampled_correct"] for p in parts) / prompts,
@@ -454,9 +341,7 @@ def _attach_reference_logprobs(placement, groups, holder, samples: list, rank: i
     batch; every rank gets every sample's reference logprobs."""
     holders = placement.reference or placement.policy
     mine = holder.reference_logprobs(samples) if rank in holders else None
-    everyone: list = [None] * placement.world_size
-    dist.all_gather_object(everyone, mine, group=groups.data)
-    for entry in everyone:
+    for entry in rank_life.gather_objects(mine, groups.data):
         for index, values in entry or []:
             samples[index].ref_logprobs = values
 
@@ -467,8 +352,7 @@ def _sync_check(cfg, placement, groups, worker, policy, step: int) -> dict:
     if worker is not None:
         prompts = [p.prompt_ids for p in worker.step_prompts(step)[:cfg.sync_check_prompts]]
         mine = (prompts, worker.greedy(prompts))
-    everyone: list = [None] * placement.world_size
-    dist.all_gather_object(everyone, mine, group=groups.data)
+    everyone = rank_life.gather_objects(mine, groups.data)
     if policy is None:
         return {}
     prompts = [p for entry in everyone if entry for p in entry[0]]

@@ -94,16 +94,10 @@ class WeightReceiver:
         # into the parameters at once and get views. parts > 1: the buffer holds `parts` shard segments of
         # `segment` elements; a parameter is the concatenation of its slice of each (ZeRO-3's layout), cut to size.
         copy = self._tgrpo_layerwise or device != flat.device
-        weights = []
-        for name, shape, off, n in metas:
-            if parts == 1:
-                tensor = flat[off:off + n].view(shape)
-                tensor = tensor.to(device, copy=True) if copy else tensor
-            else:
-                size = -(-n // parts)
-                whole = torch.cat([flat[j * segment + off:j * segment + off + size] for j in range(parts)])
-                tensor = whole[:n].view(shape).to(device)
-            weights.append((name, tensor))
+        from tgrpo.buckets import unpack_bucket
+
+        weights = [(name, tensor.to(device, copy=copy and parts == 1))
+                   for name, tensor in unpack_bucket(flat, metas, parts, segment)]
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.get_model().load_weights(iter(weights))
         if flat.is_cuda:
@@ -124,34 +118,19 @@ class WeightReceiver:
                 finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
 
 
-def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, seed: int, n: int,
-                  max_tokens: list[int], temperature: float, top_p: float, gpu_memory_utilization: float,
-                  repeats: int = 2, during=None) -> list[tuple[int, float]]:
-    """The ceiling the trainer's generation is measured against: a fresh vLLM engine with vLLM's own defaults for
-    this model (no worker extension, no seeds; sampled-token logprobs, which the trainer needs), the same requests,
-    after a short warm-up. Returns (generated tokens, seconds) of each of `repeats` timed runs; during(fn) may wrap
-    the timed generate calls (a GPU busy sampler)."""
-    import time
-
-    from vllm import LLM, SamplingParams, TokensPrompt
+@contextlib.contextmanager
+def bare_llm(model_dir: str, *, dtype: str, seed: int, gpu_memory_utilization: float):
+    """A plain vLLM engine with vLLM's own defaults for this model (no worker extension, no seeds, no trainer
+    settings), started outside torchrun's environment and shut down on leaving: the ceiling the benchmarks measure
+    the trainer's generation against. Yields vllm.LLM."""
+    from vllm import LLM
 
     on_gpu = torch.cuda.is_available()
     with _without_launcher_env():
         llm = LLM(model=model_dir, dtype=dtype, seed=seed,
                   gpu_memory_utilization=gpu_memory_utilization if on_gpu else 0.1)
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
     try:
-        warm = SamplingParams(n=n, max_tokens=8, temperature=temperature, top_p=top_p, logprobs=0)
-        llm.generate(prompts, warm, use_tqdm=False)
-        params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0)
-                  for m in max_tokens]
-        generate = during(llm.generate) if during is not None else llm.generate
-        runs = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            outputs = generate(prompts, params, use_tqdm=False)
-            runs.append((sum(len(o.token_ids) for out in outputs for o in out.outputs), time.perf_counter() - t0))
-        return runs
+        yield llm
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -397,7 +376,7 @@ class RolloutEngine:
 
     def load_bucket(self, numel: int, dtype: torch.dtype, metas: list, parts: int = 1, segment: int = 0) -> None:
         """Load the bucket just written into weight_buffer(numel, dtype); metas: (name, shape, offset, numel), and
-        with parts > 1 the buffer holds that many ZeRO-3 shard segments of `segment` elements (sync.Bucket)."""
+        with parts > 1 the buffer holds that many ZeRO-3 shard segments of `segment` elements (tgrpo.buckets)."""
         if self.on_gpu:
             torch.cuda.current_stream().synchronize()  # the receive (NCCL) or copy has landed before vLLM reads
         self.llm.collective_rpc("tgrpo_load_bucket",

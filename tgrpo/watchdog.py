@@ -4,8 +4,9 @@ Every rank publishes, every HEARTBEAT_S seconds from a thread of its own, where 
 the job's c10d store (the key-value store torchrun's rendezvous made, reachable from every node). Rank 0 reads them
 all. When a rank falls silent (frozen, e.g. SIGSTOP, or its host gone) or a phase lasts longer than `hang_report_s`,
 rank 0 writes one report, `output_dir/logs/hang-report.txt` (every rank: step, phase, for how long, last heard),
-asks every rank still alive to write its Python stacks next to it (`stacks-rankR.txt`), and prints one line naming
-the ranks that have not arrived. Long before `dist_timeout_s` ends the job, the report says where it waits.
+asks every rank still alive to write its Python stacks next to it (`stacks-rankR.txt`) and, on GPUs, NCCL's flight
+recorder (`nccl-trace-rankR`: the last collectives of every NCCL group, those still waiting among them), and prints
+one line naming the ranks that have not arrived. Long before `dist_timeout_s` ends the job, the report says where it waits.
 """
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ _DUMP = "tgrpo/dump-stacks"
 
 
 class Watchdog:
-    def __init__(self, store, rank: int, world_size: int, role: str, log_dir: str, report_after_s: float):
+    def __init__(self, store, rank: int, world_size: int, role: str, log_dir: str, report_after_s: float,
+                 nccl_trace=None):
+        """nccl_trace() -> bytes | None: this rank's NCCL flight recorder, written beside the stacks."""
         self.store, self.rank, self.world_size, self.role = store, rank, world_size, role
+        self.nccl_trace = nccl_trace
         self.log_dir, self.report_after_s = log_dir, report_after_s
         self.step, self.phase, self.since = 0, "start-up", time.time()
         self.started = self.since
@@ -54,6 +58,10 @@ class Watchdog:
                     os.makedirs(self.log_dir, exist_ok=True)
                     with open(os.path.join(self.log_dir, f"stacks-rank{self.rank}.txt"), "w") as f:
                         faulthandler.dump_traceback(file=f, all_threads=True)
+                    trace = self.nccl_trace() if self.nccl_trace is not None else None
+                    if trace:
+                        with open(os.path.join(self.log_dir, f"nccl-trace-rank{self.rank}"), "wb") as f:
+                            f.write(trace)
                 if self.rank in (0, 1):  # rank 1 reports when rank 0 is the silent one
                     self._check()
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending, nothing left to watch
@@ -88,7 +96,9 @@ class Watchdog:
                     continue
                 f.write(f"rank {r} {b['role']} on {b['host']} (pid {b['pid']}): step {b['step']}, {b['phase']} for "
                         f"{now - b['since']:.0f} s, last heard {now - b['t']:.0f} s ago\n")
-            f.write("Python stacks of the ranks still running: stacks-rankR.txt beside this file\n")
+            f.write("Python stacks of the ranks still running: stacks-rankR.txt beside this file; on GPUs, NCCL's flight "
+                    "recorder of each rank: nccl-trace-rankR (python -m torch.distributed.flight_recorder.fr_trace "
+                    f"{self.log_dir} --prefix nccl-trace-rank)\n")
         if silent:
             who = ", ".join(_describe(r, beats.get(r)) for r in silent)
             line = (f"error: no heartbeat for over {self.report_after_s:g} s from {who}: frozen or gone; where every "

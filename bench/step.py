@@ -223,6 +223,8 @@ def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, se
 
 
 def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours) -> None:
+    from tgrpo import console  # the console: a rank's own prints go to the node's log
+
     def mean(rows, key):
         return statistics.fmean(r.get(key, 0.0) for r in rows)
 
@@ -232,10 +234,10 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
 
     timed = {mode: rows[1:] for mode, rows in histories.items()}
     rows = {mode: {name: mean(steps, key) for key, name in PHASES} for mode, steps in timed.items()}
-    print(f"\n{'mode':<12}" + "".join(f"{name + '_s':>11}" for _, name in PHASES) + f"{'gen tok/s':>11}"
+    console.say(f"\n{'mode':<12}" + "".join(f"{name + '_s':>11}" for _, name in PHASES) + f"{'gen tok/s':>11}"
           + f"{'train tok/s':>12}")
     for mode, steps in timed.items():
-        print(f"{mode:<12}" + "".join(f"{rows[mode][name]:>11.3f}" for _, name in PHASES)
+        console.say(f"{mode:<12}" + "".join(f"{rows[mode][name]:>11.3f}" for _, name in PHASES)
               + f"{mean(steps, 'throughput/generate_tokens_per_s'):>11.0f}"
               + f"{statistics.fmean(r['batch/tokens'] / r['time/train_s'] for r in steps):>12.0f}")
     seq = timed["sequential"]
@@ -259,16 +261,16 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
         if summary(key) is not None:
             result[key.replace("busy_generate", "rollout_busy").replace("busy_bare", "bare_busy")] = summary(key)
     result["reward_exposed_s"] = rows["sequential"]["reward"]
-    print(f"generation: {result['generate_tokens_per_s']:.0f} tok/s in the trainer" + (
+    console.say(f"generation: {result['generate_tokens_per_s']:.0f} tok/s in the trainer" + (
         f", bare vLLM {result['bare_vllm_tokens_per_s']:.0f} tok/s on the same requests: generate_vs_bare "
         f"{result['generate_vs_bare']:.3f}" if bare else "") + (
         f"; GPU busy {result['rollout_busy']:.2f} (bare {result.get('bare_busy', 0):.2f})"
         if "rollout_busy" in result else ""))
     if "engine_seeded_tokens_per_s" in result:
-        print(f"trainer's engine on the same requests: seeded {result['engine_seeded_tokens_per_s']:.0f} tok/s, "
+        console.say(f"trainer's engine on the same requests: seeded {result['engine_seeded_tokens_per_s']:.0f} tok/s, "
               f"unseeded {result['engine_unseeded_tokens_per_s']:.0f} tok/s")
     if "reward_alone_s" in result:
-        print(f"rewards: {summary('reward_completions'):.0f} completions take {result['reward_alone_s']:.3f} s scored "
+        console.say(f"rewards: {summary('reward_completions'):.0f} completions take {result['reward_alone_s']:.3f} s scored "
               f"alone; a step waited {result['reward_exposed_s']:.3f} s for them after generation")
 
     # training against the plain loop, and MFU (6 N T: forward + backward of every token; attention and the extra
@@ -284,7 +286,7 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
         per_gpu = 6 * n_params * cfg.num_iterations / placement.num_policy / 1e12
         result.update(train_tflops_per_gpu=per_gpu * train_tps, train_mfu=per_gpu * train_tps / peak,
                       plain_mfu=6 * n_params / placement.num_policy / 1e12 * plain_tps / peak, peak_tflops=peak)
-    print(f"training: {train_tps:.0f} tok/s, plain loop on the same micro-batches {plain_tps:.0f} tok/s: "
+    console.say(f"training: {train_tps:.0f} tok/s, plain loop on the same micro-batches {plain_tps:.0f} tok/s: "
           f"train_vs_plain {result['train_vs_plain']:.3f}" + (
               f"; MFU {result['train_mfu']:.3f} (plain {result['plain_mfu']:.3f}) of {peak:.0f} TFLOP/s"
               if peak else "") + (f"; GPU busy {result['policy_busy']:.2f}" if "policy_busy" in result else ""))
@@ -296,9 +298,9 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
         slower = max(ovl["generate"] + ovl["reward"], ovl["train"])
         result.update(overlap_step_s=ovl["step"], overlap_speedup=rows["sequential"]["step"] / ovl["step"],
                       overlap_step_over_slower_phase=ovl["step"] / slower)
-        print(f"overlap: {ovl['step']:.3f} s a step, {result['overlap_speedup']:.3f} x the sequential step, "
+        console.say(f"overlap: {ovl['step']:.3f} s a step, {result['overlap_speedup']:.3f} x the sequential step, "
               f"{result['overlap_step_over_slower_phase']:.3f} x its slower phase")
-    print(json.dumps(result))
+    console.say(json.dumps(result))
 
 
 def _guess_peak_tflops() -> float:

@@ -45,7 +45,7 @@ def main() -> None:
             cfg.model = ensure_random_model(cfg.cache_dir, ours.random_model)
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-weight-sync")
         cfg.overwrite_output_dir, cfg.resume = True, ""  # the benchmark's own folder, written anew by every run
-        if cfg.sync_mode != "partitions" or cfg.colocate:
+        if cfg.sync_mode == "gather" or cfg.zero_stage != 3 or cfg.colocate:
             from tgrpo.errors import ConfigError
 
             raise ConfigError("bench/weight_sync.py times the split placement's syncs: leave sync_mode partitions "
@@ -60,7 +60,7 @@ def body(cfg, placement, rank: int, ours) -> None:
     import torch
     import torch.distributed as dist
 
-    from tgrpo import buckets, sync, trainer
+    from tgrpo import buckets, console, sync, trainer
     from tgrpo.placement import build_partition_groups, build_sync_groups
 
     fanout = min(placement.num_policy, placement.num_engines)
@@ -169,14 +169,14 @@ def body(cfg, placement, rank: int, ours) -> None:
     if rank != 0:
         return
     gbps = {(n, k): total_bytes / t / 1e9 for n, k, t in results}
-    print(f"\nmodel {cfg.model}: {total_bytes / 1e6:.1f} MB in {len(plan)} buckets of <= {cfg.sync_bucket_mb} MiB, "
+    console.say(f"\nmodel {cfg.model}: {total_bytes / 1e6:.1f} MB in {len(plan)} buckets of <= {cfg.sync_bucket_mb} MiB, "
           f"{len(per_param_plan)} parameters; {placement.num_engines} engines, {placement.num_policy} policy ranks, "
           f"{backend}; partitions: {len(shard_plan.buckets)} buckets, "
           f"{'zero-copy from DeepSpeed' if shard_plan.zero_copy else 'copied'}")
-    print(f"{'mode':<12}{'senders':>8}{'seconds':>10}{'GB/s':>10}{'vs raw':>8}")
+    console.say(f"{'mode':<12}{'senders':>8}{'seconds':>10}{'GB/s':>10}{'vs raw':>8}")
     for name, k, t in results:
         base = gbps.get(("raw", k), gbps[("raw", 1)])
-        print(f"{name:<12}{k:>8}{t:>10.4f}{gbps[(name, k)]:>10.3f}{gbps[(name, k)] / base:>8.2f}")
+        console.say(f"{name:<12}{k:>8}{t:>10.4f}{gbps[(name, k)]:>10.3f}{gbps[(name, k)] / base:>8.2f}")
     result = {"bench": "weight_sync", "model": os.path.basename(cfg.model), "bytes": total_bytes,
               "buckets": len(plan), "bucket_mb": cfg.sync_bucket_mb, "zero_copy": shard_plan.zero_copy, "backend": backend,
               "engines": placement.num_engines, "policy_ranks": placement.num_policy,
@@ -192,7 +192,7 @@ def body(cfg, placement, rank: int, ours) -> None:
         result["bucketed_over_per_param"] = gbps[("partitions", placement.num_policy)] / gbps[("per-param", 1)]
     if alt is not None:
         result[f"gather_senders_{fanout}_over_1"] = gbps[("gather", fanout)] / gbps[("gather", 1)]
-    print(json.dumps(result))
+    console.say(json.dumps(result))
 
 
 if __name__ == "__main__":

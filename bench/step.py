@@ -30,7 +30,8 @@ import zlib
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PHASES = [("time/step_s", "step"), ("time/generate_s", "generate"), ("time/reward_s", "reward"),
-          ("time/gather_s", "gather"), ("time/train_s", "train"), ("time/sync_s", "sync")]
+          ("time/gather_s", "gather"), ("time/values_s", "values"), ("critic/train_s", "critic"),
+          ("time/train_s", "train"), ("time/sync_s", "sync")]  # values, critic: advantage_estimator gae
 
 
 def main() -> None:
@@ -245,6 +246,7 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
               "placement": (f"colocated {placement.world_size}" if placement.colocated else
                             f"rollout {cfg.rollout_ranks} policy {cfg.policy_ranks}"),
               "batch": f"{cfg.prompts_per_step}x{cfg.num_generations}x{cfg.max_completion_length}",
+              "advantage_estimator": cfg.advantage_estimator,
               "zero_stage": cfg.zero_stage, "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch,
               "timed_steps": len(seq), "phases": rows, "step_s": rows["sequential"]["step"],
               "micro_batches_per_step": mean(seq, "policy/micro_batches"),

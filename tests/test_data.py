@@ -241,3 +241,12 @@ def test_rank_slice_splits_evenly():
         slices = [data.rank_slice(items, i, parts) for i in range(parts)]
         assert all(len(s) == 12 // parts for s in slices)
         assert [x for s in slices for x in s] == items
+
+
+def test_a_value_datasets_cannot_decode_is_one_line(tmp_path, tokenizer):
+    """Found by the property test: an answer dict keyed by a NUL character makes datasets raise KeyError while it
+    decodes the rows; the user gets one line naming the rows."""
+    path = tmp_path / "nul.json"
+    path.write_text(json.dumps([{"messages": [], "answer": {"\x00": {}}}]))
+    with pytest.raises(ConfigError, match=r"rows 0-511 could not be decoded \(KeyError"):
+        data.load_prompts(Config(train_data=str(path)), tokenizer)

@@ -299,3 +299,76 @@ def truncated_is_weights(trainer_logp: Tensor, rollout_logp: Tensor, cap: float)
     """
     with torch.no_grad():
         return torch.exp(trainer_logp - rollout_logp).clamp(max=cap)
+
+
+# --- PPO with a critic (advantage_estimator: gae) ----------------------------------------------------------------
+
+def token_rewards(reward: float, model_mask: list[int], kl: list[float] | None = None,
+                  kl_coef: float = 0.0) -> list[float]:
+    """A completion's per-token rewards: the outcome reward on its last model token, minus kl_coef times each model
+    token's KL to the reference (k1, when kl is given); tool tokens get none."""
+    out = [0.0] * len(model_mask)
+    if kl is not None and kl_coef:
+        out = [-kl_coef * k * m for k, m in zip(kl, model_mask)]
+    last = max((i for i, m in enumerate(model_mask) if m), default=None)
+    if last is not None:
+        out[last] += reward
+    return out
+
+
+def gae(rewards: list[float], values: list[float], model_mask: list[int], gamma: float,
+        lam: float) -> tuple[list[float], list[float]]:
+    """Generalised advantage estimation over one completion's model tokens (Schulman et al. 2016): with d_t =
+    r_t + gamma V_{t+1} - V_t, A_t = d_t + gamma lam A_{t+1}, and returns R_t = A_t + V_t; the value after the last
+    model token is 0. The recursion runs over the model's tokens only: a tool's tokens between two turns are
+    skipped (the next model token is the next step), not zeroed into it. Tool tokens get advantage and return 0."""
+    steps = [i for i, m in enumerate(model_mask) if m]
+    advantages, returns = [0.0] * len(model_mask), [0.0] * len(model_mask)
+    running, next_value = 0.0, 0.0
+    for i in reversed(steps):
+        delta = rewards[i] + gamma * next_value - values[i]
+        running = delta + gamma * lam * running
+        advantages[i], returns[i] = running, running + values[i]
+        next_value = values[i]
+    return advantages, returns
+
+
+def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the masked entries (PPO's advantage normalisation); the rest stay 0."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None) -> tuple[Tensor, Tensor]:
+    """PPO's clipped value loss per token, 0.5 max((V - R)^2, (V_clipped - R)^2) with V_clipped = V_old +
+    clip(V - V_old, -clip, clip), and whether the clipped term was the larger (the clip fraction)."""
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped, torch.zeros_like(values)
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the masked tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float(1.0 - var_d / var_r) if float(var_r) > 0 else 0.0
+
+
+class KLController:
+    """The coefficient of the KL penalty in the reward. fixed: beta throughout. adaptive (Ziegler et al. 2019, as
+    in verl and TRL's PPO): after each step, with the batch's mean KL per token, beta *= 1 + clip(kl / target - 1,
+    -0.2, 0.2) * n / horizon, n the step's samples."""
+
+    def __init__(self, kind: str, beta: float, target: float, horizon: int):
+        self.kind, self.value, self.target, self.horizon = kind, beta, target, horizon
+
+    def update(self, current_kl: float, n_samples: int) -> None:
+        if self.kind != "adaptive":
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon

@@ -36,6 +36,11 @@ class Sample:
     segments: list[tuple[str, int]] | None = None  # multi-turn: (text, 1 model / 0 tool) pieces, for samples.jsonl
     turns: int = 1  # generations in the episode
     tool_calls: int = 0
+    # advantage_estimator gae: the critic's value before each completion token, GAE's advantage of each token
+    # (whitened over the step) and the return the critic learns
+    values: list[float] | None = None
+    token_advantages: list[float] | None = None
+    returns: list[float] | None = None
 
     @property
     def model_mask(self) -> list[int]:
@@ -138,7 +143,7 @@ class MicroBatch:
     logits_index: torch.Tensor  # [N]: packed, positions in T; padded, positions in the flattened [B * L]
     targets: torch.Tensor  # [N] the completion tokens
     rollout_logp: torch.Tensor  # [N] vLLM's logprobs
-    advantages: torch.Tensor  # [N] each token's sequence's advantage
+    advantages: torch.Tensor  # [N] each token's advantage: its sequence's (GRPO) or its own (GAE)
     loss_mask: torch.Tensor  # [N] 1 where the token counts in the loss (Sample.loss_mask)
     model_mask: torch.Tensor  # [N] 1 on the model's tokens (Sample.model_mask)
     loss_weight: torch.Tensor  # [N] the loss normaliser of each counted token (algorithm.token_loss_weights)
@@ -146,6 +151,8 @@ class MicroBatch:
     lengths: list[int]  # completion tokens per sample, to split [N] results back into samples
     old_logp: torch.Tensor | None = None  # [N] the policy's logprobs before the step's first update, when needed
     packed: bool = True
+    old_values: torch.Tensor | None = None  # [N] the critic's values before its update (gae), when every sample has
+    returns: torch.Tensor | None = None  # [N] the critic's targets (gae)
 
 
 def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: int, mask_truncated: bool = False,
@@ -153,17 +160,22 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
     """The tensors of one micro-batch, made on the host in one pass and copied to the device once each.
     loss_weights: per-sample normaliser of each counted token (default 1)."""
     targets, rollout, adv, loss_mask, model_mask, weights, ref = [], [], [], [], [], [], []
+    values, returns = [], []
     have_ref = all(s.ref_logprobs is not None for s in samples)
+    have_values = all(s.values is not None and s.returns is not None for s in samples)
     for k, s in enumerate(samples):
         c = len(s.completion_ids)
         targets += s.completion_ids
         rollout += s.rollout_logprobs
-        adv += [s.advantage] * c
+        adv += s.token_advantages if s.token_advantages is not None else [s.advantage] * c
         loss_mask += s.loss_mask(mask_truncated)
         model_mask += s.model_mask
         weights += [1.0 if loss_weights is None else loss_weights[k]] * c
         if have_ref:
             ref += s.ref_logprobs
+        if have_values:
+            values += s.values
+            returns += s.returns
     if packed:
         ids, positions, index, bounds = [], [], [], [0]
         for s in samples:
@@ -198,7 +210,8 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
     host = {"input_ids": input_ids, "position_ids": position_ids, "logits_index": torch.tensor(index),
             "targets": torch.tensor(targets, dtype=torch.long), "rollout_logp": floats(rollout),
             "advantages": floats(adv), "loss_mask": floats(loss_mask), "model_mask": floats(model_mask),
-            "loss_weight": floats(weights), "ref_logp": floats(ref) if have_ref else None}
+            "loss_weight": floats(weights), "ref_logp": floats(ref) if have_ref else None,
+            "old_values": floats(values) if have_values else None, "returns": floats(returns) if have_values else None}
     on_device = {k: _to(v, device) for k, v in host.items()}
     model_kwargs = {k: _to(v, device) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
     return MicroBatch(**on_device, model_kwargs=model_kwargs, lengths=[len(s.completion_ids) for s in samples],

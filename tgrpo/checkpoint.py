@@ -24,6 +24,7 @@ from tgrpo import console, deepspeed_engine, sync
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"  # every file of the checkpoint and its size, written before STATE
 LATEST = "latest"
+CRITIC = "deepspeed-critic"  # advantage_estimator gae: the critic's DeepSpeed state
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -171,6 +172,8 @@ def save(job, step: int) -> str:
     if job.policy is not None:
         deepspeed_engine.save_state(job.policy.engine, os.path.join(tmp, "deepspeed"))
         export_hf(job.policy.model, job.plan, job.model_dir, tmp, is_writer=job.is_source)
+    if job.critic is not None:  # advantage_estimator gae: the critic's parameters and optimizer
+        deepspeed_engine.save_state(job.critic.engine, os.path.join(tmp, CRITIC))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
     dist.barrier(group=job.groups.data)
     if job.is_source:
@@ -179,7 +182,8 @@ def save(job, step: int) -> str:
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump({"step": step, "world_size": placement.world_size, "rollout": list(placement.rollout),
                        "policy": list(placement.policy), "reference": list(placement.reference),
-                       "colocated": placement.colocated, "seed": cfg.seed}, f, indent=1)
+                       "critic": list(placement.critic), "colocated": placement.colocated, "seed": cfg.seed,
+                       "advantage_estimator": cfg.advantage_estimator, "kl_coef": job.kl.value}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(cfg.output_dir, os.path.basename(final))
@@ -193,19 +197,27 @@ def load(job, path: str) -> int:
     state = read_state(path)
     if job.policy is not None:
         deepspeed_engine.load_state(job.policy.engine, os.path.join(path, "deepspeed"))
+    if job.critic is not None:
+        deepspeed_engine.load_state(job.critic.engine, os.path.join(path, CRITIC))
+    if "kl_coef" in state:
+        job.kl.value = float(state["kl_coef"])
     rng = os.path.join(path, "rng", f"rank{job.rank}.pt")
     if os.path.isfile(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
     return int(state["step"])
 
 
-def check_resumable(path: str, placement) -> None:
+def check_resumable(path: str, placement, critic_expected: bool = False) -> None:
     """Raise ValueError naming the difference if the checkpoint was written by another placement."""
     state = read_state(path)
     now = {"world_size": placement.world_size, "rollout": list(placement.rollout), "policy": list(placement.policy),
-           "reference": list(placement.reference), "colocated": placement.colocated}
+           "reference": list(placement.reference), "critic": list(placement.critic),
+           "colocated": placement.colocated}
+    if critic_expected and not os.path.isdir(os.path.join(path, CRITIC)):
+        raise ValueError(f"checkpoint {path} holds no critic ({CRITIC}/): it was written by a run without "
+                         "advantage_estimator gae; resume it with the estimator that wrote it")
     for key, value in now.items():
-        if state.get(key) != value:
+        if state.get(key, [] if key == "critic" else None) != value:
             raise ValueError(f"checkpoint {path} was written with {key}={state.get(key)}, this run has {value}: "
                              "resume with the placement that wrote it")
 

@@ -38,6 +38,12 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
                "'auto', which skips damaged checkpoints")
     checkpoint.check_output_dir(cfg)
     tokenizer = _check_model(cfg)
+    if cfg.critic_model:
+        from tgrpo.tiny import EMBEDDED
+
+        _check(cfg.critic_model in EMBEDDED or os.path.isfile(os.path.join(cfg.critic_model, "config.json")),
+               f"critic_model '{cfg.critic_model}' is not a model folder (no config.json there): give a local Hugging "
+               "Face model folder, or leave it empty for the policy's model")
     if data:
         from tgrpo import data as prompts
 
@@ -58,6 +64,15 @@ def model_dir(cfg: Config) -> str:
     if cfg.model in EMBEDDED:
         return ensure_model(cfg.cache_dir, cfg.model)
     return cfg.model
+
+
+def critic_dir(cfg: Config) -> str:
+    """The folder the critic starts from (advantage_estimator gae): critic_model, else the policy's model."""
+    if not cfg.critic_model:
+        return model_dir(cfg)
+    from tgrpo.tiny import EMBEDDED, ensure_model
+
+    return ensure_model(cfg.cache_dir, cfg.critic_model) if cfg.critic_model in EMBEDDED else cfg.critic_model
 
 
 def _check_model(cfg: Config):
@@ -85,15 +100,21 @@ def _check_batch_shape(cfg: Config, placement: Placement) -> None:
            f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {placement.num_engines} rollout engines")
     samples = cfg.prompts_per_step * cfg.num_generations
     if cfg.max_tokens_per_micro_batch:
-        _check(samples % cfg.mini_batches == 0 and samples // cfg.mini_batches >= placement.num_policy,
+        trainers = max(placement.num_policy, len(placement.critic))
+        _check(samples % cfg.mini_batches == 0 and samples // cfg.mini_batches >= trainers,
                f"prompts_per_step * num_generations = {samples} must split into mini_batches = {cfg.mini_batches} "
-               f"equal mini-batches of at least one sample per policy rank ({placement.num_policy})")
+               f"equal mini-batches of at least one sample per {'policy and critic' if placement.critic else 'policy'} "
+               f"rank ({trainers})")
         return
     per_step = placement.num_policy * cfg.micro_batch_size * cfg.mini_batches
     _check(samples % per_step == 0,
            f"prompts_per_step * num_generations = {samples} must be divisible by policy ranks * micro_batch_size * "
            f"mini_batches = {placement.num_policy} * {cfg.micro_batch_size} * {cfg.mini_batches}: every policy rank "
            "runs the same number of micro-batches")
+    if placement.critic:
+        per = len(placement.critic) * cfg.micro_batch_size * cfg.mini_batches
+        _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by critic "
+               f"ranks * micro_batch_size * mini_batches = {per}")
     if placement.reference:
         per = len(placement.reference) * cfg.micro_batch_size
         _check(samples % per == 0, f"prompts_per_step * num_generations = {samples} must be divisible by reference "

@@ -70,7 +70,8 @@ class Config:
 
     # --- rollout ---------------------------------------------------------------------------------------------
     prompts_per_step: int = _f(16, "Prompts per step over all rollout ranks.")
-    num_generations: int = _f(8, "Completions sampled per prompt (the GRPO group size).")
+    num_generations: int = _f(8, "Completions sampled per prompt (the GRPO group size; 1 is valid with "
+                              "advantage_estimator gae).")
     max_completion_length: int = _f(32, "Most new tokens per completion (with a retriever: per episode, the "
                                     "model's and the tool's tokens together).")
     temperature: float = _f(1.0, "Sampling temperature of the rollout (must be > 0: groups need diversity).")
@@ -134,6 +135,23 @@ class Config:
         "cores the reward workers would take (see bench/README.md).")
 
     # --- algorithm -------------------------------------------------------------------------------------------
+    advantage_estimator: Literal["grpo", "gae"] = _f(
+        "grpo", "grpo: each completion's reward against its group's (no critic). gae: PPO with a critic, a value "
+        "head on a causal LM trained beside the policy; per-token rewards (the outcome on the last model token, "
+        "the KL penalty on every model token with kl_in_reward), GAE over model tokens, whitened advantages.")
+    gamma: float = _f(1.0, "gae: discount per model token.")
+    lam: float = _f(1.0, "gae: GAE's lambda (1: returns are Monte-Carlo returns; lower trusts the critic more).")
+    critic_model: str = _f("", "gae: the model the critic starts from (a local folder, or 'tiny'); empty: the "
+                           "policy's model. Its LM head is replaced by a new scalar value head.")
+    critic_ranks: str = _f("", "gae: ranks of their own for the critic (ZeRO over them), like reference_ranks; "
+                           "empty keeps it on the policy ranks, as a second engine there.")
+    critic_learning_rate: float = _f(1e-5, "gae: AdamW learning rate of the critic.")
+    critic_warmup_ratio: float = _f(0.0, "gae: share of max_steps over which the critic's learning rate warms up "
+                                    "linearly (verl's critic.optim.lr_warmup_steps_ratio).")
+    critic_warmup_steps: int = _f(0, "gae: the first this many steps train the critic alone; the policy keeps its "
+                                  "weights (verl's trainer.critic_warmup).")
+    value_clip: Optional[float] = _f(0.5, "gae: clip range of the value loss around the values before the update "
+                                     "(verl's cliprange_value); unset: no clipping.")
     learning_rate: float = _f(1e-6, "AdamW learning rate of the policy.")
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f(
         "constant", "Learning-rate schedule after the warmup (TRL's names): constant, or a linear or cosine decay to "
@@ -156,8 +174,13 @@ class Config:
     mini_batches: int = _f(1, "Optimizer steps per pass: the step's batch is split into this many mini-batches.")
     beta: float = _f(0.0, "KL coefficient to the frozen reference model; 0 loads no reference.")
     kl_estimator: Literal["k1", "k2", "k3"] = _f("k3", "KL estimator used in the loss.")
-    kl_in_reward: bool = _f(False, "Subtract beta * KL (k1, summed over the completion) from the reward instead of "
-                            "adding beta * KL to the loss.")
+    kl_in_reward: bool = _f(False, "Subtract beta * KL (k1) from the reward instead of adding beta * KL to the "
+                            "loss: summed over the completion (grpo), or on each model token (gae).")
+    kl_ctrl: Literal["fixed", "adaptive"] = _f(
+        "fixed", "With kl_in_reward, the KL coefficient: fixed at beta, or adaptive from beta toward kl_target (the "
+        "PPO controller of Ziegler et al., as verl's algorithm.kl_ctrl); logged as kl_ctrl/coef.")
+    kl_target: float = _f(0.1, "kl_ctrl adaptive: the mean KL per token the coefficient steers toward.")
+    kl_horizon: int = _f(10000, "kl_ctrl adaptive: samples over which the coefficient may move by 20%%.")
     tis_cap: float = _f(0.0, "Truncated importance sampling: weight each token's loss by min(pi_train/pi_vllm, "
                         "tis_cap) to correct the vLLM/trainer mismatch; 0 turns it off.")
     mask_truncated_completions: bool = _f(False, "Completions cut at max_completion_length count nothing in the "
@@ -252,8 +275,29 @@ class Config:
                      "rollout_tensor_parallel_size", "num_iterations", "mini_batches", "eval_k",
                      "max_sampling_rounds", "sync_senders"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        _check(self.num_generations >= 2, f"num_generations must be >= 2 (advantages compare completions of a "
-                                          f"prompt), got {self.num_generations}")
+        _check(self.num_generations >= 2 or self.advantage_estimator == "gae",
+               f"num_generations must be >= 2 with advantage_estimator grpo (advantages compare completions of a "
+               f"prompt), got {self.num_generations}; advantage_estimator gae learns a baseline instead")
+        _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma must be in (0, 1] and lam in [0, 1], got "
+                                                          f"{self.gamma}, {self.lam}")
+        _check(self.critic_learning_rate > 0, f"critic_learning_rate must be > 0, got {self.critic_learning_rate}")
+        _check(0 <= self.critic_warmup_ratio <= 1, f"critic_warmup_ratio must be in [0, 1], got "
+                                                   f"{self.critic_warmup_ratio}")
+        _check(0 <= self.critic_warmup_steps < self.max_steps, f"critic_warmup_steps must be in 0..max_steps-1, got "
+                                                               f"{self.critic_warmup_steps}")
+        _check(self.value_clip is None or self.value_clip > 0, f"value_clip must be > 0 (unset: none), got "
+                                                               f"{self.value_clip}")
+        _check(self.advantage_estimator == "gae" or not (self.critic_ranks or self.critic_model
+                                                         or self.critic_warmup_steps),
+               "critic_ranks, critic_model and critic_warmup_steps are for the critic of advantage_estimator gae: "
+               "set advantage_estimator gae or leave them unset")
+        _check(not (self.dynamic_sampling and self.advantage_estimator == "gae"),
+               "dynamic_sampling drops prompts whose group of completions all got the same reward, which is GRPO's "
+               "no-signal case; advantage_estimator gae learns from every completion: set dynamic_sampling false")
+        _check(self.kl_ctrl == "fixed" or (self.kl_in_reward and self.beta > 0),
+               "kl_ctrl adaptive steers the KL penalty in the reward: set kl_in_reward true and beta > 0 (its start)")
+        _check(self.kl_target > 0 and self.kl_horizon > 0, f"kl_target and kl_horizon must be > 0, got "
+                                                           f"{self.kl_target}, {self.kl_horizon}")
         _check(self.temperature > 0, f"temperature must be > 0 for sampled groups, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")

@@ -157,7 +157,7 @@ def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None =
     prompts: list[Prompt] = []
     dropped = 0
     row = 0
-    for batch in rows.iter(batch_size=_CHUNK):
+    for batch in _chunks(rows, label, path):
         texts, answers = [], []
         for value, raw_answer in zip(batch[prompt_column], batch[cfg.answer_column]):
             messages = _messages(value, row, prompt_column, label)
@@ -184,6 +184,23 @@ def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None =
         raise ConfigError(f"{label} has {len(prompts)} usable prompts ({dropped} longer than max_prompt_length="
                           f"{cfg.max_prompt_length}), fewer than {wanted}")
     return prompts, dropped
+
+
+def _chunks(rows, label: str, path: str):
+    """The rows _CHUNK at a time; a value that datasets cannot decode (seen: a dict keyed by a NUL character) is a
+    ConfigError naming the rows, not the library's KeyError."""
+    chunks = iter(rows.iter(batch_size=_CHUNK))
+    start = 0
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - whatever datasets raises while decoding a row
+            raise ConfigError(f"{label} '{path}' rows {start}-{start + _CHUNK - 1} could not be decoded "
+                              f"({type(e).__name__}: {_first_line(e)}): check the values of those rows") from None
+        yield chunk
+        start += _CHUNK
 
 
 def step_indices(num_prompts: int, prompts_per_step: int, step: int, seed: int) -> list[int]:

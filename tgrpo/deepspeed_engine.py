@@ -63,18 +63,27 @@ def load_config(path: str, cfg, *, bf16: bool, dp_size: int, hidden_size: int, t
 
 def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainable: bool, attention: str,
                  lr: float = 0.0, weight_decay: float = 0.0, gradient_checkpointing: bool = False,
-                 lr_schedule=None):
+                 lr_schedule=None, value_head: bool = False):
     """A DeepSpeed engine of the model; trainable: with AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded)
-    and lr_schedule(optimizer), a scheduler that engine.step() steps and checkpoints save and restore."""
+    and lr_schedule(optimizer), a scheduler that engine.step() steps and checkpoints save and restore. value_head:
+    the model's body with a new scalar head instead of its LM head (a critic: AutoModelForTokenClassification with
+    one label, no dropout)."""
     import deepspeed
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
     from transformers.integrations import HfDeepSpeedConfig
 
     # Binds deepspeed.comm to the torch.distributed state we made; its world is then the policy group.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     _hf_ds_configs.append(HfDeepSpeedConfig(ds_config))
     with _launcher_world_is_default_group():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
+        if value_head:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_dir, num_labels=1, classifier_dropout=0.0)
+            model = AutoModelForTokenClassification.from_pretrained(model_dir, config=config, dtype=dtype,
+                                                                    attn_implementation=attention)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
         model.config.use_cache = False
         if not trainable:
             model.eval()

@@ -104,6 +104,13 @@ def logits_at_targets(model, mb: MicroBatch) -> torch.Tensor:
     return out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, mb.logits_index)
 
 
+def head_at_targets(model, mb: MicroBatch) -> torch.Tensor:
+    """A model's per-position outputs (a value head's [.., 1]) at the positions predicting each completion token,
+    [N, C]: the whole row is computed (a narrow head costs nothing), then indexed."""
+    out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **mb.model_kwargs)
+    return out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, mb.logits_index)
+
+
 def token_logprobs(model, mb: MicroBatch, temperature: float,
                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each completion token under the model at the sampling temperature ([N] float32, with gradient

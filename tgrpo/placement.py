@@ -5,6 +5,8 @@ One process per GPU (or per CPU slot). Roles come from closed rank ranges in the
              consecutive rollout ranks of one node; the first drives the engine, the other k-1 lend it their GPU.
 - policy:    ranks that train with DeepSpeed ZeRO-3.
 - reference: ranks of their own holding the frozen reference (ZeRO-3 over them); empty puts it on the policy ranks.
+- critic:    (advantage_estimator gae) ranks of their own training the critic; empty puts it on the policy ranks.
+             Critic ranks never receive weights from the sync.
 Split placement gives every rank one role. Colocated placement (colocate: true) gives every rank both rollout and
 policy: each trains a ZeRO-3 shard and drives (or lends its GPU to) an engine that sleeps while the policy trains.
 
@@ -13,6 +15,7 @@ The groups:
              keeps off the GPU and free of NCCL's device rules.
 - policy:    the policy ranks; ZeRO-3 partitions over it (it becomes their default group).
 - reference: the reference ranks, when they are ranks of their own (likewise their default group).
+- critic:    the critic ranks, when they are ranks of their own (likewise).
 - sync:      split placement, sync_mode partitions (default): one group per policy rank, holding it and every
              engine-driving rank; each policy rank broadcasts its ZeRO-3 shards there (see sync.py).
              sync_mode gather: one group per sender. With sync_senders = 1, the first policy rank and every
@@ -29,7 +32,7 @@ import torch.distributed as dist
 
 from tgrpo.errors import ConfigError
 
-ROLLOUT, POLICY, REFERENCE = "rollout", "policy", "reference"
+ROLLOUT, POLICY, REFERENCE, CRITIC = "rollout", "policy", "reference", "critic"
 
 
 def parse_ranges(text: str, field: str, world_size: int | None = None) -> list[int]:
@@ -65,16 +68,18 @@ class Placement:
     colocated: bool = False
     senders: int = 1
     sync_mode: str = "partitions"
+    critic: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, cfg, world_size: int, local_world_size: int | None = None) -> "Placement":
         rollout = parse_ranges(cfg.rollout_ranks, "rollout_ranks", world_size)
         policy = parse_ranges(cfg.policy_ranks, "policy_ranks", world_size)
         reference = parse_ranges(cfg.reference_ranks, "reference_ranks", world_size)
+        critic = parse_ranges(cfg.critic_ranks, "critic_ranks", world_size)
         tp = cfg.rollout_tensor_parallel_size
         if not rollout or not policy:
             raise ConfigError("rollout_ranks and policy_ranks must each name at least one rank")
-        beyond = sorted(r for r in rollout + policy + reference if r >= world_size)
+        beyond = sorted(r for r in rollout + policy + reference + critic if r >= world_size)
         if beyond:
             raise ConfigError(f"ranks {beyond} are beyond the world size {world_size} (ranks 0-{world_size - 1}): "
                               "shrink the ranges or launch more processes")
@@ -92,13 +97,17 @@ class Placement:
         if twice:
             raise ConfigError(f"ranks {twice} are in reference_ranks='{cfg.reference_ranks}' and in another role: "
                               "reference ranks hold the reference model alone")
+        twice = sorted(set(critic) & (set(rollout) | set(policy) | set(reference)))
+        if twice:
+            raise ConfigError(f"ranks {twice} are in critic_ranks='{cfg.critic_ranks}' and in another role: critic "
+                              "ranks hold the critic alone")
         if reference and cfg.beta == 0:
             raise ConfigError("reference_ranks are given but beta=0 loads no reference model: set beta > 0 or "
                               "leave reference_ranks empty")
-        missing = sorted(set(range(world_size)) - set(rollout) - set(policy) - set(reference))
+        missing = sorted(set(range(world_size)) - set(rollout) - set(policy) - set(reference) - set(critic))
         if missing:
             raise ConfigError(f"ranks {missing} of the {world_size} launched have no role: cover every rank with "
-                              "rollout_ranks, policy_ranks and reference_ranks")
+                              "rollout_ranks, policy_ranks, reference_ranks and critic_ranks")
         rollout = sorted(rollout)
         if len(rollout) % tp:
             raise ConfigError(f"{len(rollout)} rollout ranks do not split into engines of "
@@ -115,7 +124,7 @@ class Placement:
         senders = min(cfg.sync_senders, len(policy), len(rollout) // tp)
         mode = cfg.sync_mode if cfg.sync_mode != "auto" else ("partitions" if cfg.zero_stage == 3 else "gather")
         return cls(world_size, tuple(rollout), tuple(sorted(policy)), tuple(sorted(reference)), tp,
-                   bool(cfg.colocate), senders, mode)
+                   bool(cfg.colocate), senders, mode, tuple(sorted(critic)))
 
     @property
     def engine_ranks(self) -> tuple[int, ...]:
@@ -142,11 +151,11 @@ class Placement:
 
     def roles(self, rank: int) -> set[str]:
         return {role for role, ranks in ((ROLLOUT, self.rollout), (POLICY, self.policy),
-                                         (REFERENCE, self.reference)) if rank in ranks}
+                                         (REFERENCE, self.reference), (CRITIC, self.critic)) if rank in ranks}
 
     def role_name(self, rank: int) -> str:
         """For messages: 'rollout', 'policy', 'rollout+policy', ..."""
-        return "+".join(r for r in (ROLLOUT, POLICY, REFERENCE) if r in self.roles(rank))
+        return "+".join(r for r in (ROLLOUT, POLICY, REFERENCE, CRITIC) if r in self.roles(rank))
 
 
 @dataclass
@@ -160,6 +169,7 @@ class Groups:
     # sync_mode partitions: (group, the policy rank's index in it) for each policy rank's group this rank is in:
     # all of them on an engine rank, its own on a policy rank, none elsewhere
     parts: list = field(default_factory=list)
+    critic: dist.ProcessGroup | None = None  # the critic ranks', when they are ranks of their own
 
 
 def build_partition_groups(placement: Placement, backend: str, timeout_s: int) -> list[tuple]:
@@ -195,6 +205,7 @@ def build_groups(placement: Placement, backend: str, timeout_s: int) -> Groups:
     policy = dist.new_group(list(placement.policy), backend=backend, timeout=timeout)
     reference = (dist.new_group(list(placement.reference), backend=backend, timeout=timeout)
                  if placement.reference else None)
+    critic = dist.new_group(list(placement.critic), backend=backend, timeout=timeout) if placement.critic else None
     sync, sync_src, is_sender, parts = None, 0, False, []
     if not placement.colocated and placement.sync_mode == "gather":
         sync, sync_src, is_sender = build_sync_groups(placement, placement.senders, backend, timeout_s)
@@ -205,4 +216,5 @@ def build_groups(placement: Placement, backend: str, timeout_s: int) -> Groups:
         policy=policy if rank in placement.policy else None,
         reference=reference if rank in placement.reference else None,
         sync=sync, sync_src=sync_src, is_sender=is_sender, parts=parts,
+        critic=critic if rank in placement.critic else None,
     )

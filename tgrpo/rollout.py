@@ -229,3 +229,42 @@ def _seed(seed: int, step: int, index: int, sampling_round: int) -> int:
     """The sampling seed of a (run seed, step, engine, round): a resumed run samples what the uninterrupted one
     would have."""
     return random.Random(f"{seed}-{step}-{index}-{sampling_round}").randrange(2**30)
+
+
+def assign_gae(samples: list[Sample], gamma: float, lam: float, kl_coef: float, mask_truncated: bool) -> dict:
+    """advantage_estimator gae: per-token rewards (the outcome on the last model token, minus kl_coef times each
+    model token's k1 KL to the reference when the samples have reference logprobs and kl_coef > 0), GAE over the
+    critic's values (Sample.values), returns, and advantages whitened over the step's counted tokens. Every rank
+    computes the same from the same samples. Returns the step's statistics of returns and advantages."""
+    flat_adv, flat_mask = [], []
+    for s in samples:
+        mask = s.model_mask
+        kl = ([a - b for a, b in zip(s.rollout_logprobs, s.ref_logprobs)]
+              if s.ref_logprobs is not None and kl_coef else None)
+        rewards = algorithm.token_rewards(s.reward, mask, kl, kl_coef)
+        s.token_advantages, s.returns = algorithm.gae(rewards, s.values, mask, gamma, lam)
+        flat_adv += s.token_advantages
+        flat_mask += s.loss_mask(mask_truncated)
+    raw = torch.tensor(flat_adv, dtype=torch.float64)
+    counted = torch.tensor(flat_mask, dtype=torch.float64)
+    white = algorithm.whiten(raw, counted).tolist()
+    start = 0
+    for s in samples:
+        n = len(s.completion_ids)
+        s.token_advantages = white[start:start + n]
+        counted_adv = [a for a, m in zip(s.token_advantages, s.model_mask) if m]
+        s.advantage = sum(counted_adv) / max(1, len(counted_adv))  # for samples.jsonl
+        start += n
+    returns = torch.tensor([r for s in samples for r in s.returns], dtype=torch.float64)
+    return {"advantages/raw_mean": float(algorithm.masked_mean(raw, counted)),
+            "advantages/raw_std": float(algorithm.masked_mean((raw - algorithm.masked_mean(raw, counted)) ** 2,
+                                                              counted).sqrt()),
+            "returns/mean": float(algorithm.masked_mean(returns, counted)),
+            "returns/std": float(algorithm.masked_mean((returns - algorithm.masked_mean(returns, counted)) ** 2,
+                                                       counted).sqrt())}
+
+
+def mean_token_kl(samples: list[Sample]) -> float:
+    """The batch's mean k1 KL to the reference per model token (the adaptive KL controller's reading)."""
+    total = sum(m * (a - b) for s in samples for m, a, b in zip(s.model_mask, s.rollout_logprobs, s.ref_logprobs))
+    return total / max(1, sum(s.model_tokens for s in samples))

@@ -27,8 +27,9 @@ from tgrpo.buckets import ShardPlan
 from tgrpo.config import Config, load_config
 from tgrpo.errors import ConfigError, JobError
 from tgrpo.metrics import Metrics, step_metrics
-from tgrpo.placement import POLICY, REFERENCE, Groups, Placement, build_groups
-from tgrpo.rollout import RolloutWorker, assign_advantages, kl_into_rewards
+from tgrpo.algorithm import KLController
+from tgrpo.placement import CRITIC, POLICY, REFERENCE, Groups, Placement, build_groups
+from tgrpo.rollout import RolloutWorker, assign_advantages, assign_gae, kl_into_rewards, mean_token_kl
 from tgrpo.watchdog import Watchdog
 
 
@@ -64,6 +65,8 @@ class Job:
     worker: RolloutWorker | None = None
     policy: object = None
     reference: object = None
+    critic: object = None  # advantage_estimator gae: on the policy ranks, or on critic ranks of their own
+    kl: KLController | None = None  # the KL coefficient of kl_in_reward (fixed or adaptive)
     # batches generated ahead of their step (max_staleness >= 1): (step, weights version, samples, metrics)
     ahead: deque = field(default_factory=deque)
     shard_plan: ShardPlan | None = None
@@ -128,7 +131,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
                                         groups.data, placement.sync_source)
     if resume is not None:
         try:
-            checkpoint.check_resumable(resume, placement)
+            checkpoint.check_resumable(resume, placement, critic_expected=cfg.advantage_estimator == "gae")
         except ValueError as e:
             raise ConfigError(str(e)) from None
     start_step = checkpoint.read_state(resume)["step"] if resume else 0
@@ -137,7 +140,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         console.warn_once(f"[rank {rank} rollout] dropped {worker.dropped} prompts longer than max_prompt_length")
     if worker is not None:  # first: colocated on a GPU, vLLM sizes its KV cache from the memory it finds free
         worker.start_engine(dtype_name)
-    policy = reference = None
+    policy = reference = critic = None
     if POLICY in roles:
         from tgrpo.policy import PolicyWorker
 
@@ -148,6 +151,14 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
 
         rank_life.make_default_group(groups.reference)
         reference = ReferenceWorker(cfg, placement, rank, model_dir, device, dtype)
+    elif CRITIC in roles:
+        rank_life.make_default_group(groups.critic)
+    if cfg.advantage_estimator == "gae" and (CRITIC in roles or (POLICY in roles and not placement.critic)):
+        from tgrpo.critic import CriticWorker
+
+        holders = placement.critic or placement.policy
+        critic = CriticWorker(cfg, holders, groups.critic or groups.policy, rank, checks.critic_dir(cfg), device,
+                              dtype)
 
     # The gather plan (checkpoints, colocated and sync_mode gather) and, for sync_mode partitions, the shard plan:
     # zero-copy when every policy rank's shards sit at the same offsets of DeepSpeed's flat buffer.
@@ -163,12 +174,15 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
                  sync.shard_plan(policy.model, bucket_bytes, placement.num_policy, zero_copy)
                  if split_partitions else None)
     plan, shard_plan = rank_life.broadcast_object(plans, groups.data, placement.sync_source)
-    job = Job(cfg, placement, groups, rank, device, model_dir, log, plan, worker, policy, reference,
-              shard_plan=shard_plan, watchdog=watch)
+    job = Job(cfg, placement, groups, rank, device, model_dir, log, plan, worker, policy, reference, critic,
+              KLController(cfg.kl_ctrl, cfg.beta, cfg.kl_target, cfg.kl_horizon), shard_plan=shard_plan,
+              watchdog=watch)
     engines = len(placement.engine_ranks)
     log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
                 f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{cfg.zero_stage})"
                 + (f", the reference on {len(placement.reference)}" if placement.reference else "")
+                + (f", the critic on {len(placement.critic)}" if placement.critic else
+                   ", the critic beside it" if cfg.advantage_estimator == "gae" else "")
                 + (", colocated" if placement.colocated else ""))
     if resume is not None:
         job.start_step = checkpoint.load(job, resume)
@@ -244,15 +258,31 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
             engine.sleep()
         if cfg.beta > 0:
             _attach_reference_logprobs(placement, groups, job.reference or policy, samples, rank)
+        kl_coef = job.kl.value if cfg.kl_in_reward else 0.0  # this step's; the controller moves after it
+        step_stats = {}
+        if cfg.advantage_estimator == "gae":
+            watch(step + 1, "values")
+            t_values = time.perf_counter()
+            _attach_values(placement, groups, job.critic, samples, rank)
+            step_stats = assign_gae(samples, cfg.gamma, cfg.lam, kl_coef, cfg.mask_truncated_completions)
+            step_stats["time/values_s"] = time.perf_counter() - t_values  # the critic's forward, gathered
+        else:
             if cfg.kl_in_reward:
-                kl_into_rewards(samples, cfg.beta)
-        assign_advantages(samples, cfg.num_generations, cfg.scale_rewards)
+                kl_into_rewards(samples, kl_coef)
+            assign_advantages(samples, cfg.num_generations, cfg.scale_rewards)
+        if cfg.kl_in_reward:
+            current = mean_token_kl(samples)
+            step_stats.update({"kl_ctrl/coef": kl_coef, "kl_ctrl/kl_per_token": current})
+            job.kl.update(current, len(samples))
 
         train_metrics: dict = {}
+        critic_metrics: dict = {}
         if worker is not None and staleness > 0:
             _generate_ahead(job, step, last, staleness)
         watch(step + 1, "train")
-        if policy is not None:
+        if job.critic is not None:
+            critic_metrics = job.critic.train_step(samples)
+        if policy is not None and not (cfg.advantage_estimator == "gae" and step < cfg.critic_warmup_steps):
             train_metrics = policy.train_step(samples)
         watch(step + 1, "sync")
         # every rank here first, so that the sync is timed from its start, not from an engine's wait for training
@@ -264,10 +294,13 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         if cfg.sync_check:
             train_metrics.update(_sync_check(cfg, placement, groups, worker, policy, step))
         watch(step + 1, "gather metrics")
+        critic_source = (placement.critic or placement.policy)[0]
         shared = rank_life.gather_objects(
-            (train_metrics if job.is_source else None, sync_s, rank_life.preemption_requested()), groups.data)
-        train_metrics = {**shared[placement.sync_source][0], "sync_s": max(s for _, s, _ in shared)}
-        preempted = any(p for _, _, p in shared)  # every rank decides alike, at the same step
+            (train_metrics if job.is_source else None, critic_metrics if rank == critic_source else None, sync_s,
+             rank_life.preemption_requested()), groups.data)
+        train_metrics = {**shared[placement.sync_source][0], **(shared[critic_source][1] or {}), **step_stats,
+                         "sync_s": max(s for _, _, s, _ in shared)}
+        preempted = any(p for *_, p in shared)  # every rank decides alike, at the same step
         if cfg.sync_check and not train_metrics["sync_check/passed"]:
             raise JobError(f"sync check failed after step {step + 1}: vLLM's greedy tokens or logprobs differ from "
                            f"the policy's (token match {train_metrics['sync_check/token_match']:.3f}, max logprob "
@@ -344,6 +377,16 @@ def _attach_reference_logprobs(placement, groups, holder, samples: list, rank: i
     for entry in rank_life.gather_objects(mine, groups.data):
         for index, values in entry or []:
             samples[index].ref_logprobs = values
+
+
+def _attach_values(placement, groups, critic, samples: list, rank: int) -> None:
+    """advantage_estimator gae: the ranks holding the critic (ranks of its own, else the policy ranks) score
+    balanced shares of the batch; every rank gets every sample's values."""
+    holders = placement.critic or placement.policy
+    mine = critic.values(samples) if rank in holders else None
+    for entry in rank_life.gather_objects(mine, groups.data):
+        for index, values in entry or []:
+            samples[index].values = values
 
 
 def _sync_check(cfg, placement, groups, worker, policy, step: int) -> dict:

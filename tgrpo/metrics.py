@@ -1,4 +1,5 @@
-"""Rank-0 output: tensorboard scalars, metrics.jsonl, samples.jsonl and a progress bar. Other ranks get a no-op."""
+"""Rank-0 output: metrics.jsonl, samples.jsonl, a progress bar, and the scalars to tensorboard and/or wandb
+(report_to). Other ranks get a no-op."""
 from __future__ import annotations
 
 import json
@@ -66,6 +67,24 @@ def _truncate_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _start_wandb(cfg, start_step: int):
+    """A wandb run in output_dir/wandb; a resumed run (start_step > 0) continues the run it resumes (its id kept in
+    output_dir/wandb/run-id)."""
+    import dataclasses
+    import uuid
+
+    import wandb
+
+    root = os.path.join(cfg.output_dir, "wandb")
+    os.makedirs(root, exist_ok=True)
+    id_file = os.path.join(root, "run-id")
+    run_id = open(id_file).read().strip() if start_step > 0 and os.path.exists(id_file) else uuid.uuid4().hex[:8]
+    with open(id_file, "w") as f:
+        f.write(run_id)
+    return wandb.init(project=cfg.wandb_project, name=cfg.run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
+                      id=run_id, resume="allow", dir=cfg.output_dir, config=dataclasses.asdict(cfg))
+
+
 class Metrics:
     def __init__(self, cfg, enabled: bool, start_step: int = 0):
         self.enabled = enabled
@@ -78,8 +97,9 @@ class Metrics:
         os.makedirs(cfg.output_dir, exist_ok=True)
         for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run drops what followed its checkpoint
             _truncate_after(os.path.join(cfg.output_dir, name), start_step)
-        self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"),
-                                    purge_step=start_step + 1)
+        self.writer = (SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=start_step + 1)
+                       if "tensorboard" in cfg.report_to else None)
+        self.wandb = _start_wandb(cfg, start_step) if "wandb" in cfg.report_to else None
         self.metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
         self.samples_file = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
         self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True,
@@ -88,9 +108,17 @@ class Metrics:
     def log(self, step: int, samples: list, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "completion", "answer", "reward", "advantage"],
+                                data=[[step, s.prompt_text, s.completion_text, s.answer, s.reward, s.advantage]
+                                      for s in samples[:self.cfg.num_samples_to_log]])
+            self.wandb.log({**scalars, "samples": table}, step=step)
         self.metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
         self.metrics_file.flush()
         for s in samples[:self.cfg.num_samples_to_log]:
@@ -116,6 +144,9 @@ class Metrics:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
             self.metrics_file.close()
             self.samples_file.close()

@@ -178,3 +178,30 @@ def test_help_lists_every_field():
     text = build_parser().format_help()  # argparse %-formats each help string: a stray % breaks --help
     for f in dataclasses.fields(Config):
         assert f"--{f.name}" in text
+
+
+def test_critic_placement_and_options():
+    """advantage_estimator gae: the critic on ranks of its own (one role each; never in a sync group, which holds
+    the policy and engine ranks only) or on the policy ranks; its options need the estimator."""
+    placement = Placement.from_config(Config(advantage_estimator="gae", rollout_ranks="0-0", policy_ranks="1-1",
+                                             critic_ranks="2-2"), 3)
+    assert placement.critic == (2,) and placement.role_name(2) == "critic"
+    assert all(2 not in ranks for ranks in placement.sync_sets())
+    assert Placement.from_config(Config(advantage_estimator="gae"), 3).critic == ()
+    with pytest.raises(ConfigError, match="critic_ranks='1-1' and in another role"):
+        Placement.from_config(Config(advantage_estimator="gae", rollout_ranks="0-0", policy_ranks="1-1",
+                                     critic_ranks="1-1"), 2)
+    with pytest.raises(ConfigError, match="have no role: cover every rank with rollout_ranks, policy_ranks, "
+                                          "reference_ranks and critic_ranks"):
+        Placement.from_config(Config(advantage_estimator="gae", rollout_ranks="0-0", policy_ranks="1-1"), 3)
+    with pytest.raises(ConfigError, match="for the critic of advantage_estimator gae"):
+        Config(critic_ranks="2-2").check()
+    with pytest.raises(ConfigError, match="num_generations must be >= 2 with advantage_estimator grpo"):
+        Config(num_generations=1).check()
+    Config(advantage_estimator="gae", num_generations=1).check()
+    with pytest.raises(ConfigError, match="set kl_in_reward true and beta > 0"):
+        Config(kl_ctrl="adaptive").check()
+    with pytest.raises(ConfigError, match="set dynamic_sampling false"):
+        Config(advantage_estimator="gae", dynamic_sampling=True).check()
+    with pytest.raises(ConfigError, match="report_to must name tensorboard and/or wandb"):
+        Config(report_to=["tensorboard", "none"]).check()

@@ -1,12 +1,18 @@
-"""One GRPO job: every rank runs `main`; its role (rollout or policy) decides which half of each step it does.
+"""One job: every rank runs `main`; its roles (rollout, policy, reference, critic) decide its part of each step.
+
+    main -> rank_life.run (checks, log, signals) -> connect (groups, heartbeat) -> setup (engines, models, plans)
+         -> run_steps -> finish
 
 A step, as one batch sees it:
-  rollout ranks:  prompts -> vLLM -> rewards ----------------.
-  data group:     all_gather of the samples  <-----------------'
-  every rank:     advantages from the whole batch's rewards
-  policy ranks:   their slice of the samples -> loss -> ZeRO-3 step
-  sync group:     gathered buckets, broadcast policy -> rollout, loaded into vLLM
-  data group:     policy metrics -> rank 0, which logs
+  rollout ranks:    prompts -> vLLM -> rewards ----------------.
+  data group:       all_gather of the samples  <-----------------'
+  reference holders: reference logprobs of every sample (beta > 0), gathered to every rank
+  critic holders:   values of every completion token (advantage_estimator gae), gathered to every rank
+  every rank:       advantages from the whole batch: group advantages (grpo) or GAE over the values (gae)
+  critic holders:   clipped value loss -> ZeRO step (gae)
+  policy ranks:     their slice of the samples -> loss -> ZeRO step
+  sync group:       gathered buckets or ZeRO-3 shards, broadcast policy -> rollout, loaded into vLLM
+  data group:       policy and critic metrics -> rank 0, which logs
 
 With max_staleness = k >= 1 (split placement), rollout ranks generate the next k steps' batches while the policy
 trains on this one (between the sample gather and the weight sync), so a step takes about the longer of generation

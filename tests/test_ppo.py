@@ -1,14 +1,16 @@
 """PPO with a critic (advantage_estimator gae) as a real job under torchrun on gloo: it learns the toy task, its
-critic learns the returns, a resumed run continues it exactly, and Search-R1's recipe (configs/search_ppo.yaml)
-runs with the critic on a rank of its own."""
+critic learns the returns, a rank killed mid-run is restarted by node.sh and the job redoes its steps exactly, and
+Search-R1's recipe (configs/search_ppo.yaml) runs with the critic on a rank of its own."""
 import glob
 import json
 import os
-import shutil
+import random
+import signal
 import sys
+import time
 
 import pytest
-from helpers import ROOT, free_port, run, torchrun
+from helpers import ROOT, alive, descendants, finish, free_port, run, shm, start
 
 pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
 
@@ -29,15 +31,42 @@ def _ppo_toy_run(out) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ppo(tmp_path_factory):
+    """The toy PPO run under launch/node.sh with MAX_RESTARTS=1, and kill -9 of a random rank at a random step after
+    the step-10 checkpoint: node.sh starts the job again with --resume auto and it finishes by itself. Returns the
+    output folder, the final metrics and the rows the first attempt wrote before it was killed."""
     out = tmp_path_factory.mktemp("ppo")
-    result = torchrun(_ppo_toy_run(out), timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out, [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rng = random.Random()
+    kill_after, victim_rank = rng.randint(12, 15), rng.randint(0, 2)
+    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", *_ppo_toy_run(out)[1:]]
+    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
+    shm_before = shm()
+    proc = start(cmd, env=env, log=str(out / "node.out"))
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= kill_after):
+        assert proc.poll() is None and time.time() < deadline, f"the run did not reach step {kill_after}"
+        time.sleep(0.5)
+    everything = descendants(proc.pid)
+    ranks = [pid for pid in everything if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    victim = next(pid for pid in ranks if f"RANK={victim_rank}".encode() in
+                  open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+    os.kill(victim, signal.SIGKILL)
+    first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
+    done = finish(proc, 900)
+    console = open(out / "node.out").read()
+    assert done.returncode == 0, console[-4000:]
+    assert "restart 1/1 after exit status" in console and "resumed from" in console, console[-4000:]
+    deadline = time.time() + 30  # engine processes notice their rank is gone
+    while alive(everything) and time.time() < deadline:
+        time.sleep(1)
+    assert not alive(everything) and not shm() - shm_before
+    print(f"killed rank {victim_rank} after step {kill_after}")
+    return out, [json.loads(line) for line in open(metrics_file)], first_attempt
 
 
 def test_ppo_learns_the_toy_task_and_its_critic_the_returns(ppo):
-    _, metrics = ppo
-    assert len(metrics) == STEPS
+    _, metrics, _ = ppo
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # every step once, the restart included
     rewards = [m["reward/mean"] for m in metrics]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print("reward curve:", [round(r, 3) for r in rewards])
@@ -45,8 +74,10 @@ def test_ppo_learns_the_toy_task_and_its_critic_the_returns(ppo):
     losses = [m["critic/value_loss"] for m in metrics]
     variance = [m["critic/explained_variance"] for m in metrics]
     print("value loss:", [round(v, 4) for v in losses], "explained variance:", [round(v, 3) for v in variance])
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-    assert sum(variance[-5:]) / 5 > sum(variance[:5]) / 5
+    # the critic's raw loss follows the returns' variance, which grows as the rewards move away from 0 toward 0.5;
+    # the share of that variance the critic explains is what it learned: from below zero to clearly above it
+    assert sum(variance[-5:]) / 5 > max(0.05, sum(variance[:5]) / 5 + 0.1), variance
+    assert all(v >= 0 for v in losses)
     for key in ("critic/clip_fraction", "critic/values_mean", "returns/mean", "returns/std", "advantages/raw_mean",
                 "advantages/raw_std", "critic/lr", "kl_ctrl/coef", "kl_ctrl/kl_per_token"):
         assert all(key in m for m in metrics), key
@@ -57,25 +88,21 @@ def test_ppo_learns_the_toy_task_and_its_critic_the_returns(ppo):
     assert coefs[0] == 0.001 and len(set(coefs)) > 1
 
 
-def test_a_resumed_ppo_run_continues_the_uninterrupted_one(ppo, tmp_path):
-    """From the uninterrupted run's step-10 checkpoint (policy, critic, KL coefficient, RNG), --resume auto gives
-    the same steps 11-25 (fixed seeds, CPU)."""
-    out, uninterrupted = ppo
-    resumed = tmp_path / "resumed"
-    os.makedirs(resumed / "checkpoints")
-    shutil.copytree(out / "checkpoints" / "step-10", resumed / "checkpoints" / "step-10")
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in uninterrupted[:10]))
-    shutil.copy(out / "toy.json", resumed / "toy.json")
-    args = _ppo_toy_run(resumed)
-    result = torchrun([*args, "--resume", "auto"], timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    metrics = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    for ours, theirs in zip(metrics[10:], uninterrupted[10:]):
+def test_a_killed_ppo_run_resumes_and_redoes_its_steps_exactly(ppo):
+    """The steps the first attempt ran after its step-10 checkpoint (11 up to the kill), run again by the restarted
+    job from that checkpoint (policy, critic, optimizers, KL coefficient, RNG), are the same steps (fixed seeds,
+    CPU): rewards and the KL coefficient exactly, losses and values within 1e-5."""
+    out, metrics, first_attempt = ppo
+    redone = [m for m in first_attempt if m["step"] > 10]
+    assert len(redone) >= 2 and [m["step"] for m in first_attempt] == list(range(1, len(first_attempt) + 1))
+    for theirs in redone:
+        ours = metrics[theirs["step"] - 1]
         for key in ("reward/mean", "completion/length_mean", "kl_ctrl/coef"):
             assert ours[key] == theirs[key], (ours["step"], key)
         for key in ("policy/loss", "critic/value_loss", "critic/values_mean", "returns/mean"):
-            assert abs(ours[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (ours["step"], key)
+            if key in theirs:
+                assert abs(ours[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (ours["step"], key)
+    assert os.path.isdir(out / "checkpoints" / "step-20" / "deepspeed-critic")
 
 
 def test_search_r1s_ppo_recipe_runs_with_the_critic_on_a_rank_of_its_own(tmp_path):

@@ -80,7 +80,9 @@ class Config:
                            "max_staleness) cannot be used, and mismatch/* also measure that difference.")
     vllm_gpu_memory_utilization: float = _f(0.5, "Share of GPU memory a vLLM engine may take (GPU only).")
     vllm_cpu_kvcache_gib: int = _f(1, "KV cache size of a CPU vLLM engine, in GiB (CPU only).")
-    vllm_enforce_eager: bool = _f(False, "Skip CUDA graph capture in vLLM (faster start, slower decode).")
+    vllm_enforce_eager: Optional[bool] = _f(
+        None, "Run vLLM's model eagerly: no torch.compile, no CUDA graphs (faster start, slower decode on GPU). "
+        "Unset: off on GPU, on with vLLM's CPU backend, where compiling costs 10-20 s a start and gains nothing.")
     vllm_enable_prefix_caching: bool = _f(True, "Reuse the KV cache of shared prefixes (a prompt's n samples, "
                                           "multi-turn episodes); reset after every weight update.")
     vllm_enable_chunked_prefill: Optional[bool] = _f(

@@ -1,5 +1,6 @@
 """Running the real job from tests: torchrun subprocesses in their own process group, killed whole on timeout."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -78,8 +79,34 @@ def descendants(pid: int) -> set[int]:
 
 
 def shm() -> set[str]:
-    """What /dev/shm holds now: compare before and after a job to see what it left behind."""
-    return set(os.listdir("/dev/shm"))
+    """What /dev/shm holds now that no live process uses: a weight buffer (tgrpo-<tag>-<pid>.bin) whose rank is
+    gone, and any other file that no process maps or holds open (by inode: a named semaphore's creator maps it under
+    a temporary name). Compare before and after a job to see what it left behind; another job running meanwhile
+    has its files in use, so they do not count."""
+    in_use = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                in_use.update(int(parts[4]) for parts in (line.split(None, 5) for line in f)
+                              if len(parts) == 6 and parts[5].startswith("/dev/shm/"))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
+                    in_use.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:  # a process that ended meanwhile, or one we may not read
+            continue
+    left = set()
+    for name in os.listdir("/dev/shm"):
+        owner = re.fullmatch(r"tgrpo-.+-(\d+)\.bin", name)
+        if owner and os.path.exists(f"/proc/{owner.group(1)}"):
+            continue
+        try:
+            if os.stat(f"/dev/shm/{name}").st_ino not in in_use:
+                left.add(name)
+        except OSError:
+            continue
+    return left
 
 
 def alive(pids: set[int]) -> set[int]:

@@ -290,7 +290,7 @@ def test_readme_main_job_prints_one_screen_and_logs_the_rest(tmp_path):
         assert noise not in text, (noise, text)
     logged = (log_dir / "node0.log").read_text()
     assert "done: 30 steps" in logged and "WARNING" in logged  # the console's lines and vLLM's own
-    assert not os.path.exists(stale) and not [n for n in os.listdir("/dev/shm") if n.startswith("tgrpo-")]
+    assert not os.path.exists(stale) and not [n for n in shm() if n.startswith("tgrpo-")]
 
 
 def test_sbatch_preemption_warning_asks_the_job_to_save_and_requeues_it(tmp_path):

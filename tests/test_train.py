@@ -114,7 +114,7 @@ def test_checkpoint_loads_in_vllm(trained):
     out, _, _ = trained
     script = ("import json, sys\nfrom vllm import LLM, SamplingParams\n"
               "if __name__ == '__main__':\n"
-              "    llm = LLM(model=sys.argv[1], dtype='float32', max_model_len=256, gpu_memory_utilization=0.1)\n"
+              "    llm = LLM(model=sys.argv[1], dtype='float32', max_model_len=256, gpu_memory_utilization=0.1, enforce_eager=True)\n"
               "    o = llm.chat(json.loads(sys.argv[2]), SamplingParams(max_tokens=12, temperature=0))\n"
               "    print('VLLM-TEXT', repr(o[0].outputs[0].text))\n")
     result = run([sys.executable, "-c", script, str(out / "checkpoints" / f"step-{STEPS}"), json.dumps(PROMPT)],

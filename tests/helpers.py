@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,3 +120,18 @@ def alive(pids: set[int]) -> set[int]:
         except OSError:
             continue
     return out
+
+
+def kill_rank_after_step(proc: subprocess.Popen, metrics_file, step: int, rank: int) -> set[int]:
+    """Once the job under `proc` (node.sh or torchrun) has written `step` metrics rows, kill -9 its global rank
+    `rank`. Returns every process the job had then (ranks, vLLM engines, helpers), to check none is left later."""
+    deadline = time.time() + 600
+    while not (os.path.exists(metrics_file) and len(open(metrics_file).read().splitlines()) >= step):
+        assert proc.poll() is None and time.time() < deadline, f"the run did not reach step {step}"
+        time.sleep(0.5)
+    everything = descendants(proc.pid)
+    ranks = [pid for pid in everything if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    victim = next(pid for pid in ranks if f"RANK={rank}".encode() in
+                  open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+    os.kill(victim, signal.SIGKILL)
+    return everything

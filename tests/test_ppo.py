@@ -5,12 +5,11 @@ import glob
 import json
 import os
 import random
-import signal
 import sys
 import time
 
 import pytest
-from helpers import ROOT, alive, descendants, finish, free_port, run, shm, start
+from helpers import ROOT, alive, finish, free_port, kill_rank_after_step, run, shm, start
 
 pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
 
@@ -42,15 +41,7 @@ def ppo(tmp_path_factory):
     shm_before = shm()
     proc = start(cmd, env=env, log=str(out / "node.out"))
     metrics_file = out / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= kill_after):
-        assert proc.poll() is None and time.time() < deadline, f"the run did not reach step {kill_after}"
-        time.sleep(0.5)
-    everything = descendants(proc.pid)
-    ranks = [pid for pid in everything if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
-    victim = next(pid for pid in ranks if f"RANK={victim_rank}".encode() in
-                  open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
-    os.kill(victim, signal.SIGKILL)
+    everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank)
     first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
     done = finish(proc, 900)
     console = open(out / "node.out").read()

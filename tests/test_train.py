@@ -6,13 +6,12 @@ sync the rollout engine's greedy tokens and logprobs are compared with the polic
 import json
 import os
 import random
-import signal
 import sys
 import time
 
 import pytest
 
-from helpers import ROOT, alive, descendants, finish, free_port, run, shm, start, torchrun
+from helpers import ROOT, alive, finish, free_port, kill_rank_after_step, run, shm, start, torchrun
 from tgrpo.config import Config
 
 pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
@@ -139,15 +138,7 @@ def test_a_killed_rank_is_named_and_node_sh_restarts_the_job_step_for_step(train
     shm_before = shm()
     proc = start(cmd, env=env, log=str(tmp_path / "node.out"))
     metrics_file = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= kill_after):
-        assert proc.poll() is None and time.time() < deadline, f"the run did not reach step {kill_after}"
-        time.sleep(0.5)
-    everything = descendants(proc.pid)  # torchrun's ranks, their vLLM engines and helpers
-    ranks = [pid for pid in everything if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
-    victim = next(pid for pid in ranks if f"RANK={victim_rank}".encode() in
-                  open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
-    os.kill(victim, signal.SIGKILL)
+    everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank)
     done = finish(proc, 900)
     console = open(tmp_path / "node.out").read()
     assert done.returncode == 0, console[-4000:]

@@ -125,6 +125,22 @@ def test_packed_and_padded_micro_batches_give_the_same_logprobs_loss_and_gradien
     assert max(g.abs().max() for g in g_a.values()) > 1e-4
 
 
+def test_bnpo_averages_over_micro_batches_with_samples_only():
+    """Three samples over two ranks with a budget that fits one sample a micro-batch: rank 0 runs two micro-batches,
+    rank 1 one and a filler. bnpo is the mean over the three real micro-batches of their token means."""
+    samples = [Sample([1], [2] * 6, [0.0] * 6), Sample([1], [2] * 5, [0.0] * 5), Sample([1], [2] * 4, [0.0] * 4)]
+    micro = batch.plan([s.length for s in samples], 2, 1, 7, 0).micro[0]
+    assert sorted(len(mb) for rank in micro for mb in rank) == [0, 1, 1, 1]  # one filler
+    weights = batch.loss_weights(samples, micro, "bnpo", mask_truncated=False, max_completion_length=6)
+    for rank, rank_weights in zip(micro, weights):
+        for mb, w in zip(rank, rank_weights):
+            if mb:
+                assert w == [pytest.approx(1 / (samples[mb[0]].counted_tokens(False) * 3))]
+    # a per-token loss of 1 everywhere: every micro-batch's token mean is 1, so the loss is 1
+    assert sum(w[0] * samples[mb[0]].counted_tokens(False) for rank, ws in zip(micro, weights)
+               for mb, w in zip(rank, ws) if mb) == pytest.approx(1.0)
+
+
 def test_one_rule_for_counted_tokens():
     s = Sample([1], [2, 3, 4, 5], [0.0] * 4, truncated=True, completion_mask=[1, 0, 0, 1])
     assert s.loss_mask(False) == [1, 0, 0, 1] and s.counted_tokens(False) == 2

@@ -241,7 +241,9 @@ def loss_weights(samples: list[Sample], micro: list[list[list[int]]], loss_type:
     per-token losses is then the mini-batch's loss (algorithm.token_loss_weights). Every rank computes the same."""
     everything = [i for rank in micro for mb in rank for i in mb]
     total_tokens = sum(samples[i].counted_tokens(mask_truncated) for i in everything)
-    num_micro = sum(len(rank) for rank in micro)
+    # bnpo averages over micro-batches that hold samples: a rank's empty filler (it runs only to keep the
+    # collectives in step) is none of TRL's, whose micro-batches are never empty
+    num_micro = sum(1 for rank in micro for mb in rank if mb)
     return [[algorithm.token_loss_weights(loss_type, [samples[i].counted_tokens(mask_truncated) for i in mb],
                                           total_tokens=total_tokens, total_seqs=len(everything),
                                           max_completion_length=max_completion_length, num_micro_batches=num_micro)

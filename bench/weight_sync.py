@@ -45,6 +45,8 @@ def main() -> None:
             cfg.model = ensure_random_model(cfg.cache_dir, ours.random_model)
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-weight-sync")
         cfg.overwrite_output_dir, cfg.resume = True, ""  # the benchmark's own folder, written anew by every run
+        if cfg.zero_stage == "auto":
+            cfg.zero_stage = 3  # partitions, the mode timed first, sends ZeRO-3 shards
         if cfg.sync_mode == "gather" or cfg.zero_stage != 3 or cfg.colocate:
             from tgrpo.errors import ConfigError
 

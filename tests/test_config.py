@@ -124,8 +124,34 @@ def test_zero_stage_and_sync_mode():
     assert check(Config(), 3).sync_mode == "partitions"
     with pytest.raises(ConfigError, match="sync_mode partitions sends ZeRO-3 shards"):
         check(Config(zero_stage=2, sync_mode="partitions"), 3)
-    with pytest.raises(ConfigError, match="zero_stage must be 1, 2 or 3"):
-        check(Config(zero_stage=0), 3)
+    with pytest.raises(ConfigError, match="zero_stage must be auto, 0, 1, 2 or 3"):
+        check(Config(zero_stage=4), 3)
+
+
+@pytest.mark.parametrize("placement, stage, mode", [
+    (dict(policy_ranks="1-2"), 3, "partitions"),  # the default: sharded over two policy ranks
+    (dict(policy_ranks="1-1", rollout_ranks="0-0"), 2, "gather"),  # one rank holds it whole: ZeRO-2 is fastest
+    (dict(policy_ranks="1-1", rollout_ranks="0-0", sync_mode="partitions"), 3, "partitions"),  # shards asked for
+    (dict(colocate=True, rollout_ranks="all", policy_ranks="all"), 2, "gather"),  # one colocated GPU
+])
+def test_zero_stage_auto_picks_the_fastest_correct_stage(placement, stage, mode):
+    world = 1 if placement.get("colocate") else 2 if placement["policy_ranks"] == "1-1" else 3
+    chosen = Placement.from_config(Config(**placement), world)
+    assert (chosen.zero_stage, chosen.zero_stage_auto, chosen.sync_mode) == (stage, True, mode)
+    explicit = Placement.from_config(Config(**{**placement, "zero_stage": 1, "sync_mode": "gather"}), world)
+    assert (explicit.zero_stage, explicit.zero_stage_auto) == (1, False)  # an explicit stage wins
+
+
+def test_zero_stage_parses_auto_and_numbers(tmp_path):
+    assert load_config([]).zero_stage == "auto"
+    assert load_config(["--zero_stage", "2"]).zero_stage == 2
+    path = tmp_path / "c.yaml"
+    path.write_text("zero_stage: 0\n")
+    assert load_config(["--config", str(path)]).zero_stage == 0
+    path.write_text("zero_stage: auto\n")
+    assert load_config(["--config", str(path)]).zero_stage == "auto"
+    with pytest.raises(ConfigError, match="invalid choice"):
+        load_config(["--zero_stage", "4"])
 
 
 def test_tis_cap_with_nucleus_sampling_stops_in_one_line():

@@ -38,10 +38,10 @@ def values_at_targets(model, mb: MicroBatch) -> torch.Tensor:
 
 class CriticWorker:
     def __init__(self, cfg, ranks: tuple[int, ...], group, rank: int, model_dir: str, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, zero_stage: int):
         self.cfg, self.group, self.device = cfg, group, device
         self.ranks, self.index = len(ranks), ranks.index(rank)
-        ds = deepspeed_engine.load_config(cfg.deepspeed_config, cfg, bf16=dtype == torch.bfloat16,
+        ds = deepspeed_engine.load_config(cfg.deepspeed_config, cfg, zero_stage=zero_stage, bf16=dtype == torch.bfloat16,
                                           dp_size=self.ranks, hidden_size=_hidden_size(model_dir), trainable=True)
         self.engine = deepspeed_engine.build_engine(
             model_dir, ds, dtype, trainable=True, attention=modeling.register(), lr=cfg.critic_learning_rate,

@@ -16,9 +16,10 @@ import torch
 _hf_ds_configs: list = []
 
 
-def load_config(path: str, cfg, *, bf16: bool, dp_size: int, hidden_size: int, trainable: bool) -> dict:
-    """The DeepSpeed JSON with its "auto" values filled from our config and the model's width, as the HF Trainer
-    does. The policy rank decides its own micro-batches (a token budget, so their number varies from step to step):
+def load_config(path: str, cfg, *, zero_stage: int, bf16: bool, dp_size: int, hidden_size: int,
+                trainable: bool) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from our config, the ZeRO stage the placement resolved
+    (Placement.zero_stage) and the model's width, as the HF Trainer does. The policy rank decides its own micro-batches (a token budget, so their number varies from step to step):
     DeepSpeed's accumulation is unmanaged, every backward adds to the gradients and each step() is the boundary."""
     with open(path) as f:
         ds = json.load(f)
@@ -31,9 +32,9 @@ def load_config(path: str, cfg, *, bf16: bool, dp_size: int, hidden_size: int, t
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = bf16
     zero = ds.setdefault("zero_optimization", {})
-    stage = cfg.zero_stage if trainable else (3 if cfg.zero_stage == 3 else 0)  # a frozen model has no optimizer
-    if zero.get("stage", "auto") not in ("auto", cfg.zero_stage):
-        raise ValueError(f"{path} sets zero_optimization.stage {zero['stage']} but zero_stage is {cfg.zero_stage}: "
+    stage = zero_stage if trainable else (3 if zero_stage == 3 else 0)  # a frozen model has no optimizer
+    if zero.get("stage", "auto") not in ("auto", zero_stage):
+        raise ValueError(f"{path} sets zero_optimization.stage {zero['stage']} but zero_stage is {zero_stage}: "
                          'set "stage": "auto" there and choose it with zero_stage')
     zero["stage"] = stage
     if stage == 3:

@@ -69,6 +69,8 @@ class Placement:
     senders: int = 1
     sync_mode: str = "partitions"
     critic: tuple[int, ...] = ()
+    zero_stage: int = 3  # the policy's (and critic's) ZeRO stage, zero_stage auto resolved
+    zero_stage_auto: bool = False
 
     @classmethod
     def from_config(cls, cfg, world_size: int, local_world_size: int | None = None) -> "Placement":
@@ -122,9 +124,15 @@ class Placement:
                 raise ConfigError(f"the engine on ranks {first}-{block[-1]} crosses a node boundary ({node} "
                                   "processes per node): an engine's GPUs must be on one node")
         senders = min(cfg.sync_senders, len(policy), len(rollout) // tp)
-        mode = cfg.sync_mode if cfg.sync_mode != "auto" else ("partitions" if cfg.zero_stage == 3 else "gather")
+        stage = cfg.zero_stage
+        if stage == "auto":
+            # one rank holds every parameter whole whatever the stage, and ZeRO-2 trains it fastest; several ranks
+            # shard it (the design's ZeRO-3 policy groups), and partitions sends ZeRO-3 shards
+            split_partitions = cfg.sync_mode == "partitions" and not cfg.colocate
+            stage = 3 if len(policy) > 1 or split_partitions else 2
+        mode = cfg.sync_mode if cfg.sync_mode != "auto" else ("partitions" if stage == 3 else "gather")
         return cls(world_size, tuple(rollout), tuple(sorted(policy)), tuple(sorted(reference)), tp,
-                   bool(cfg.colocate), senders, mode, tuple(sorted(critic)))
+                   bool(cfg.colocate), senders, mode, tuple(sorted(critic)), stage, cfg.zero_stage == "auto")
 
     @property
     def engine_ranks(self) -> tuple[int, ...]:

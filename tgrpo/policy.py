@@ -68,10 +68,11 @@ def micro_loss(model, mb: MicroBatch, cfg) -> tuple[torch.Tensor, torch.Tensor, 
     return share, sums.double(), peaks.double()
 
 
-def _ds_config(cfg, model_dir: str, dtype: torch.dtype, dp_size: int, trainable: bool) -> dict:
+def _ds_config(cfg, model_dir: str, dtype: torch.dtype, dp_size: int, trainable: bool, zero_stage: int) -> dict:
     from transformers import AutoConfig
 
-    return deepspeed_engine.load_config(cfg.deepspeed_config, cfg, bf16=dtype == torch.bfloat16, dp_size=dp_size,
+    return deepspeed_engine.load_config(cfg.deepspeed_config, cfg, zero_stage=zero_stage,
+                                        bf16=dtype == torch.bfloat16, dp_size=dp_size,
                                         hidden_size=AutoConfig.from_pretrained(model_dir).hidden_size,
                                         trainable=trainable)
 
@@ -82,8 +83,8 @@ def _pad_id(model_dir: str) -> int:
     return AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
 
 
-def build_reference(cfg, model_dir: str, dtype: torch.dtype, dp_size: int):
-    return deepspeed_engine.build_engine(model_dir, _ds_config(cfg, model_dir, dtype, dp_size, trainable=False),
+def build_reference(cfg, model_dir: str, dtype: torch.dtype, dp_size: int, zero_stage: int):
+    return deepspeed_engine.build_engine(model_dir, _ds_config(cfg, model_dir, dtype, dp_size, False, zero_stage),
                                          dtype, trainable=False, attention=modeling.register())
 
 
@@ -93,7 +94,7 @@ class ReferenceWorker:
     def __init__(self, cfg, placement, rank: int, model_dir: str, device: torch.device, dtype: torch.dtype):
         self.cfg, self.device = cfg, device
         self.ranks, self.index = len(placement.reference), placement.reference.index(rank)
-        self.engine = build_reference(cfg, model_dir, dtype, self.ranks)
+        self.engine = build_reference(cfg, model_dir, dtype, self.ranks, placement.zero_stage)
         self.pad_id = _pad_id(model_dir)
 
     def reference_logprobs(self, samples: list[Sample]) -> list[tuple[int, list[float]]]:
@@ -117,10 +118,11 @@ class PolicyWorker:
         self.cfg, self.groups, self.device = cfg, groups, device
         self.dp_size, self.index = placement.num_policy, placement.policy.index(rank)
         self.engine = deepspeed_engine.build_engine(
-            model_dir, _ds_config(cfg, model_dir, dtype, self.dp_size, trainable=True), dtype, trainable=True,
+            model_dir, _ds_config(cfg, model_dir, dtype, self.dp_size, True, placement.zero_stage), dtype,
+            trainable=True,
             attention=modeling.register(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
             gradient_checkpointing=cfg.gradient_checkpointing, lr_schedule=lambda opt: lr_schedule(opt, cfg))
-        self.reference = (build_reference(cfg, model_dir, dtype, self.dp_size)
+        self.reference = (build_reference(cfg, model_dir, dtype, self.dp_size, placement.zero_stage)
                           if cfg.beta > 0 and not placement.reference else None)
         self.pad_id = _pad_id(model_dir)
 

@@ -50,10 +50,17 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
         _check(cfg.critic_model in EMBEDDED or os.path.isfile(os.path.join(cfg.critic_model, "config.json")),
                f"critic_model '{cfg.critic_model}' is not a model folder (no config.json there): give a local Hugging "
                "Face model folder, or leave it empty for the policy's model")
+    longest = None
     if data:
         from tgrpo import data as prompts
 
-        prompts.load_prompts(cfg, tokenizer)
+        longest = max((len(p.prompt_ids) for p in prompts.load_prompts(cfg, tokenizer)[0]), default=None)
+    # with the data read (pre-flight), the plan sizes activations by its longest prompt; every rank (data=False)
+    # checks what does not depend on the sequences, so no launcher starts a job whose states cannot fit. A warning
+    # (memory_check false) comes from node.sh's pre-flight, or from rank 0 under other launchers.
+    _check_memory(cfg, placement, local_world_size, prompt_length=longest, activations=data,
+                  announce=data or (os.environ.get("RANK", "0") == "0" and not os.environ.get("TGRPO_LOG_FILE")))
+    if data:
         if cfg.retriever_url and cfg.retriever_on_failure == "fail":
             from tgrpo.retriever import connect
 
@@ -98,6 +105,67 @@ def _check_model(cfg: Config):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model '{cfg.model}' cannot be loaded ({first}): check its config.json and tokenizer "
                           "files, or download it again") from None
+
+
+def _check_memory(cfg: Config, placement: Placement, local_world_size: int | None, *, prompt_length: int | None,
+                  activations: bool, announce: bool) -> None:
+    """The memory plan (tgrpo/memory.py) against this host's memory and one GPU's: one line naming what does not
+    fit, by how much, and what to change; memory_check false turns the stop into a warning (if announce)."""
+    import torch
+
+    from tgrpo import console, memory
+
+    on_gpu = torch.cuda.is_available()
+    width = 4 if cfg.dtype == "float32" or (cfg.dtype == "auto" and not on_gpu) else 2
+    try:
+        shape = memory.model_shape(model_dir(cfg))
+    except Exception:  # noqa: BLE001 - an architecture transformers cannot build here: left to the ranks to say
+        return
+    local = local_world_size or placement.world_size
+    node = int(os.environ.get("GROUP_RANK", os.environ.get("TGRPO_NODE_RANK", "0")))
+    gpu_total = memory.gpu_memory() if on_gpu else None
+    plan = memory.estimate(cfg, placement, shape, device="cuda" if on_gpu else "cpu", width=width,
+                           gpu_total=gpu_total or 0.0, local_ranks=range(node * local, (node + 1) * local),
+                           prompt_length=prompt_length, activations=activations)
+    host_total, host_free = memory.host_memory()
+    problems = []
+    if plan.host_total > host_free:
+        offloaded = sum(v for k, v in plan.host.items() if "offloaded" in k)
+        what = (f"the optimizer on the CPU needs ~{offloaded / 1e9:.0f} GB of host memory (this host's ranks "
+                f"~{plan.host_total / 1e9:.0f} GB: {memory.describe(plan.host)})" if offloaded > plan.host_total / 2
+                else f"this host's ranks need ~{plan.host_total / 1e9:.0f} GB of memory ({memory.describe(plan.host)})")
+        problems.append(f"{what}; this host has {host_total / memory.GiB:.0f} GiB, {host_free / memory.GiB:.0f} free: "
+                        + _memory_fixes(plan.host, host=True))
+    if gpu_total and plan.gpu_total > gpu_total:
+        problems.append(f"a GPU needs ~{plan.gpu_total / 1e9:.0f} GB ({memory.describe(plan.gpu)}) but holds "
+                        f"{gpu_total / memory.GiB:.0f} GiB: " + _memory_fixes(plan.gpu, host=False))
+    if not problems:
+        return
+    message = "; and ".join(problems)
+    if cfg.memory_check:
+        raise ConfigError(f"{message} (memory_check false starts anyway)")
+    if announce:
+        console.warn_once(f"{message}; starting anyway, as memory_check is false")
+
+
+def _memory_fixes(parts: dict[str, float], *, host: bool) -> str:
+    """What would shrink the two largest components of a memory plan."""
+    fixes = []
+    for name, _ in sorted(parts.items(), key=lambda kv: -kv[1])[:2]:
+        if "activations" in name or "logits" in name:
+            fix = "set gradient_checkpointing true or a smaller max_tokens_per_micro_batch"
+        elif "offloaded" in name:
+            fix = ("shard the optimizer over more policy ranks (more GPUs or nodes), or keep it on the GPU "
+                   "(offload_optimizer false) if the GPU can hold it")
+        elif "engine" in name:
+            fix = "lower vllm_gpu_memory_utilization" if not host else "run fewer engines on this host"
+        elif "processes" in name:
+            fix = "run fewer ranks on this host"
+        else:
+            fix = "shard the policy over more ranks" + ("" if host else " or set offload_optimizer true")
+        if fix not in fixes:
+            fixes.append(fix)
+    return ", or ".join(fixes) + ", or take a smaller model"
 
 
 def _check_batch_shape(cfg: Config, placement: Placement) -> None:

@@ -12,6 +12,7 @@ import sys
 from tgrpo.checks import check_job
 from tgrpo.config import load_config
 from tgrpo.errors import ConfigError
+from tgrpo.rank_life import env_local_world_size
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
         sys.exit("usage: python -m tgrpo.preflight WORLD_SIZE [train_grpo.py arguments]")
     try:
         cfg = load_config(sys.argv[2:])
-        check_job(cfg, world_size)
+        check_job(cfg, world_size, env_local_world_size())  # node.sh gives this node's processes
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -34,7 +34,7 @@ source launch/cleanup.sh
 read_hostfile "$NODE_RANK"
 
 # Bad input stops here, in one line, before any process group or engine starts.
-checked=$("$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@") || exit $?
+checked=$(TGRPO_NODE_RANK=$NODE_RANK LOCAL_WORLD_SIZE=$NPROC "$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@") || exit $?
 OUTPUT_DIR=$(printf '%s\n' "$checked" | sed -n 's/^output_dir=//p' | tail -n 1)
 OUTPUT_DIR=${OUTPUT_DIR:-output}
 LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/logs}
@@ -54,14 +54,32 @@ trap 'stopped=1' INT TERM  # Ctrl-C or a kill ends the job (torchrun stops the r
 restarts=0
 args=("$@")
 started=$(date +%s)
+lowest="$LOG_DIR/.lowest-available-kb"
+# the host's lowest available memory while the job runs: a rank killed by SIGKILL then is named as the OOM killer's
+sample_memory() {
+  local key value _ low=""
+  while sleep 1; do
+    while read -r key value _; do [ "$key" = MemAvailable: ] && break; done < /proc/meminfo
+    if [ -z "$low" ] || [ "$value" -lt "$low" ]; then low=$value; echo "$low" > "$lowest"; fi
+  done
+}
+sampler=""
+trap '[ -z "$sampler" ] || kill "$sampler" 2>/dev/null; rm -f "$lowest"' EXIT
 while true; do
   start_byte=$(stat -c %s "$log")
+  oom_before=$("$PYTHON" -m tgrpo.failures --oom-kills 2>/dev/null || true)
+  rm -f "$lowest"
+  sample_memory &
+  sampler=$!
   set +e
   "$PYTHON" -m torch.distributed.run --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --rdzv_conf "timeout=$JOIN_TIMEOUT_S" --max_restarts 0 \
     train_grpo.py --config "$CONFIG" "${args[@]}" 2>&1 | (trap '' INT TERM; tee -a "$log")
   status=${PIPESTATUS[0]}
   set -e
+  kill "$sampler" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  sampler=""
   sweep_shm "$started"  # shared memory of killed ranks and engines
   if [ "$status" -eq 0 ] && [ -e "$OUTPUT_DIR/logs/preempted" ]; then
     rm -f "$OUTPUT_DIR/logs/preempted"
@@ -69,7 +87,7 @@ while true; do
   fi
   [ "$status" -ne 0 ] || break
   [ "$status" -ne 3 ] || break
-  cause=$("$PYTHON" -m tgrpo.failures "$log" "$start_byte" 2>/dev/null || true)
+  cause=$("$PYTHON" -m tgrpo.failures "$log" "$start_byte" "${oom_before:-none}" "$(cat "$lowest" 2>/dev/null || echo none)" 2>/dev/null || true)
   [ -n "$cause" ] && echo "error: ${cause} (log: $log)" | tee -a "$log" >&2
   # a bad config (2) is never retried; nor is a job someone stopped
   if [ "$status" -eq 2 ] || [ "$stopped" -eq 1 ] || [ "$restarts" -ge "$MAX_RESTARTS" ]; then break; fi

@@ -1,16 +1,20 @@
 """The root cause of a failed torchrun job, in one line, from its log (torchrun's failure summary and the ranks'
 own `[rank N role] error:` lines).
 
-    python -m tgrpo.failures LOG [FROM_BYTE]
+    python -m tgrpo.failures LOG [FROM_BYTE [OOM_KILLS_BEFORE [LOWEST_AVAILABLE_KB]]]
 
 A rank killed by a signal (not torchrun's own SIGTERM to the rest) is named before the survivors whose
 collectives then failed; otherwise the first rank that reported an error of its own, else torchrun's root cause.
-Prints nothing when the log holds no failure. Imports nothing from tgrpo.
+A rank killed by SIGKILL is named as the kernel's OOM killer's when the evidence says so: the kernel log names its
+pid, the memory cgroup's OOM-kill count grew during the job (node.sh passes the count it started with), or the
+host's memory was nearly full at its lowest during the job (node.sh samples it). Prints nothing when the log holds
+no failure. Imports nothing from tgrpo.
 """
 from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 
 _ENTRY = re.compile(r"host\s*:\s*(?P<host>\S+)\s+rank\s*:\s*(?P<rank>\d+) \(local_rank: (?P<local>\d+)\)\s+"
@@ -18,7 +22,70 @@ _ENTRY = re.compile(r"host\s*:\s*(?P<host>\S+)\s+rank\s*:\s*(?P<rank>\d+) \(loca
 _RANK_ERROR = re.compile(r"^\[rank (?P<rank>\d+) (?P<role>[\w+]+)\] error: (?P<cause>.*)$", re.MULTILINE)
 
 
-def root_cause(text: str) -> str | None:
+NEARLY_FULL = 0.05  # the host's available memory at its lowest, as a share of the whole, that points at the OOM killer
+
+
+def oom_kills() -> int | None:
+    """The OOM kills the kernel has counted in this process's memory cgroup (v2 memory.events, v1
+    memory.oom_control); None where neither can be read."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    paths = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            paths.append(f"/sys/fs/cgroup{path}/memory.events")
+        elif "memory" in controllers.split(","):
+            paths.append(f"/sys/fs/cgroup/memory{path}/memory.oom_control")
+    for path in paths:
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _kernel_says_oom(pid: str) -> str | None:
+    """The kernel log's line about the OOM killer killing pid, where the log can be read."""
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in reversed(log.splitlines()):
+        if re.search(rf"(Killed process {pid}\b|oom-kill:.*\bpid={pid}\b)", line):
+            return line.split("]", 1)[-1].strip()
+    return None
+
+
+def oom_evidence(pid: str, kills_before: int | None, lowest_available_kb: int | None) -> str | None:
+    """Why a SIGKILL of pid was the kernel's OOM killer's, or None if nothing says so."""
+    line = _kernel_says_oom(pid)
+    if line:
+        return f"the kernel's OOM killer (kernel log: {line.split(' total-vm')[0][:160]})"
+    now = oom_kills()
+    if kills_before is not None and now is not None and now > kills_before:
+        return f"the kernel's OOM killer ({now - kills_before} OOM kill{'s' * (now - kills_before > 1)} in this " \
+               "job's memory cgroup)"
+    if lowest_available_kb is not None:
+        try:
+            with open("/proc/meminfo") as f:
+                total_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+        except (OSError, StopIteration, ValueError):
+            return None
+        if lowest_available_kb < NEARLY_FULL * total_kb:
+            return (f"SIGKILL with this host's memory nearly full ({lowest_available_kb / 2**20:.1f} GiB of "
+                    f"{total_kb / 2**20:.0f} GiB available at the lowest): most likely the kernel's OOM killer")
+    return None
+
+
+def root_cause(text: str, kills_before: int | None = None, lowest_available_kb: int | None = None) -> str | None:
     entries = [m.groupdict() for m in _ENTRY.finditer(text)]
     roles = {m["rank"]: m["role"] for m in _RANK_ERROR.finditer(text)}
     own = [m for m in _RANK_ERROR.finditer(text)]
@@ -37,9 +104,12 @@ def root_cause(text: str) -> str | None:
             name = f"signal {number}"
         others = len({x["rank"] for x in entries}) - 1
         role = roles.get(e["rank"], "")
+        oom = oom_evidence(e["pid"], kills_before, lowest_available_kb) if number == signal.SIGKILL else None
         return (f"rank {e['rank']}{' ' + role if role else ''} (local rank {e['local']} on {e['host']}, pid "
-                f"{e['pid']}) was killed by {name}" + (f"; {others} other rank{'s' * (others > 1)} stopped after it"
-                                                       if others > 0 else ""))
+                f"{e['pid']}) was killed by {oom or name}"
+                + (f"; {others} other rank{'s' * (others > 1)} stopped after it" if others > 0 else "")
+                + ("; the job needed more memory than its host (or memory cgroup) had: shrink what uses host memory "
+                   "(offload_optimizer, ranks per node, other jobs there)" if oom else ""))
     if own:
         first = own[0]
         return f"rank {first['rank']} {first['role']} failed: {first['cause']}"
@@ -50,12 +120,16 @@ def root_cause(text: str) -> str | None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--oom-kills"]:  # node.sh, before the job: the count to compare with afterwards
+        print(oom_kills() if oom_kills() is not None else "")
+        return
     path = sys.argv[1]
     start = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    number = lambda i: int(sys.argv[i]) if len(sys.argv) > i and sys.argv[i].isdigit() else None  # noqa: E731
     with open(path, "rb") as f:
         f.seek(start)
         text = f.read().decode("utf-8", "replace")
-    line = root_cause(text)
+    line = root_cause(text, number(3), number(4))
     if line:
         print(line)
 

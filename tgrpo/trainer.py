@@ -164,7 +164,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
 
         holders = placement.critic or placement.policy
         critic = CriticWorker(cfg, holders, groups.critic or groups.policy, rank, checks.critic_dir(cfg), device,
-                              dtype)
+                              dtype, placement.zero_stage)
 
     # The gather plan (checkpoints, colocated and sync_mode gather) and, for sync_mode partitions, the shard plan:
     # zero-copy when every policy rank's shards sit at the same offsets of DeepSpeed's flat buffer.
@@ -185,7 +185,8 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
               watchdog=watch)
     engines = len(placement.engine_ranks)
     log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
-                f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{cfg.zero_stage})"
+                f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{placement.zero_stage}"
+                f"{', auto' if placement.zero_stage_auto else ''})"
                 + (f", the reference on {len(placement.reference)}" if placement.reference else "")
                 + (f", the critic on {len(placement.critic)}" if placement.critic else
                    ", the critic beside it" if cfg.advantage_estimator == "gae" else "")

@@ -12,10 +12,15 @@ JSON line.
 
     torchrun --nproc_per_node 3 bench/step.py --config configs/default.yaml --steps 4
 
---random_model 0.5b|1.5b|7b times a Qwen2-shaped model with random weights (built into cache_dir). It never answers
-and never stops, so the reward is a fixed pseudo-random score of each completion's text (bench/random_rewards.py;
-every group has varied rewards, so gradients and updates are real), and each prompt's token budget is drawn from
-[max_completion_length / 4, max_completion_length] (micro-batches see varied lengths, as in a real run).
+--random_model 60m|0.5b|1.5b|7b times a Qwen2-shaped model with random weights (built into cache_dir). It never
+answers, so the reward is a fixed pseudo-random score of each completion's text (bench/random_rewards.py; every group
+has varied rewards, so gradients and updates are real).
+
+--lengths sets every completion's length, generated past any end of turn (vLLM's ignore_eos) to its prompt's budget:
+fixed (the default with --random_model): max_completion_length, the work another trainer does in a step of the same
+shape; varied: a draw from [max/4, max] per prompt; longtail: max/8, and max for one prompt in ten. Without
+--random_model and --lengths, completions end where the model stops. The bare vLLM run gets the same budgets and
+ignore_eos. Every phase is also reported as the step's tokens (prompt and completion) per second of that phase.
 """
 from __future__ import annotations
 
@@ -32,6 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHASES = [("time/step_s", "step"), ("time/generate_s", "generate"), ("time/reward_s", "reward"),
           ("time/gather_s", "gather"), ("time/values_s", "values"), ("critic/train_s", "critic"),
           ("time/train_s", "train"), ("time/sync_s", "sync")]  # values, critic: advantage_estimator gae
+LENGTHS = ("fixed", "varied", "longtail")
+LENGTH_WORDS = {"fixed": "every completion max_completion_length tokens",
+                "varied": "each prompt's budget drawn from [max/4, max]",
+                "longtail": "max/8 tokens, max for one prompt in ten",
+                "model": "where the model stops, up to max"}
 
 
 def main() -> None:
@@ -40,8 +50,11 @@ def main() -> None:
     parser.add_argument("--random_model", default="", help="Time a random model of this shape (tgrpo/tiny.py "
                         "RANDOM_SHAPES: 60m, 0.5b, 1.5b, 7b) instead of --model.")
     parser.add_argument("--overlap", action="store_true", help="Also time max_staleness 1 (split placement).")
+    parser.add_argument("--lengths", choices=LENGTHS, default=None, help="Completion lengths, each generated to its "
+                        "budget: fixed (default with --random_model), varied or longtail. Without it and without "
+                        "--random_model the model stops on its own.")
     parser.add_argument("--plain_steps", type=int, default=3, help="Timed steps with the plain loop as the train "
-                        "phase (after one warm-up).")
+                        "phase (after one warm-up); at least 2, so that their spread is measured.")
     parser.add_argument("--bare_repeats", type=int, default=2, help="Timed runs of bare vLLM (after a warm-up); 0 "
                         "skips bare vLLM.")
     parser.add_argument("--profile_generation", action="store_true", help="Also time the trainer's engine on the "
@@ -49,8 +62,10 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="The GPU's dense bf16 peak for MFU; 0 "
                         "guesses from its name (H100/H200: 989).")
     ours, rest = parser.parse_known_args()
-    if ours.steps < 2 or ours.plain_steps < 1:
-        sys.exit("error: --steps must be >= 2 (the first step of each mode is a warm-up), --plain_steps >= 1")
+    if ours.steps < 2 or ours.plain_steps < 2:
+        sys.exit("error: --steps must be >= 2 (the first step of each mode is a warm-up), --plain_steps >= 2 (the "
+                 "plain loop's ceiling is a spread of steps, not one)")
+    ours.lengths = ours.lengths or ("fixed" if ours.random_model else "model")
     from tgrpo import rank_life, trainer
     from tgrpo.config import load_config
 
@@ -76,12 +91,14 @@ def main() -> None:
         job = trainer.setup(cfg, placement, rank)
         busy = {"train": Busy(), "generate": Busy(), "bare": Busy()}
         last_rollout: list = []
+        lengths: list[int] = []  # of every completion this rollout rank generated
         if job.policy is not None:
             job.policy.train_step = busy["train"].during(job.policy.train_step)
         if job.worker is not None:
-            if ours.random_model:
-                job.worker.completion_budget = _varied_budget(cfg.max_completion_length, cfg.seed)
-            job.worker.rollout = _keep_last(job.worker.rollout, last_rollout)
+            if ours.lengths != "model":
+                job.worker.completion_budget = completion_budget(ours.lengths, cfg.max_completion_length, cfg.seed)
+                job.worker.ignore_eos = True
+            job.worker.rollout = _keep_last(job.worker.rollout, last_rollout, lengths)
             job.engine.generate = busy["generate"].during(job.engine.generate)
         overlap = ours.overlap and not placement.colocated
         modes = [("sequential", 0)] + ([("overlap", 1)] if overlap else [])
@@ -98,6 +115,9 @@ def main() -> None:
         if job.policy is not None:
             job.policy.train_step = plain_train_step(job.policy)
         histories["plain"] = trainer.run_steps(job, first, first + 1 + ours.plain_steps, 0)
+        if lengths:  # every step's, warm-ups and plain steps included
+            mine.update(length_min=min(lengths), length_max=max(lengths), length_count=len(lengths),
+                        length_at_limit=sum(n == cfg.max_completion_length for n in lengths))
         if job.worker is not None:
             mine.update(measure_generation(job, cfg, ours, busy["bare"], last_rollout[-1] if last_rollout else None))
         n_params = sum(b.numel for b in job.plan)
@@ -109,21 +129,27 @@ def main() -> None:
     rank_life.run(lambda: adjusted(load_config(rest)), body)
 
 
-def _keep_last(fn, kept: list):
-    """fn, keeping what its last call returned in kept[-1]."""
+def _keep_last(rollout, kept: list, lengths: list):
+    """The worker's rollout, keeping what its last call returned in kept[-1] and every completion's length."""
     def wrapped(*args, **kwargs):
-        kept[:] = [fn(*args, **kwargs)]
+        kept[:] = [rollout(*args, **kwargs)]
+        lengths.extend(len(s.completion_ids) for s in kept[0][0])
         return kept[0]
     return wrapped
 
 
-def _varied_budget(max_tokens: int, seed: int):
-    """A prompt's token budget, drawn from [max/4, max] by a hash of (seed, its tokens): a fixed draw per prompt."""
-    low = max(1, max_tokens // 4)
+def completion_budget(lengths: str, max_tokens: int, seed: int):
+    """A prompt's token budget under --lengths; varied and longtail are a fixed draw per prompt from a hash of
+    (seed, its tokens), so every run and every trainer's engine and bare vLLM give a prompt the same budget."""
+    if lengths == "fixed":
+        return lambda prompt: max_tokens
+    low = max(1, max_tokens // (4 if lengths == "varied" else 8))
 
     def budget(prompt) -> int:
         h = zlib.crc32(f"{seed}:{prompt.prompt_ids}".encode())
-        return low + h % (max_tokens - low + 1)
+        if lengths == "varied":
+            return low + h % (max_tokens - low + 1)
+        return max_tokens if h % 10 == 0 else low
     return budget
 
 
@@ -172,7 +198,8 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
             job.engine.seeded = on
             _sync()
             t0 = time.perf_counter()
-            outs = job.engine.generate(ids, max_tokens=budgets, seed=cfg.seed, **kwargs)
+            outs = job.engine.generate(ids, max_tokens=budgets, seed=cfg.seed, ignore_eos=worker.ignore_eos,
+                                       **kwargs)
             out[f"engine_{name}_tokens_per_s"] = sum(len(c.token_ids) for g in outs for c in g) / (
                 time.perf_counter() - t0)
         job.engine.seeded = seeded
@@ -191,6 +218,7 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
     from tgrpo.trainer import dtypes
 
     runs = bare_generate(job.model_dir, ids, dtype=dtypes(cfg)[0], seed=cfg.seed, max_tokens=budgets,
+                         ignore_eos=worker.ignore_eos,
                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, repeats=ours.bare_repeats,
                          during=bare_busy.during, **kwargs)
     out["bare_tokens_per_s"] = statistics.fmean(tokens / seconds for tokens, seconds in runs)
@@ -199,10 +227,11 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
 
 
 def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, seed: int, n: int,
-                  max_tokens: list[int], temperature: float, top_p: float, gpu_memory_utilization: float,
-                  repeats: int, during) -> list[tuple[int, float]]:
+                  max_tokens: list[int], ignore_eos: bool, temperature: float, top_p: float,
+                  gpu_memory_utilization: float, repeats: int, during) -> list[tuple[int, float]]:
     """The generation ceiling: a fresh vLLM engine with vLLM's own defaults (tgrpo.vllm_engine.bare_llm), the same
-    requests with sampled-token logprobs (which the trainer needs), after a short warm-up. Returns (generated
+    requests (budgets and ignore_eos as the trainer's engine had them, so both generate the same number of tokens)
+    with sampled-token logprobs (which the trainer needs), after a short warm-up. Returns (generated
     tokens, seconds) of each of `repeats` timed runs; during(fn) wraps the timed calls (the GPU busy sampler)."""
     from vllm import SamplingParams, TokensPrompt
 
@@ -212,8 +241,8 @@ def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, se
     with bare_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization) as llm:
         warm = SamplingParams(n=n, max_tokens=8, temperature=temperature, top_p=top_p, logprobs=0)
         llm.generate(prompts, warm, use_tqdm=False)
-        params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0)
-                  for m in max_tokens]
+        params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0,
+                                 ignore_eos=ignore_eos) for m in max_tokens]
         generate = during(llm.generate)
         runs = []
         for _ in range(repeats):
@@ -235,20 +264,41 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
 
     timed = {mode: rows[1:] for mode, rows in histories.items()}
     rows = {mode: {name: mean(steps, key) for key, name in PHASES} for mode, steps in timed.items()}
-    console.say(f"\n{'mode':<12}" + "".join(f"{name + '_s':>11}" for _, name in PHASES) + f"{'gen tok/s':>11}"
-          + f"{'train tok/s':>12}")
+    samples = cfg.prompts_per_step * cfg.num_generations  # every step's batch (dynamic sampling keeps its size)
+    tokens = {mode: mean(steps, "batch/tokens") for mode, steps in timed.items()}
+    completion = {mode: samples * mean(steps, "completion/length_mean") for mode, steps in timed.items()}
+    # a phase's throughput: the step's prompt and completion tokens over that phase's seconds, step by step
+    per_s = {mode: {name: statistics.fmean(r["batch/tokens"] / r[key] for r in steps)
+                    for key, name in PHASES if all(r.get(key, 0.0) > 0 for r in steps)}
+             for mode, steps in timed.items()}
+    lengths = {"min": min((e["length_min"] for e in everyone if e and "length_min" in e), default=None),
+               "max": max((e["length_max"] for e in everyone if e and "length_max" in e), default=None)}
+    counted = sum(e.get("length_count", 0) for e in everyone if e)
+    if counted:
+        lengths["completions"] = counted
+        lengths["at_limit_fraction"] = sum(e.get("length_at_limit", 0) for e in everyone if e) / counted
+    console.say(f"\n{cfg.prompts_per_step} x {cfg.num_generations} x {cfg.max_completion_length}, lengths "
+                f"{ours.lengths} ({LENGTH_WORDS[ours.lengths]}): completions of {lengths['min']}-{lengths['max']} "
+                f"tokens, {lengths.get('at_limit_fraction', 0):.0%} at the limit; per timed step:")
+    console.say(f"{'mode':<12}{'tokens':>9}{'completion':>11}" + "".join(f"{name + '_s':>11}" for _, name in PHASES)
+                + f"{'gen tok/s':>11}")
     for mode, steps in timed.items():
-        console.say(f"{mode:<12}" + "".join(f"{rows[mode][name]:>11.3f}" for _, name in PHASES)
-              + f"{mean(steps, 'throughput/generate_tokens_per_s'):>11.0f}"
-              + f"{statistics.fmean(r['batch/tokens'] / r['time/train_s'] for r in steps):>12.0f}")
+        console.say(f"{mode:<12}{tokens[mode]:>9.0f}{completion[mode]:>11.0f}"
+                    + "".join(f"{rows[mode][name]:>11.3f}" for _, name in PHASES)
+                    + f"{mean(steps, 'throughput/generate_tokens_per_s'):>11.0f}")
+        console.say(f"{'  step tokens/s':<32}" + "".join(f"{per_s[mode][name]:>11.0f}" if name in per_s[mode] else
+                                                 f"{'-':>11}" for _, name in PHASES))
     seq = timed["sequential"]
     result = {"bench": "step", "model": os.path.basename(cfg.model), "dtype": cfg.dtype,
               "placement": (f"colocated {placement.world_size}" if placement.colocated else
                             f"rollout {cfg.rollout_ranks} policy {cfg.policy_ranks}"),
               "batch": f"{cfg.prompts_per_step}x{cfg.num_generations}x{cfg.max_completion_length}",
+              "lengths": ours.lengths, "completion_lengths": lengths,
               "advantage_estimator": cfg.advantage_estimator,
               "zero_stage": cfg.zero_stage, "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch,
               "timed_steps": len(seq), "phases": rows, "step_s": rows["sequential"]["step"],
+              "tokens_per_step": tokens["sequential"], "completion_tokens_per_step": completion["sequential"],
+              "tokens_per_s": per_s,
               "micro_batches_per_step": mean(seq, "policy/micro_batches"),
               "completion_tokens_mean": mean(seq, "completion/length_mean"),
               "generate_tokens_per_s": mean(seq, "throughput/generate_tokens_per_s")}
@@ -277,10 +327,16 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
 
     # training against the plain loop, and MFU (6 N T: forward + backward of every token; attention and the extra
     # no-grad passes of num_iterations > 1 or a reference are left out, so it is a lower bound)
-    train_tps = statistics.fmean(r["batch/tokens"] / r["time/train_s"] for r in seq)
-    plain_tps = statistics.fmean(r["batch/tokens"] / r["time/train_s"] for r in timed.pop("plain"))
+    train_steps = [r["batch/tokens"] / r["time/train_s"] for r in seq]
+    plain_steps = [r["batch/tokens"] / r["time/train_s"] for r in timed.pop("plain")]
     rows.pop("plain")
-    result.update(train_tokens_per_s=train_tps, plain_tokens_per_s=plain_tps, train_vs_plain=train_tps / plain_tps)
+    per_s.pop("plain")
+    train_tps, plain_tps = statistics.fmean(train_steps), statistics.fmean(plain_steps)
+    result.update(train_tokens_per_s=train_tps, plain_tokens_per_s=plain_tps, train_vs_plain=train_tps / plain_tps,
+                  plain_timed_steps=len(plain_steps))
+    for name, steps in (("train", train_steps), ("plain", plain_steps)):  # how far one step strays from the mean
+        result.update({f"{name}_tokens_per_s_min": min(steps), f"{name}_tokens_per_s_max": max(steps),
+                       f"{name}_tokens_per_s_spread": (max(steps) - min(steps)) / statistics.fmean(steps)})
     if summary("busy_train") is not None:
         result["policy_busy"] = summary("busy_train")
     peak = ours.peak_tflops or _guess_peak_tflops()
@@ -288,8 +344,9 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
         per_gpu = 6 * n_params * cfg.num_iterations / placement.num_policy / 1e12
         result.update(train_tflops_per_gpu=per_gpu * train_tps, train_mfu=per_gpu * train_tps / peak,
                       plain_mfu=6 * n_params / placement.num_policy / 1e12 * plain_tps / peak, peak_tflops=peak)
-    console.say(f"training: {train_tps:.0f} tok/s, plain loop on the same micro-batches {plain_tps:.0f} tok/s: "
-          f"train_vs_plain {result['train_vs_plain']:.3f}" + (
+    console.say(f"training: {train_tps:.0f} tok/s ({min(train_steps):.0f}-{max(train_steps):.0f} over {len(seq)} "
+          f"steps), plain loop on the same micro-batches {plain_tps:.0f} tok/s ({min(plain_steps):.0f}-"
+          f"{max(plain_steps):.0f} over {len(plain_steps)}): train_vs_plain {result['train_vs_plain']:.3f}" + (
               f"; MFU {result['train_mfu']:.3f} (plain {result['plain_mfu']:.3f}) of {peak:.0f} TFLOP/s"
               if peak else "") + (f"; GPU busy {result['policy_busy']:.2f}" if "policy_busy" in result else ""))
     for key in ("memory/policy_peak_gib", "memory/device_used_gib", "memory/rollout_device_used_gib"):

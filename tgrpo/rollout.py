@@ -35,8 +35,10 @@ class RolloutWorker:
         self.rank = rank
         self.engine: RolloutEngine | None = None
         self.retriever = self._connect_retriever() if cfg.retriever_url else None
-        # each prompt's token budget; the benchmarks set one that varies, since a random model never stops
+        # each prompt's token budget, and whether completions run to it past the end of turn: the benchmarks set
+        # both, so that a step's tokens are the ones they chose and not where a model happened to stop
         self.completion_budget = lambda prompt: cfg.max_completion_length
+        self.ignore_eos = False
         self.score_while_generating = (cfg.score_while_generating if cfg.score_while_generating is not None
                                        else torch.cuda.is_available())
 
@@ -127,7 +129,8 @@ class RolloutWorker:
             done = None if on_done is None else (lambda i, group: on_done(i, [sample(prompts[i], c) for c in group]))
             t0 = time.perf_counter()
             outs = self.engine.generate(ids, n=n, max_tokens=[self.completion_budget(p) for p in prompts],
-                                        temperature=temperature, top_p=top_p, seed=seed, on_done=done)
+                                        temperature=temperature, top_p=top_p, seed=seed, on_done=done,
+                                        ignore_eos=self.ignore_eos)
             stats = {"generate_s": time.perf_counter() - t0}
             return [sample(p, c) for p, group in zip(prompts, outs) for c in group], stats
         groups, stats = tools.run_episodes(

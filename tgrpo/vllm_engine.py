@@ -285,18 +285,20 @@ class RolloutEngine:
         self._requests = 0  # ids of the requests this engine was given
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int | list[int], temperature: float,
-                 top_p: float, seed: int | None, on_done=None) -> list[list[Completion]]:
+                 top_p: float, seed: int | None, on_done=None, ignore_eos: bool = False) -> list[list[Completion]]:
         """n completions per prompt, each with the logprob of every sampled token. max_tokens: one budget for all
         or one per prompt. on_done(i, completions), if given, is called as soon as prompt i's n completions are
-        all finished, while the engine goes on with the rest (rewards are scored meanwhile).
+        all finished, while the engine goes on with the rest (rewards are scored meanwhile). ignore_eos: every
+        completion runs to its budget (the benchmarks' fixed lengths); unlike min_tokens it leaves the end-of-turn
+        logits unmasked, so vLLM's logprobs stay those of the trainer's distribution.
 
         With per-request seeds (self.seeded), prompt i gets seed + i*n and its j-th sample seed + i*n + j (vLLM
         adds j): each sample depends only on the seed, its prompt and the weights, not on how the scheduler
         batched it, so a resumed run samples what the uninterrupted one did."""
         budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompt_ids)
         seeds = [None if seed is None or not self.seeded else seed + i * n for i in range(len(prompt_ids))]
-        outs = self._run(prompt_ids, [dict(n=n, max_tokens=m, temperature=temperature, top_p=top_p, seed=s)
-                                      for m, s in zip(budgets, seeds)], on_done)
+        outs = self._run(prompt_ids, [dict(n=n, max_tokens=m, temperature=temperature, top_p=top_p, seed=s,
+                                           ignore_eos=ignore_eos) for m, s in zip(budgets, seeds)], on_done)
         return [[_completion(o) for o in out.outputs] for out in outs]
 
     def generate_each(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int | None],

@@ -222,6 +222,7 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, repeats=ours.bare_repeats,
                          during=bare_busy.during, **kwargs)
     out["bare_tokens_per_s"] = statistics.fmean(tokens / seconds for tokens, seconds in runs)
+    out["bare_tokens"] = runs[-1][0]
     out["busy_bare"] = bare_busy.fraction()
     return out
 
@@ -307,6 +308,8 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
     bare = [e["bare_tokens_per_s"] for e in everyone if e and "bare_tokens_per_s" in e]
     if bare:
         result["bare_vllm_tokens_per_s"] = sum(bare)
+        # the first timed step's requests: with --lengths, as many tokens as that step generated in the trainer
+        result["bare_vllm_completion_tokens"] = sum(e["bare_tokens"] for e in everyone if e and "bare_tokens" in e)
         result["generate_vs_bare"] = result["generate_tokens_per_s"] / sum(bare)
     for key in ("busy_generate", "busy_bare", "engine_seeded_tokens_per_s", "engine_unseeded_tokens_per_s",
                 "reward_alone_s"):

@@ -296,7 +296,7 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
               "batch": f"{cfg.prompts_per_step}x{cfg.num_generations}x{cfg.max_completion_length}",
               "lengths": ours.lengths, "completion_lengths": lengths,
               "advantage_estimator": cfg.advantage_estimator,
-              "zero_stage": cfg.zero_stage, "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch,
+              "zero_stage": placement.zero_stage, "max_tokens_per_micro_batch": cfg.max_tokens_per_micro_batch,
               "timed_steps": len(seq), "phases": rows, "step_s": rows["sequential"]["step"],
               "tokens_per_step": tokens["sequential"], "completion_tokens_per_step": completion["sequential"],
               "tokens_per_s": per_s,

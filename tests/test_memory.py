@@ -52,7 +52,8 @@ def test_zero3_shards_weights_gradients_and_states_over_the_policy_ranks():
 def test_offload_moves_the_optimizer_to_the_host():
     p = plan(offload_optimizer=True)
     assert "optimizer states" not in p.training
-    assert p.host["optimizer states (offloaded)"] == 16 * GB  # ~16 bytes a parameter, pinned on the host
+    # ~16 bytes a parameter, pinned on the host, with DeepSpeed's allowance for its buffers and copies
+    assert p.host["optimizer states (offloaded)"] == 16 * GB * memory.OFFLOAD_BUFFER
     assert p.training["gradients"] == memory.REDUCE_BUCKET * 2  # reduced a bucket at a time to the host
 
 

@@ -107,27 +107,39 @@ def _check_model(cfg: Config):
                           "files, or download it again") from None
 
 
-def _check_memory(cfg: Config, placement: Placement, local_world_size: int | None, *, prompt_length: int | None,
-                  activations: bool, announce: bool) -> None:
-    """The memory plan (tgrpo/memory.py) against this host's memory and one GPU's: one line naming what does not
-    fit, by how much, and what to change; memory_check false turns the stop into a warning (if announce)."""
+def memory_plan(cfg: Config, placement: Placement, local_world_size: int | None = None, *,
+                prompt_length: int | None = None, activations: bool = True):
+    """This node's memory plan (tgrpo/memory.py) and what it is held against: (plan, one GPU's bytes or None,
+    this host's total and available bytes); None where transformers cannot build the model's architecture."""
     import torch
 
-    from tgrpo import console, memory
+    from tgrpo import memory
 
     on_gpu = torch.cuda.is_available()
     width = 4 if cfg.dtype == "float32" or (cfg.dtype == "auto" and not on_gpu) else 2
     try:
         shape = memory.model_shape(model_dir(cfg))
     except Exception:  # noqa: BLE001 - an architecture transformers cannot build here: left to the ranks to say
-        return
+        return None
     local = local_world_size or placement.world_size
     node = int(os.environ.get("GROUP_RANK", os.environ.get("TGRPO_NODE_RANK", "0")))
     gpu_total = memory.gpu_memory() if on_gpu else None
     plan = memory.estimate(cfg, placement, shape, device="cuda" if on_gpu else "cpu", width=width,
                            gpu_total=gpu_total or 0.0, local_ranks=range(node * local, (node + 1) * local),
                            prompt_length=prompt_length, activations=activations)
-    host_total, host_free = memory.host_memory()
+    return (plan, gpu_total, *memory.host_memory())
+
+
+def _check_memory(cfg: Config, placement: Placement, local_world_size: int | None, *, prompt_length: int | None,
+                  activations: bool, announce: bool) -> None:
+    """The memory plan against this host's memory and one GPU's: one line naming what does not fit, by how much,
+    and what to change; memory_check false turns the stop into a warning (if announce)."""
+    from tgrpo import console, memory
+
+    planned = memory_plan(cfg, placement, local_world_size, prompt_length=prompt_length, activations=activations)
+    if planned is None:
+        return
+    plan, gpu_total, host_total, host_free = planned
     problems = []
     if plan.host_total > host_free:
         offloaded = sum(v for k, v in plan.host.items() if "offloaded" in k)

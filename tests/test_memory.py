@@ -132,3 +132,38 @@ def test_node_sh_stops_a_job_that_cannot_fit_before_any_engine(seven_b, tmp_path
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "GB of memory" in lines[0], proc.stderr
     assert not out.exists() or not any(out.rglob("*.log")), "the job went past pre-flight"
+
+
+# Peaks measured on one H200 (125 GiB host), random Qwen2.5-1.5B colocated, 32 x 8 x 512 fixed lengths, ZeRO-2
+# (bench/README.md): the policy's max_memory_allocated, and the host's used memory over the job's life.
+MEASURED_H200 = {"training": 76.35, "training offloaded": 56.59, "host offloaded": 44.9}
+
+
+def test_the_estimate_is_within_15_percent_of_the_h200_peaks(tmp_path):
+    from transformers import Qwen2Config
+
+    from tgrpo.tiny import RANDOM_SHAPES
+
+    Qwen2Config(**RANDOM_SHAPES["1.5b"]).save_pretrained(tmp_path)
+    shape = memory.model_shape(str(tmp_path))
+    cfg = Config(colocate=True, rollout_ranks="all", policy_ranks="all", prompts_per_step=32,
+                 max_completion_length=512)
+    placement = Placement.from_config(cfg, 1)
+    on_gpu = dict(device="cuda", width=2, gpu_total=140.4 * memory.GiB, prompt_length=40)
+    trained = memory.estimate(cfg, placement, shape, **on_gpu)
+    cfg.offload_optimizer = True
+    offloaded = memory.estimate(cfg, placement, shape, **on_gpu)
+    estimates = {"training": sum(trained.training.values()), "training offloaded": sum(offloaded.training.values()),
+                 "host offloaded": offloaded.host_total}
+    for name, measured in MEASURED_H200.items():
+        assert abs(estimates[name] / memory.GiB / measured - 1) < 0.15, (name, estimates[name] / memory.GiB)
+
+
+def test_a_7b_policy_with_its_optimizer_offloaded_does_not_fit_a_125_gib_host(seven_b):
+    """The bench's 7B colocated run was SIGKILLed on such a host a minute after its weights loaded."""
+    cfg = Config(colocate=True, rollout_ranks="all", policy_ranks="all", offload_optimizer=True,
+                 max_tokens_per_micro_batch=8192, prompts_per_step=16, max_completion_length=512)
+    plan = memory.estimate(cfg, Placement.from_config(cfg, 1), memory.model_shape(seven_b), device="cuda", width=2,
+                           gpu_total=140.4 * memory.GiB, activations=False)
+    assert plan.host_total > 125 * memory.GiB > 16 * 7.6e9  # its bytes alone would fit; with DeepSpeed's buffers not
+    assert plan.gpu_total < 140.4 * memory.GiB  # the GPU holds it: the host is what stops it

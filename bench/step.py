@@ -319,7 +319,8 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
     console.say(f"generation: {result['generate_tokens_per_s']:.0f} tok/s in the trainer" + (
         f", bare vLLM {result['bare_vllm_tokens_per_s']:.0f} tok/s on the same requests: generate_vs_bare "
         f"{result['generate_vs_bare']:.3f}" if bare else "") + (
-        f"; GPU busy {result['rollout_busy']:.2f} (bare {result.get('bare_busy', 0):.2f})"
+        f"; GPU busy {result['rollout_busy']:.2f}" + (f" (bare {result['bare_busy']:.2f})" if "bare_busy" in result
+                                                        else "")
         if "rollout_busy" in result else ""))
     if "engine_seeded_tokens_per_s" in result:
         console.say(f"trainer's engine on the same requests: seeded {result['engine_seeded_tokens_per_s']:.0f} tok/s, "

@@ -1,11 +1,13 @@
 """Running the real job from tests: torchrun subprocesses in their own process group, killed whole on timeout."""
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,10 +24,50 @@ def check(cfg, world_size: int, local_world_size: int | None = None):
         return check_job(cfg, world_size, local_world_size, data=False)
 
 
+# Ports that tools bind by default on this machine: never handed out, whatever is running.
+_DEFAULT_PORTS = {29500, 29631}  # torchrun's, node.sh's (and the trainer's) MASTER_PORT
+_next_port: list[int] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing holds now, for a job to bind a moment later (torchrun's store, node.sh's master, a server).
+
+    Another process could take a free port in that moment. A port the kernel picks (bind to 0) lies in its ephemeral
+    range, from which every other job's outgoing connections and gloo's and vLLM's own listening sockets take theirs
+    meanwhile, so ports are chosen below that range, where only an explicit bind can land. Of those, xdist worker N
+    of W (PYTEST_XDIST_WORKER gwN) hands out only the ports equal to N modulo W, so two workers never choose the same
+    one, in turn from a random start, so that two pytest runs on one machine rarely meet; a port in use (or in
+    TIME_WAIT: the check binds without SO_REUSEADDR) is skipped."""
+    low, high = 20000, _ephemeral_low()
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    worker = int(re.sub(r"\D", "", os.environ.get("PYTEST_XDIST_WORKER", "")) or 0) % workers
+    slots = (high - low - worker) // workers
+    if slots < 100:  # an unusual ephemeral range: leave the choice to the kernel
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    if not _next_port:
+        _next_port.append(random.SystemRandom().randrange(slots))
+    for _ in range(slots):
+        port = low + worker + workers * (_next_port[0] % slots)
+        _next_port[0] += 1
+        if port in _DEFAULT_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {low}..{high} for xdist worker {worker} of {workers}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def start(cmd: list[str], env: dict | None = None, log: str | None = None) -> subprocess.Popen:
@@ -57,46 +99,68 @@ def torchrun(script_args: list[str], nproc: int = 3, timeout: float = 600) -> su
                 "--master_port", str(free_port()), *script_args], timeout)
 
 
+_started: dict[int, str] = {}  # pid -> its start time, as descendants() saw it
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the state on (field 3 first), or None for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def descendants(pid: int) -> set[int]:
     """Live (not zombie) processes below pid. vLLM renames its processes (setproctitle), which can clobber what
-    /proc/PID/environ shows, so a run's engines are found by ancestry, not by an environment tag."""
+    /proc/PID/environ shows, so a run's engines are found by ancestry, not by an environment tag. Each one's start
+    time is kept, so that alive() never mistakes a later process that got the same pid for it."""
     children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
+        fields = _stat(int(entry))
+        if fields and fields[0] != "Z":
             children.setdefault(int(fields[1]), []).append(int(entry))
+            starts[int(entry)] = fields[19]
     found, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):
             found.add(child)
+            _started[child] = starts[child]
             todo.append(child)
     return found
+
+
+def _held_shm(pid: int) -> set[int]:
+    """Inodes of the /dev/shm files process pid maps or holds open."""
+    held = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            held.update(int(parts[4]) for parts in (line.split(None, 5) for line in f)
+                        if len(parts) == 6 and parts[5].startswith("/dev/shm/"))
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
+                    held.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+            except OSError:  # closed meanwhile
+                continue
+    except OSError:  # a process that ended meanwhile, or one we may not read
+        pass
+    return held
 
 
 def shm() -> set[str]:
     """What /dev/shm holds now that no live process uses: a weight buffer (tgrpo-<tag>-<pid>.bin) whose rank is
     gone, and any other file that no process maps or holds open (by inode: a named semaphore's creator maps it under
     a temporary name). Compare before and after a job to see what it left behind; another job running meanwhile
-    has its files in use, so they do not count."""
+    has its files in use, so they do not count, except between a kill and its sweep: JobWatch.left() counts only
+    the job's own."""
     in_use = set()
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                in_use.update(int(parts[4]) for parts in (line.split(None, 5) for line in f)
-                              if len(parts) == 6 and parts[5].startswith("/dev/shm/"))
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
-                    in_use.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
-        except OSError:  # a process that ended meanwhile, or one we may not read
-            continue
+        if pid.isdigit():
+            in_use |= _held_shm(int(pid))
     left = set()
     for name in os.listdir("/dev/shm"):
         owner = re.fullmatch(r"tgrpo-.+-(\d+)\.bin", name)
@@ -110,28 +174,93 @@ def shm() -> set[str]:
     return left
 
 
+class JobWatch:
+    """Every process of one job and the /dev/shm files they hold, sampled every `every` s from start() to stop():
+    the processes below `proc` (torchrun or node.sh: ranks, vLLM engines, helpers), and those of them that live on
+    after their parent is gone. With other jobs on the machine (pytest -n, other users), a file in /dev/shm that no
+    process uses may be another job's, left by a rank it killed and not yet swept; left() counts only this job's:
+    the files its processes were seen holding and the weight buffers named after one of them."""
+
+    def __init__(self, proc: subprocess.Popen, every: float = 0.5):
+        self.proc, self.every = proc, every
+        self.pids: set[int] = {proc.pid}
+        self.inodes: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "JobWatch":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self.sample()
+
+    def __enter__(self) -> "JobWatch":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    def sample(self) -> set[int]:
+        """Look now (also called by hand, e.g. right before a kill); returns the job's live processes."""
+        live = alive(self.pids) | descendants(self.proc.pid)
+        for pid in live:
+            self.inodes |= _held_shm(pid)
+        self.pids |= live
+        return live
+
+    def left(self, before: set[str]) -> set[str]:
+        """What shm() counts now that it did not count in `before` and that is this job's."""
+        ours = set()
+        for name in shm() - before:
+            owner = re.fullmatch(r"tgrpo-.+-(\d+)\.bin", name)
+            try:
+                if (owner and int(owner.group(1)) in self.pids) or os.stat(f"/dev/shm/{name}").st_ino in self.inodes:
+                    ours.add(name)
+            except OSError:  # removed meanwhile
+                continue
+        return ours
+
+
 def alive(pids: set[int]) -> set[int]:
+    """Those of pids still running (not zombies), where a pid that descendants() saw must still have the same start
+    time: a pid freed by a process that ended can be taken by another one (pid_max is 32768 here)."""
     out = set()
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.add(pid)
-        except OSError:
-            continue
+        fields = _stat(pid)
+        if fields and fields[0] != "Z" and _started.get(pid, fields[19]) == fields[19]:
+            out.add(pid)
     return out
 
 
-def kill_rank_after_step(proc: subprocess.Popen, metrics_file, step: int, rank: int) -> set[int]:
+def _read(path: str) -> bytes:
+    """A /proc file's bytes, empty for a process that ended meanwhile."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def kill_rank_after_step(proc: subprocess.Popen, metrics_file, step: int, rank: int,
+                         watch: JobWatch | None = None) -> set[int]:
     """Once the job under `proc` (node.sh or torchrun) has written `step` metrics rows, kill -9 its global rank
-    `rank`. Returns every process the job had then (ranks, vLLM engines, helpers), to check none is left later."""
+    `rank`. Returns every process the job had then (ranks, vLLM engines, helpers), to check none is left later.
+    A JobWatch of the job looks once more right before the kill."""
     deadline = time.time() + 600
     while not (os.path.exists(metrics_file) and len(open(metrics_file).read().splitlines()) >= step):
         assert proc.poll() is None and time.time() < deadline, f"the run did not reach step {step}"
         time.sleep(0.5)
-    everything = descendants(proc.pid)
-    ranks = [pid for pid in everything if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
-    victim = next(pid for pid in ranks if f"RANK={rank}".encode() in
-                  open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+    everything = watch.sample() - {proc.pid} if watch else descendants(proc.pid)
+    ranks = [pid for pid in everything if b"train_grpo.py" in _read(f"/proc/{pid}/cmdline")]
+    victim = next(pid for pid in ranks if f"RANK={rank}".encode() in _read(f"/proc/{pid}/environ").split(b"\0"))
     os.kill(victim, signal.SIGKILL)
     return everything

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from helpers import run, torchrun
+from helpers import free_port, run, torchrun
 
 
 def _rows(tmp_path, rows) -> str:
@@ -46,8 +46,10 @@ def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
         args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": GOOD["messages"], "answer": ""}])]
     elif args == "no-prompt":
         args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": [], "answer": "3"}])]
-    # the first case that reads data builds the tiny model (a minute or more on a busy 2-core machine)
-    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *args], timeout=600, env={"PYTHON": sys.executable})
+    # the run's own output_dir (a case may name another: the last one counts), never the repo's output/, which may
+    # hold a run; and a port of its own, never node.sh's default, should a case get past the pre-flight
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out"), *args],
+                 timeout=600, env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
@@ -113,8 +115,6 @@ def test_plain_torchrun_says_bad_input_in_one_line(tmp_path, args, words):
 @pytest.mark.slow
 def test_node_sh_names_a_master_port_in_use(tmp_path):
     import socket
-
-    from helpers import free_port
 
     with socket.socket() as busy:
         port = free_port()

@@ -124,10 +124,12 @@ def test_tool_replies_are_cut_to_the_budgets(tokenizer, retriever):
 
 
 def test_a_dead_retriever_gives_counted_placeholders(tokenizer):
-    from helpers import free_port
+    import socket
 
-    dead = Retriever(f"http://127.0.0.1:{free_port()}", retries=0, timeout_s=1, on_failure="empty")
-    _, groups, stats = _run(tokenizer, dead, ["search then answer"])
+    with socket.socket() as held:  # a port held but never listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        dead = Retriever(f"http://127.0.0.1:{held.getsockname()[1]}", retries=0, timeout_s=1, on_failure="empty")
+        _, groups, stats = _run(tokenizer, dead, ["search then answer"])
     assert stats["search_failures"] == 2 and stats["searches"] == 2
     assert all(Retriever.FAILED in ep.text and ep.finish == "stop" for ep in groups[0])
 

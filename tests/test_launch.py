@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, alive, descendants, finish, free_port, run, shm, start, torchrun
+from helpers import ROOT, JobWatch, alive, finish, free_port, run, shm, start, torchrun
 from tgrpo import checkpoint
 
 PYTHON = {"PYTHON": sys.executable}
@@ -276,8 +276,11 @@ def test_readme_main_job_prints_one_screen_and_logs_the_rest(tmp_path):
     stale = f"/dev/shm/tgrpo-rank0-{gone.pid}.bin"
     open(stale, "wb").close()
     log_dir = tmp_path / "out" / "logs"
-    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out")],
-                 timeout=900, env={**PYTHON, "MASTER_PORT": str(free_port())})
+    shm_before = shm()
+    proc = start(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out")],
+                 env={**PYTHON, "MASTER_PORT": str(free_port())})
+    with JobWatch(proc) as watch:
+        result = finish(proc, 900)
     assert result.returncode == 0, result.stderr[-3000:]
     console = (result.stdout + result.stderr).rstrip("\n").split("\n")  # tqdm's \r-separated redraws: one line
     assert len(console) <= 60, "\n".join(console)
@@ -290,7 +293,8 @@ def test_readme_main_job_prints_one_screen_and_logs_the_rest(tmp_path):
         assert noise not in text, (noise, text)
     logged = (log_dir / "node0.log").read_text()
     assert "done: 30 steps" in logged and "WARNING" in logged  # the console's lines and vLLM's own
-    assert not os.path.exists(stale) and not [n for n in shm() if n.startswith("tgrpo-")]
+    # the stale buffer is gone, and the job left nothing of its own (other jobs may run meanwhile: see JobWatch)
+    assert not os.path.exists(stale) and not watch.left(shm_before), watch.left(shm_before)
 
 
 def test_sbatch_preemption_warning_asks_the_job_to_save_and_requeues_it(tmp_path):
@@ -326,31 +330,35 @@ def test_a_preemption_request_saves_at_the_step_end_and_the_next_run_resumes(tmp
     env = {**PYTHON, "MASTER_PORT": str(free_port()), "TGRPO_PREEMPT_FILE": str(request)}
     shm_before = shm()
     proc = start(cmd, env=env, log=str(tmp_path / "first.out"))
-    deadline = time.time() + 600
-    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.time() < deadline, open(tmp_path / "first.out").read()[-3000:]
-        time.sleep(0.5)
-    everything = descendants(proc.pid)
-    request.touch()
-    first = finish(proc, 300)
+    with JobWatch(proc) as watch:
+        deadline = time.time() + 600
+        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, open(tmp_path / "first.out").read()[-3000:]
+            time.sleep(0.5)
+        everything = watch.sample() - {proc.pid}
+        request.touch()
+        first = finish(proc, 300)
     console = open(tmp_path / "first.out").read()
     assert first.returncode == 3, console[-3000:]
-    _assert_nothing_left(everything, shm_before)
+    _assert_nothing_left(everything, shm_before, watch)
     stopped = len((out / "metrics.jsonl").read_text().splitlines())
     assert 2 <= stopped < 8 and f"preempted: stopped after step {stopped}" in console, console[-3000:]
     assert checkpoint.find_latest(str(out)).endswith(f"step-{stopped}")
     request.unlink()
-    second = run([*cmd, "--resume", "auto"], timeout=600, env={**env, "MASTER_PORT": str(free_port())})
+    proc = start([*cmd, "--resume", "auto"], env={**env, "MASTER_PORT": str(free_port())})
+    with JobWatch(proc) as second_watch:
+        second = finish(proc, 600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"(step {stopped})" in second.stdout and "done: 8 steps" in second.stdout
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, 9))
-    _assert_nothing_left(set(), shm_before)
+    _assert_nothing_left(set(), shm_before, second_watch)
 
 
-def _assert_nothing_left(processes: set[int], shm_before: set[str]) -> None:
-    """No process of a job (vLLM's engines notice their rank is gone within seconds) and nothing new in /dev/shm."""
+def _assert_nothing_left(processes: set[int], shm_before: set[str], watch: JobWatch) -> None:
+    """No process of a job (vLLM's engines notice their rank is gone within seconds) and nothing new in /dev/shm
+    of the job's own (JobWatch: other jobs may run meanwhile)."""
     deadline = time.time() + 30
     while alive(processes) and time.time() < deadline:
         time.sleep(1)
     assert not alive(processes), {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(processes)}
-    assert not shm() - shm_before, shm() - shm_before
+    assert not watch.left(shm_before), watch.left(shm_before)

@@ -46,7 +46,8 @@ def test_a_node_that_never_joins_ends_the_job_with_a_clear_message(tmp_path):
     env = {"HOSTFILE": str(hostfile), "MASTER_PORT": str(free_port()), "LOG_DIR": str(tmp_path / "logs"),
            "JOIN_TIMEOUT_S": "15"}
     started = time.time()
-    status, _, err = _finish(_start(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *SHORT], env), 180)
+    status, _, err = _finish(_start(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *SHORT, "--output_dir",
+                                     str(tmp_path / "out")], env), 180)
     assert status != 0
     assert "error: not all 2 nodes" in err and "JOIN_TIMEOUT_S=15" in err
     assert time.time() - started < 150

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT, alive, finish, free_port, kill_rank_after_step, run, shm, start
+from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start
 
 pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
 
@@ -40,21 +40,23 @@ def ppo(tmp_path_factory):
     env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
     shm_before = shm()
     proc = start(cmd, env=env, log=str(out / "node.out"))
-    metrics_file = out / "metrics.jsonl"
-    everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank)
-    first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
-    done = finish(proc, 900)
+    with JobWatch(proc) as watch:
+        metrics_file = out / "metrics.jsonl"
+        everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank, watch)
+        first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
+        done = finish(proc, 900)
     console = open(out / "node.out").read()
     assert done.returncode == 0, console[-4000:]
     assert "restart 1/1 after exit status" in console and "resumed from" in console, console[-4000:]
     deadline = time.time() + 30  # engine processes notice their rank is gone
     while alive(everything) and time.time() < deadline:
         time.sleep(1)
-    assert not alive(everything) and not shm() - shm_before
+    assert not alive(everything) and not watch.left(shm_before), watch.left(shm_before)
     print(f"killed rank {victim_rank} after step {kill_after}")
     return out, [json.loads(line) for line in open(metrics_file)], first_attempt
 
 
+@pytest.mark.xdist_group("ppo")  # one worker runs the tests of the shared run
 def test_ppo_learns_the_toy_task_and_its_critic_the_returns(ppo):
     _, metrics, _ = ppo
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # every step once, the restart included
@@ -79,6 +81,7 @@ def test_ppo_learns_the_toy_task_and_its_critic_the_returns(ppo):
     assert coefs[0] == 0.001 and len(set(coefs)) > 1
 
 
+@pytest.mark.xdist_group("ppo")  # one worker runs the tests of the shared run
 def test_a_killed_ppo_run_resumes_and_redoes_its_steps_exactly(ppo):
     """The steps the first attempt ran after its step-10 checkpoint (11 up to the kill), run again by the restarted
     job from that checkpoint (policy, critic, optimizers, KL coefficient, RNG), are the same steps (fixed seeds,

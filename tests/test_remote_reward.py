@@ -1,5 +1,6 @@
 """The remote reward client against a real HTTP service on 127.0.0.1: chunking, the in-flight limit, retries with
 backoff, timeouts, malformed replies, 4xx, and nothing listening, under reward_on_failure fail and zero."""
+import contextlib
 import json
 import socket
 import threading
@@ -79,11 +80,13 @@ def _scorer(url: str, **overrides) -> RewardScorer:
     return RewardScorer(Config(**{**values, **overrides}))
 
 
-def _free_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/score"  # closed again: nothing listens there
+@contextlib.contextmanager
+def _refused_url():
+    """A port held but never listening: connections are refused. (A port merely free could be taken meanwhile by
+    another job's listening socket, pytest -n running them side by side, which would answer otherwise.)"""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}/score"
 
 
 COMPLETIONS = [f"the answer is {i}" for i in range(10)]
@@ -182,12 +185,12 @@ def test_4xx_is_not_retried():
 
 
 def test_nothing_listening():
-    url = _free_port_url()
-    with _scorer(url, reward_retries=1) as scorer:
-        with pytest.raises(RewardError, match=r"after 2 attempt\(s\): ConnectionError \(\[Errno 111\] Connection "
-                                              r"refused\)") as err:
-            scorer.score(PROMPTS, COMPLETIONS, ANSWERS)
-    assert url in str(err.value) and "\n" not in str(err.value)
-    with _scorer(url, reward_batch_size=4, reward_on_failure="zero") as scorer:
-        totals, raw, stats = scorer.score(PROMPTS, COMPLETIONS, ANSWERS)
-    assert totals == [0.0] * 10 and stats["remote_failures"] == 10 and stats["remote_requests"] == 3
+    with _refused_url() as url:
+        with _scorer(url, reward_retries=1) as scorer:
+            refused = r"after 2 attempt\(s\): ConnectionError \(\[Errno 111\] Connection refused\)"
+            with pytest.raises(RewardError, match=refused) as err:
+                scorer.score(PROMPTS, COMPLETIONS, ANSWERS)
+        assert url in str(err.value) and "\n" not in str(err.value)
+        with _scorer(url, reward_batch_size=4, reward_on_failure="zero") as scorer:
+            totals, raw, stats = scorer.score(PROMPTS, COMPLETIONS, ANSWERS)
+        assert totals == [0.0] * 10 and stats["remote_failures"] == 10 and stats["remote_requests"] == 3

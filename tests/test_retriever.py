@@ -2,6 +2,7 @@
 and the in-flight limit, a slow or dead server handled as configured with one clear message."""
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -67,12 +68,14 @@ def test_slow_or_dead_retriever_fails_with_one_line_or_goes_on_as_configured():
     with pytest.raises(RetrieverError, match=r"failed after 2 attempt\(s\): no reply within 0.3 s.*retriever_"):
         Retriever(url, timeout_s=0.3, retries=1).search(["q"])
     slow.shutdown()
-    dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(RetrieverError, match="ConnectionError.*launch/retriever.sh start") as error:
-        Retriever(dead, retries=1).search(["q"])
-    assert "\n" not in str(error.value)
-    client = Retriever(dead, retries=0, on_failure="empty")
-    assert client.search(["a", "b"]) == [[Retriever.FAILED]] * 2 and client.failures == 2
+    with socket.socket() as held:  # a port held but never listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{held.getsockname()[1]}"
+        with pytest.raises(RetrieverError, match="ConnectionError.*launch/retriever.sh start") as error:
+            Retriever(dead, retries=1).search(["q"])
+        assert "\n" not in str(error.value)
+        client = Retriever(dead, retries=0, on_failure="empty")
+        assert client.search(["a", "b"]) == [[Retriever.FAILED]] * 2 and client.failures == 2
 
 
 def test_bad_corpus_is_one_clear_error(tmp_path):

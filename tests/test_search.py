@@ -128,6 +128,7 @@ def search_run(tmp_path_factory, retriever):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("search")  # one worker runs the tests of the shared run
 def test_episodes_search_read_and_answer(search_run):
     _, metrics, samples, _ = search_run
     assert len(metrics) == STEPS
@@ -144,6 +145,7 @@ def test_episodes_search_read_and_answer(search_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("search")  # one worker runs the tests of the shared run
 def test_tool_tokens_are_masked_in_the_logged_samples(search_run):
     from transformers import AutoTokenizer
 
@@ -175,6 +177,7 @@ def test_tool_tokens_are_masked_in_the_logged_samples(search_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("search")  # one worker runs the tests of the shared run
 def test_tool_metrics_reach_tensorboard(search_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -189,6 +192,7 @@ def test_tool_metrics_reach_tensorboard(search_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("search")  # one worker runs the tests of the shared run
 def test_a_slow_retriever_fails_searches_and_the_run_goes_on_as_configured(search_run):
     _, metrics, _, result = search_run
     failed = sum(m["tool/search_failures"] for m in metrics)
@@ -220,7 +224,8 @@ def test_a_dead_retriever_stops_the_run_in_one_line_before_any_engine_starts(tmp
 def test_node_sh_checks_the_retriever_before_torchrun_starts(tmp_path, dead_url):
     result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--retriever_url", dead_url,
                   "--retriever_retries", "0", "--output_dir", str(tmp_path)],
-                 timeout=300, env={"PYTHON": sys.executable, "CONFIG": "configs/search.yaml"})
+                 timeout=300, env={"PYTHON": sys.executable, "CONFIG": "configs/search.yaml",
+                                   "MASTER_PORT": str(free_port())})
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: retriever http://127.0.0.1:"), result.stderr

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from helpers import ROOT, alive, finish, free_port, kill_rank_after_step, run, shm, start, torchrun
+from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start, torchrun
 from tgrpo.config import Config
 
-pytestmark = pytest.mark.slow  # torchrun jobs: pytest -m "not slow" leaves them out
+# torchrun jobs: pytest -m "not slow" leaves them out; one xdist worker runs them all (they share the run)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
 STEPS = 25
 PROMPT = [{"role": "system", "content": Config().system_prompt}, {"role": "user", "content": "What is 2 + 3?"}]
@@ -137,9 +138,10 @@ def test_a_killed_rank_is_named_and_node_sh_restarts_the_job_step_for_step(train
     env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
     shm_before = shm()
     proc = start(cmd, env=env, log=str(tmp_path / "node.out"))
-    metrics_file = tmp_path / "metrics.jsonl"
-    everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank)
-    done = finish(proc, 900)
+    with JobWatch(proc) as watch:
+        metrics_file = tmp_path / "metrics.jsonl"
+        everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank, watch)
+        done = finish(proc, 900)
     console = open(tmp_path / "node.out").read()
     assert done.returncode == 0, console[-4000:]
     named = [line for line in console.splitlines() if line.startswith("error: rank ")]
@@ -150,7 +152,7 @@ def test_a_killed_rank_is_named_and_node_sh_restarts_the_job_step_for_step(train
         time.sleep(1)
     left = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(everything)}
     assert not left, (victim_rank, left)
-    assert not shm() - shm_before, shm() - shm_before  # weight buffers, vLLM's segments: none left
+    assert not watch.left(shm_before), watch.left(shm_before)  # weight buffers, vLLM's segments: none left
     metrics = [json.loads(line) for line in open(metrics_file)]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # steps after the checkpoint were dropped
     for ours, theirs in zip(metrics[10:], uninterrupted[10:]):

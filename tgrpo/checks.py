@@ -33,7 +33,8 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
     if cfg.resume not in ("", "auto"):
         _check(checkpoint.is_complete(cfg.resume), f"resume='{cfg.resume}' is not a complete checkpoint folder (no "
                "trainer_state.json there): name an output_dir/checkpoints/step-N folder or use 'auto'")
-        problem = checkpoint.damage(cfg.resume)
+        problem = checkpoint.damage(cfg.resume, content=False)  # sizes: every rank runs this; the content is
+        # read once, by the rank that resumes the run (checkpoint.resume_path)
         _check(problem is None, f"checkpoint '{cfg.resume}' is damaged ({problem}): name an older one or use "
                "'auto', which skips damaged checkpoints")
     checkpoint.check_output_dir(cfg)

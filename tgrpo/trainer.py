@@ -133,8 +133,15 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
     if any(verdicts):
         raise ConfigError(next(v for v in verdicts if v))
 
-    resume = rank_life.broadcast_object(checkpoint.resume_path(cfg) if rank == placement.sync_source else None,
-                                        groups.data, placement.sync_source)
+    found = None
+    if rank == placement.sync_source:  # reads the checkpoint's files once; every rank gets the verdict
+        try:
+            found = (checkpoint.resume_path(cfg), None)
+        except ConfigError as e:
+            found = (None, str(e))
+    resume, problem = rank_life.broadcast_object(found, groups.data, placement.sync_source)
+    if problem:
+        raise ConfigError(problem)
     if resume is not None:
         try:
             checkpoint.check_resumable(resume, placement, critic_expected=cfg.advantage_estimator == "gae")

@@ -55,16 +55,37 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
     return out
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """A run keeps the rows of a jsonl log up to the step it starts from (a restart before any checkpoint: none)."""
+def _truncate_after(path: str, step: int) -> list[dict]:
+    """A run keeps the rows of a jsonl log up to the step it starts from (a restart before any checkpoint: none);
+    returns the rows kept."""
     if not os.path.exists(path):
-        return
+        return []
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [(line, row) for line, row in ((line, json.loads(line)) for line in f if line.strip())
+                if row.get("step", 0) <= step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.writelines(rows)
+        f.writelines(line for line, _ in kept)
     os.replace(tmp, path)
+    return [row for _, row in kept]
+
+
+def reward_trend(rewards: dict[int, float], window: int = 5) -> str:
+    """'reward 0.21 (first 5) -> 0.43 (last 5)': the mean reward of the first and the last `window` steps, so that
+    the end of a run says whether it learned. Under 2 * window steps the windows shrink rather than overlap. When the
+    steps known are not 1..N (a resumed run whose earlier rows are gone) the windows name their steps."""
+    steps = sorted(rewards)
+    if not steps:
+        return ""
+    if len(steps) == 1:
+        return f"reward {rewards[steps[0]]:.2f} (step {steps[0]})"
+    k = min(window, len(steps) // 2)
+    head, tail = steps[:k], steps[-k:]
+    mean = lambda part: statistics.fmean(rewards[s] for s in part)
+    if steps == list(range(1, len(steps) + 1)):
+        return f"reward {mean(head):.2f} (first {k}) -> {mean(tail):.2f} (last {k})"
+    return (f"reward {mean(head):.2f} (steps {head[0]}-{head[-1]}) -> "
+            f"{mean(tail):.2f} (steps {tail[0]}-{tail[-1]})")
 
 
 def _start_wandb(cfg, start_step: int):
@@ -95,8 +116,10 @@ class Metrics:
         from tqdm import tqdm
 
         os.makedirs(cfg.output_dir, exist_ok=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run drops what followed its checkpoint
-            _truncate_after(os.path.join(cfg.output_dir, name), start_step)
+        # a resumed run drops what followed its checkpoint; the steps before it still count in reward_trend
+        kept = _truncate_after(os.path.join(cfg.output_dir, "metrics.jsonl"), start_step)
+        _truncate_after(os.path.join(cfg.output_dir, "samples.jsonl"), start_step)
+        self.rewards = {row["step"]: row["reward/mean"] for row in kept if "step" in row and "reward/mean" in row}
         self.writer = (SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=start_step + 1)
                        if "tensorboard" in cfg.report_to else None)
         self.wandb = _start_wandb(cfg, start_step) if "wandb" in cfg.report_to else None
@@ -108,6 +131,7 @@ class Metrics:
     def log(self, step: int, samples: list, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
+        self.rewards[step] = scalars["reward/mean"]
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
@@ -134,6 +158,10 @@ class Metrics:
         self.bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", step_s=f"{scalars['time/step_s']:.1f}",
                              refresh=False)
         self.bar.update(1)  # one redraw a step
+
+    def reward_trend(self) -> str:
+        """The run's first and last steps' mean reward ('' on other ranks, or before any step)."""
+        return reward_trend(self.rewards) if self.enabled else ""
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -360,7 +360,9 @@ def finish(job: Job) -> None:
         job.log.message(f"preempted: stopped after step {job.stopped_at}, saved; run again with --resume auto "
                         "(launch/slurm.sbatch requeues the job, which does)")
     else:
-        job.log.message(f"done: {job.cfg.max_steps} steps; outputs in {job.cfg.output_dir}")
+        trend = job.log.reward_trend()  # the whole run's, a resumed one's included: did it learn?
+        job.log.message(f"done: {job.cfg.max_steps} steps{', ' + trend if trend else ''}; "
+                        f"outputs in {job.cfg.output_dir}")
     job.log.close()
     if job.worker is not None:
         job.worker.scorer.close()

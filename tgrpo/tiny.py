@@ -1,8 +1,10 @@
 """The embedded default model: a tiny Qwen2 and a BPE tokenizer trained here, built once into the cache folder.
 
 No hub is reached: the tokenizer is trained with `tokenizers` on the bundled data, the model is initialised from a
-`Qwen2Config` (head_dim 64, which vLLM's CPU attention accepts) and given a short supervised warm-up on the answer
-format, so that GRPO starts from a model that sometimes answers right, as it would from an SFT checkpoint.
+`Qwen2Config` (head_dim 64, which vLLM's CPU attention accepts) and given a short supervised warm-up on the bundled
+problems, so that GRPO starts from a model that sometimes answers right, as it would from an SFT checkpoint. Most
+warm-up answers are plain text, as in SFT data written for another purpose: the model knows some arithmetic but
+seldom writes it in the <answer> format the math reward reads, which GRPO then teaches it within the default run.
 
     python -m tgrpo.tiny [cache_dir]                # build (or find) it and print its folder
     python -m tgrpo.tiny [cache_dir] --random 0.5b  # a randomly initialised model of that shape (benchmarks)
@@ -18,14 +20,20 @@ import json
 import os
 import random
 
-TINY_NAME = "tiny-qwen2-v2"
+TINY_NAME = "tiny-qwen2-v3"  # a new name for every change of the recipe: caches of the old one are not reused
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEFAULT_SYSTEM = "Solve the problem. Put only the final answer inside <answer></answer>."
-WARMUP_STEPS = 300
+# With every warm-up answer tagged, GRPO had only the arithmetic left to improve, and the default 30 steps moved the
+# reward (0.31 -> 0.36) less than its step-to-step noise (issue 24). Tagging few leaves it a skill it learns within
+# those steps, the format, and the right answers the model already knows then count: the reward about triples.
+TAGGED_FRACTION = 0.2
+# Twice the old 300: the answers' three formats share the steps; at 600 about 1 sampled answer in 5 is right.
+WARMUP_STEPS = 600
+PLAIN_ANSWERS = ("{answer}", "The answer is {answer}.")
 # Always the bundled prompts, whatever train_data a run names: the tiny model is the same on every machine.
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "arith_train.json")
 
@@ -132,13 +140,17 @@ def _full_vocabulary(tokenizer, vocab_size: int):
                                    chat_template=tokenizer.chat_template, model_max_length=4096)
 
 
-def _conversations(data_path: str) -> list[list[dict]]:
+def _conversations(data_path: str, tagged_fraction: float = 1.0) -> list[list[dict]]:
+    """Every row with its answer, `tagged_fraction` of them (a seeded draw) in <answer> tags, the rest plain."""
     with open(data_path) as f:
         rows = json.load(f)
+    rng = random.Random(0)
     convs = []
     for row in rows:
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(row["messages"])
-        convs.append(messages + [{"role": "assistant", "content": f"<answer>{row['answer']}</answer>"}])
+        tagged = rng.random() < tagged_fraction
+        answer = "<answer>{answer}</answer>" if tagged else rng.choice(PLAIN_ANSWERS)
+        convs.append(messages + [{"role": "assistant", "content": answer.format(answer=row["answer"])}])
     return convs
 
 
@@ -169,8 +181,7 @@ def _build(out: str, data_path: str) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the build runs inside pre-flight checks, whose stderr is one line
-    convs = _conversations(data_path)
-    tokenizer = _train_tokenizer(convs)
+    tokenizer = _train_tokenizer(_conversations(data_path))  # on tagged answers: the same tokenizer as before
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -178,8 +189,22 @@ def _build(out: str, data_path: str) -> None:
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
     model = Qwen2ForCausalLM(config)
-    _warm_up(model, tokenizer, convs)
+    _warm_up(model, _as_served(tokenizer, config), _conversations(data_path, TAGGED_FRACTION))
     _save(out, model, tokenizer)
+
+
+def _as_served(tokenizer, config):
+    """The tokenizer as transformers and vLLM load it from the model's folder. transformers 5 loads it as the model
+    type's class (Qwen2Tokenizer, with Qwen2's pre-tokenizer: " 12" is " ", "1", "2"), which splits text unlike the
+    trained object in memory (" 12" one token): a warm-up on the latter taught the model tokens it never sees."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        config.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def _save(out: str, model, tokenizer) -> None:
@@ -292,14 +317,24 @@ def _fit(model, pad: int, draw, steps: int, seed: int = 1) -> None:
 
 
 def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:
-    """A few supervised steps on the answers: the model learns the format and a little arithmetic."""
+    """A few supervised steps on the answers: the model learns some arithmetic and, now and then, the format."""
     def encode(conv: list[dict]) -> tuple[list[int], list[int]]:
         prompt = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(conv, tokenize=False)
         p, f = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
         return f, [-100] * len(p) + f[len(p):]
 
-    _fit(model, tokenizer.pad_token_id, lambda rng: [encode(c) for c in rng.sample(convs, 32)], WARMUP_STEPS, seed=0)
+    import torch
+
+    threads = torch.get_num_threads()
+    # One thread: a step of this tiny model took 0.09 s with one or two on 2 idle cores, but two threads that wait
+    # for a busy core (other jobs; the tests build the models side by side) made it 0.14-1.2 s against one's 0.07.
+    torch.set_num_threads(1)
+    try:
+        _fit(model, tokenizer.pad_token_id, lambda rng: [encode(c) for c in rng.sample(convs, 32)], WARMUP_STEPS,
+             seed=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -149,8 +149,10 @@ def test_episodes_search_read_and_answer(search_run):
 def test_tool_tokens_are_masked_in_the_logged_samples(search_run):
     from transformers import AutoTokenizer
 
+    from tgrpo.tiny import SEARCH_NAME
+
     _, _, samples, _ = search_run
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, ".cache", "tiny-qwen2-search-v1"))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, ".cache", SEARCH_NAME))
     for s in samples:
         ids, mask = s["completion_ids"], s["completion_mask"]
         assert len(ids) == len(mask) and set(mask) <= {0, 1}

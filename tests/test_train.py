@@ -13,6 +13,7 @@ import pytest
 
 from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start, torchrun
 from tgrpo.config import Config
+from tgrpo.tiny import tiny_model_dir
 
 # torchrun jobs: pytest -m "not slow" leaves them out; one xdist worker runs them all (they share the run)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
@@ -54,7 +55,7 @@ def test_policy_moved_away_from_the_initial_weights(trained):
     from safetensors.torch import load_file
 
     out, _, _ = trained
-    start = load_file(os.path.join(ROOT, ".cache", "tiny-qwen2-v2", "model.safetensors"))
+    start = load_file(os.path.join(tiny_model_dir(os.path.join(ROOT, ".cache")), "model.safetensors"))
     end = load_file(str(out / "checkpoints" / f"step-{STEPS}" / "model.safetensors"))
     assert start.keys() == end.keys()
     moved = max((start[k] - end[k]).abs().max().item() for k in start)

@@ -1,7 +1,8 @@
 """Running the suite side by side: `pytest -n auto` (pytest-xdist, --dist loadgroup from pytest.ini).
 
-- The embedded models are built once, before any worker starts (tgrpo.tiny's build is atomic and locked, but a test
-  that happens to build one waits a minute or more inside its own time limit).
+- The embedded models and DeepSpeed's CPU op are built once, before any worker starts (tgrpo.tiny's build is atomic
+  and locked, but a test that happens to build one waits a minute or more inside its own time limit); the op in a
+  TORCH_EXTENSIONS_DIR of this checkout's own (see EXTENSIONS below).
 - The tests that share one run (a module-scoped fixture; marked xdist_group) go to one worker. xdist's own
   loadgroup does this by appending @group to the node ids, which pytest 9.2's structured ids silently undo
   (pytest-xdist #1386), so the workers write their groups to a folder the scheduler here reads.
@@ -82,31 +83,64 @@ def _is_worker(config) -> bool:
     return hasattr(config, "workerinput")
 
 
+# DeepSpeed compiles its CPU communication op (deepspeed_shm_comm) on first use, under torch's file lock in
+# TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions by default, shared by every checkout and venv of the user). Two venvs
+# there rebuild it in turn (their source paths differ; a build takes 1-4 minutes on 2 busy cores), and a build killed
+# midway (a test's time limit, a stopped run) leaves the lock behind: every later job's policy ranks then wait for it
+# forever. So the suite's jobs use a folder of this checkout's own, the op is built there before the tests start, and
+# a lock older than any build is removed first.
+EXTENSIONS = os.path.join(ROOT, ".cache", "torch_extensions")
+STALE_LOCK_S = 15 * 60
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS)  # inherited by the workers and every job they start
+    _make_groups_folder(config)
+
+
+def _stale_locks() -> None:
+    """Remove the locks of builds in this checkout's extensions folder that no build can still be holding."""
+    folder = os.environ["TORCH_EXTENSIONS_DIR"]
+    if os.path.realpath(folder) != os.path.realpath(EXTENSIONS) or not os.path.isdir(folder):
+        return  # a folder the user chose: not ours to clean
+    for root, _, files in os.walk(folder):
+        if "lock" in files and time.time() - os.path.getmtime(os.path.join(root, "lock")) > STALE_LOCK_S:
+            os.remove(os.path.join(root, "lock"))
+            print(f"\nremoved a stale build lock (a build killed midway): {os.path.join(root, 'lock')}",
+                  file=sys.stderr)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
-    """Build the embedded models before the tests (and before xdist starts its workers), each in a process of its
-    own, side by side."""
+    """Build the embedded models and DeepSpeed's CPU op before the tests (and before xdist starts its workers), each
+    in a process of its own, side by side. The op only where the run may start a job (not for -m "not slow") on a
+    machine without a GPU (the op is DeepSpeed's CPU accelerator's)."""
     config = session.config
     if _is_worker(config) or config.option.collectonly:
         return
     from tgrpo.tiny import SEARCH_NAME, TINY_NAME
 
+    _stale_locks()
     cache = os.path.join(ROOT, ".cache")
-    missing = [(model, name) for model, name in (("tiny", TINY_NAME), ("tiny-search", SEARCH_NAME))
-               if not os.path.isfile(os.path.join(cache, name, "done"))]
-    if not missing:
+    model = "import sys; from tgrpo.tiny import ensure_model; ensure_model(sys.argv[1], sys.argv[2])"
+    builds = {name: [sys.executable, "-c", model, cache, which]
+              for which, name in (("tiny", TINY_NAME), ("tiny-search", SEARCH_NAME))
+              if not os.path.isfile(os.path.join(cache, name, "done"))}
+    op = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm")
+    if ("not slow" not in (config.option.markexpr or "") and shutil.which("nvidia-smi") is None
+            and not any(name.endswith(".so") for name in (os.listdir(op) if os.path.isdir(op) else []))):
+        builds["DeepSpeed's deepspeed_shm_comm op"] = [
+            sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"]
+    if not builds:
         return
     started = time.time()
-    code = "import sys; from tgrpo.tiny import ensure_model; ensure_model(sys.argv[1], sys.argv[2])"
-    builds = [subprocess.Popen([sys.executable, "-c", code, cache, model], cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for model, _ in missing]
-    for (model, name), build in zip(missing, builds):
-        out, _ = build.communicate()
-        if build.returncode != 0:  # the tests that need it build it again and fail with the cause
-            print(f"\nbuilding the embedded model {name} failed:\n{out[-3000:]}", file=sys.stderr)
-    print(f"\nbuilt the embedded models {', '.join(name for _, name in missing)} in {time.time() - started:.0f} s",
-          file=sys.stderr)
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for name, cmd in builds.items()}
+    for name, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode != 0:  # the tests that need it build it again and fail with the cause
+            print(f"\nbuilding {name} failed:\n{out[-3000:]}", file=sys.stderr)
+    print(f"\nbuilt {', '.join(procs)} in {time.time() - started:.0f} s", file=sys.stderr)
 
 
 def _group(item) -> str | None:
@@ -145,7 +179,7 @@ def pytest_collection_modifyitems(config, items):
 GROUPS_ENV = "TGRPO_XDIST_GROUPS"
 
 
-def pytest_configure(config):
+def _make_groups_folder(config):
     """The controller of a -n run: a folder for the workers' groups, named in the environment they inherit."""
     if _is_worker(config) or not config.getoption("numprocesses", None):
         return

@@ -232,9 +232,18 @@ class Config:
     overwrite_output_dir: bool = _f(False, "Start over in an output_dir that holds a previous run: its metrics, "
                                            "samples, tensorboard events and checkpoints are deleted. Without it "
                                            "such a run stops (use --resume auto to continue it).")
-    hang_report_s: float = _f(600.0, "When a rank is silent or one phase of a step lasts longer than this, rank 0 "
-                                     "writes output_dir/logs/hang-report.txt (where every rank is, and their Python "
-                                     "stacks) and names the ranks in one line; 0 turns the watchdog off.")
+    hang_report_s: float = _f(120.0, "When a rank is silent (no heartbeat) or one phase of a step lasts longer than "
+                                     "this, rank 0 writes output_dir/logs/hang-report.txt (where every rank is, and "
+                                     "their Python stacks) and names the ranks in one line; at most 0.8 x "
+                                     "dist_timeout_s, so that a frozen rank is named before a collective times out; "
+                                     "0 turns the watchdog off.")
+    startup_report_s: float = _f(300.0, "A rank still starting (loading the model, building DeepSpeed's ops, starting "
+                                        "its engine, loading a checkpoint) after this many seconds is named in one "
+                                        "line with what it is doing, its stacks in output_dir/logs (at most 0.8 x "
+                                        "dist_timeout_s); 0: never.")
+    max_nonfinite_in_a_row: int = _f(3, "An update whose loss or gradient norm is NaN or inf is skipped (the weights "
+                                        "stay as they were; counted in nonfinite_updates) and said in one line; this "
+                                        "many steps in a row with one stop the run, unsaved (1: stop at the first).")
     report_to: list[str] = _f(["tensorboard"], "Where scalars go besides metrics.jsonl (TRL's option): tensorboard "
                               "(output_dir/tensorboard), wandb (the same scalars and a table of the logged samples "
                               "each step; WANDB_MODE=offline writes output_dir/wandb without network; needs the "
@@ -326,6 +335,9 @@ class Config:
                                            f"{self.save_total_limit}")
         _check(self.hang_report_s >= 0, f"hang_report_s must be >= 0 (0 turns the watchdog off), got "
                                         f"{self.hang_report_s}")
+        _check(self.startup_report_s >= 0, f"startup_report_s must be >= 0 (0: never), got {self.startup_report_s}")
+        _check(self.max_nonfinite_in_a_row >= 1, f"max_nonfinite_in_a_row must be >= 1 (1: stop at the first NaN/inf "
+                                                 f"update), got {self.max_nonfinite_in_a_row}")
         _check(not (self.resume and self.overwrite_output_dir),
                "resume and overwrite_output_dir contradict each other: continue the run or start it over, not both")
         if self.retriever_url:

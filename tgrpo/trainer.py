@@ -104,8 +104,11 @@ def connect(cfg: Config, placement: Placement, rank: int) -> Connection:
     t_start = time.perf_counter()
     backend = rank_life.pick_backend(cfg.backend)
     rank_life.init(backend, cfg.dist_timeout_s)
+    # reported before a collective's timeout could end the job unnamed
+    cap = 0.8 * cfg.dist_timeout_s
     watch = (Watchdog(rank_life.default_store(), rank, placement.world_size, placement.role_name(rank),
-                      os.path.join(cfg.output_dir, "logs"), cfg.hang_report_s, nccl_trace=rank_life.nccl_trace)
+                      os.path.join(cfg.output_dir, "logs"), min(cfg.hang_report_s, cap), nccl_trace=rank_life.nccl_trace,
+                      startup_after_s=min(cfg.startup_report_s, cap))
              if cfg.hang_report_s > 0 else None)
     return Connection(backend, build_groups(placement, backend, cfg.dist_timeout_s), watch, t_start)
 
@@ -115,6 +118,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
     engines, ZeRO-3 models, the weight plans, and a resumed run's checkpoint."""
     connection = connection or connect(cfg, placement, rank)
     groups, watch, t_start = connection.groups, connection.watchdog, connection.started
+    starting = (lambda what: watch.at(0, f"start-up: {what}")) if watch is not None else (lambda what: None)
     model_dir = checks.model_dir(cfg)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype_name, dtype = dtypes(cfg)
@@ -124,6 +128,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         checkpoint.clear_previous_run(cfg.output_dir)  # before the gather below, after which ranks write there
     # Pre-flight: engine ranks read and check the data before any engine starts; every rank learns the verdict.
     worker, problem = None, None
+    starting("reading and checking the data")
     if rank in placement.engine_ranks:
         try:
             worker = RolloutWorker(cfg, placement, rank, model_dir)
@@ -152,17 +157,20 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
     if worker is not None and worker.dropped:
         console.warn_once(f"[rank {rank} rollout] dropped {worker.dropped} prompts longer than max_prompt_length")
     if worker is not None:  # first: colocated on a GPU, vLLM sizes its KV cache from the memory it finds free
+        starting("starting its vLLM engine")
         worker.start_engine(dtype_name)
     policy = reference = critic = None
     if POLICY in roles:
         from tgrpo.policy import PolicyWorker
 
         rank_life.make_default_group(groups.policy)
+        starting("loading the policy into DeepSpeed (and building DeepSpeed's ops)")
         policy = PolicyWorker(cfg, placement, groups, rank, model_dir, device, dtype)
     elif REFERENCE in roles:
         from tgrpo.policy import ReferenceWorker
 
         rank_life.make_default_group(groups.reference)
+        starting("loading the reference into DeepSpeed")
         reference = ReferenceWorker(cfg, placement, rank, model_dir, device, dtype)
     elif CRITIC in roles:
         rank_life.make_default_group(groups.critic)
@@ -170,12 +178,14 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         from tgrpo.critic import CriticWorker
 
         holders = placement.critic or placement.policy
+        starting("loading the critic into DeepSpeed")
         critic = CriticWorker(cfg, holders, groups.critic or groups.policy, rank, checks.critic_dir(cfg), device,
                               dtype, placement.zero_stage)
 
     # The gather plan (checkpoints, colocated and sync_mode gather) and, for sync_mode partitions, the shard plan:
     # zero-copy when every policy rank's shards sit at the same offsets of DeepSpeed's flat buffer.
     split_partitions = not placement.colocated and placement.sync_mode == "partitions"
+    starting("waiting for every rank's models and engines")
     layouts = rank_life.gather_objects(sync.shard_layout(policy.model) if policy is not None and split_partitions
                                        else None, groups.data)
     policy_layouts = [layouts[r] for r in placement.policy]
@@ -199,6 +209,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
                    ", the critic beside it" if cfg.advantage_estimator == "gae" else "")
                 + (", colocated" if placement.colocated else ""))
     if resume is not None:
+        starting(f"loading the checkpoint {resume}")
         job.start_step = checkpoint.load(job, resume)
         sync_weights(job)  # the engines started from the base model
         log.message(f"resumed from {resume} (step {job.start_step})")

@@ -7,6 +7,9 @@ rank 0 writes one report, `output_dir/logs/hang-report.txt` (every rank: step, p
 asks every rank still alive to write its Python stacks next to it (`stacks-rankR.txt`) and, on GPUs, NCCL's flight
 recorder (`nccl-trace-rankR`: the last collectives of every NCCL group, those still waiting among them), and prints
 one line naming the ranks that have not arrived. Long before `dist_timeout_s` ends the job, the report says where it waits.
+Start-up is covered too: each rank names what it is starting ("start-up: ..."), and one still in such a phase after
+`startup_report_s` is named with its stacks. Each silent rank is named once (the ranks then stuck waiting for it are
+not news).
 """
 from __future__ import annotations
 
@@ -26,15 +29,17 @@ _DUMP = "tgrpo/dump-stacks"
 
 class Watchdog:
     def __init__(self, store, rank: int, world_size: int, role: str, log_dir: str, report_after_s: float,
-                 nccl_trace=None):
-        """nccl_trace() -> bytes | None: this rank's NCCL flight recorder, written beside the stacks."""
+                 nccl_trace=None, startup_after_s: float = 0.0):
+        """nccl_trace() -> bytes | None: this rank's NCCL flight recorder, written beside the stacks.
+        startup_after_s: a rank in a start-up phase ("start-up: ...") longer than this is named (0: never)."""
         self.store, self.rank, self.world_size, self.role = store, rank, world_size, role
         self.nccl_trace = nccl_trace
-        self.log_dir, self.report_after_s = log_dir, report_after_s
+        self.log_dir, self.report_after_s, self.startup_after_s = log_dir, report_after_s, startup_after_s
         self.step, self.phase, self.since = 0, "start-up", time.time()
         self.started = self.since
-        self.reported: tuple = ()  # the (silent, stalled) ranks last reported: each new situation once
-        self._dumped = False
+        self.named_silent: set[int] = set()  # every silent rank is named once, however long it stays silent
+        self.reported_stalled: list[int] = []  # the stalled ranks last reported: each new situation once
+        self._dumped = 0  # the last stack-dump request this rank answered (each report asks anew)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tgrpo-watchdog", daemon=True)
         self._thread.start()
@@ -53,8 +58,9 @@ class Watchdog:
                 self.store.set(_PREFIX + str(self.rank), json.dumps(
                     {"t": time.time(), "step": self.step, "phase": self.phase, "since": self.since,
                      "role": self.role, "host": host, "pid": pid}))
-                if not self._dumped and self.store.check([_DUMP]):
-                    self._dumped = True
+                asked = int(self.store.get(_DUMP)) if self.store.check([_DUMP]) else 0
+                if asked != self._dumped:
+                    self._dumped = asked
                     os.makedirs(self.log_dir, exist_ok=True)
                     with open(os.path.join(self.log_dir, f"stacks-rank{self.rank}.txt"), "w") as f:
                         faulthandler.dump_traceback(file=f, all_threads=True)
@@ -67,6 +73,11 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending, nothing left to watch
                 return
 
+    def _stalled(self, beat: dict, now: float) -> bool:
+        if beat["phase"].startswith("start-up"):
+            return self.startup_after_s > 0 and now - beat["since"] > self.startup_after_s
+        return now - beat["since"] > self.report_after_s
+
     def _check(self) -> None:
         now = time.time()
         beats = {}
@@ -77,13 +88,18 @@ class Watchdog:
         late = max(self.report_after_s, 3 * HEARTBEAT_S)
         silent = sorted(r for r in range(self.world_size) if (now - self.started > late) if r not in beats
                         or now - beats[r]["t"] > late)
-        # start-up (model downloads, engine compilation) may take long; a rank that never joins fails the job anyway
-        stalled = sorted(r for r, b in beats.items() if r not in silent and b["phase"] != "start-up"
-                         and now - b["since"] > self.report_after_s)
-        if (not silent and not stalled) or (self.rank == 1 and 0 not in silent) or (silent, stalled) == self.reported:
+        stalled = sorted(r for r, b in beats.items() if r not in silent and self._stalled(b, now))
+        if self.rank == 1 and 0 not in silent:
+            return  # rank 1 speaks only for a silent rank 0
+        if silent:
+            # the ranks waiting for a silent one stall in their collectives: a consequence, not news
+            if set(silent) <= self.named_silent:
+                return
+            self.named_silent |= set(silent)
+        elif not stalled or stalled == self.reported_stalled:
             return
-        self.reported = (silent, stalled)
-        self.store.set(_DUMP, "1")
+        self.reported_stalled = stalled
+        self.store.add(_DUMP, 1)
         os.makedirs(self.log_dir, exist_ok=True)
         path = os.path.join(self.log_dir, "hang-report.txt")
         with open(path, "w") as f:
@@ -99,10 +115,15 @@ class Watchdog:
             f.write("Python stacks of the ranks still running: stacks-rankR.txt beside this file; on GPUs, NCCL's flight "
                     "recorder of each rank: nccl-trace-rankR (python -m torch.distributed.flight_recorder.fr_trace "
                     f"{self.log_dir} --prefix nccl-trace-rank)\n")
+        starting = [r for r in stalled if beats[r]["phase"].startswith("start-up")]
         if silent:
             who = ", ".join(_describe(r, beats.get(r)) for r in silent)
             line = (f"error: no heartbeat for over {self.report_after_s:g} s from {who}: frozen or gone; where every "
                     f"rank waits: {path}")
+        elif starting and len(starting) == len(stalled):
+            who = ", ".join(_describe(r, beats[r]) for r in starting)
+            line = (f"warning: {who} still starting after {self.startup_after_s:g} s (startup_report_s); its Python "
+                    f"stacks: {self.log_dir}/stacks-rankR.txt, every rank: {path}")
         else:
             who = ", ".join(_describe(r, beats[r]) for r in stalled)
             line = f"warning: {who} in one phase for over {self.report_after_s:g} s; where every rank waits: {path}"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tgrpo import checkpoint, checks, console, rank_life, sync
+from tgrpo import build_locks, checkpoint, checks, console, rank_life, sync
 from tgrpo.buckets import ShardPlan
 from tgrpo.config import Config, load_config
 from tgrpo.errors import ConfigError, JobError
@@ -36,7 +36,7 @@ from tgrpo.metrics import Metrics, step_metrics
 from tgrpo.algorithm import KLController
 from tgrpo.placement import CRITIC, POLICY, REFERENCE, Groups, Placement, build_groups
 from tgrpo.rollout import RolloutWorker, assign_advantages, assign_gae, kl_into_rewards, mean_token_kl
-from tgrpo.watchdog import Watchdog
+from tgrpo.watchdog import Watchdog, limits as watchdog_limits
 
 
 BF16_MEAN_ATOL = 0.05  # sync check in bfloat16: largest mean |logprob difference| per token
@@ -104,11 +104,10 @@ def connect(cfg: Config, placement: Placement, rank: int) -> Connection:
     t_start = time.perf_counter()
     backend = rank_life.pick_backend(cfg.backend)
     rank_life.init(backend, cfg.dist_timeout_s)
-    # reported before a collective's timeout could end the job unnamed
-    cap = 0.8 * cfg.dist_timeout_s
+    hang_s, startup_s = watchdog_limits(cfg.hang_report_s, cfg.startup_report_s, cfg.dist_timeout_s)
     watch = (Watchdog(rank_life.default_store(), rank, placement.world_size, placement.role_name(rank),
-                      os.path.join(cfg.output_dir, "logs"), min(cfg.hang_report_s, cap), nccl_trace=rank_life.nccl_trace,
-                      startup_after_s=min(cfg.startup_report_s, cap))
+                      os.path.join(cfg.output_dir, "logs"), hang_s, nccl_trace=rank_life.nccl_trace,
+                      startup_after_s=startup_s)
              if cfg.hang_report_s > 0 else None)
     return Connection(backend, build_groups(placement, backend, cfg.dist_timeout_s), watch, t_start)
 
@@ -160,11 +159,13 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         starting("starting its vLLM engine")
         worker.start_engine(dtype_name)
     policy = reference = critic = None
+    if roles & {POLICY, REFERENCE, CRITIC}:  # DeepSpeed may build its ops: a killed build's lock would stall it
+        build_locks.wait_for_build_locks(lambda line: console.warn_once(f"[rank {rank}] {line}"), starting)
     if POLICY in roles:
         from tgrpo.policy import PolicyWorker
 
         rank_life.make_default_group(groups.policy)
-        starting("loading the policy into DeepSpeed (and building DeepSpeed's ops)")
+        starting("loading the policy into DeepSpeed, which may build its ops")
         policy = PolicyWorker(cfg, placement, groups, rank, model_dir, device, dtype)
     elif REFERENCE in roles:
         from tgrpo.policy import ReferenceWorker

@@ -27,6 +27,13 @@ _PREFIX = "tgrpo/heartbeat/"
 _DUMP = "tgrpo/dump-stacks"
 
 
+def limits(hang_report_s: float, startup_report_s: float, dist_timeout_s: float) -> tuple[float, float]:
+    """The seconds after which a silent or stalled rank, and a rank still starting, are reported: as configured, but
+    at most 0.8 x dist_timeout_s, so that the report comes before a collective's timeout ends the job unnamed."""
+    cap = 0.8 * dist_timeout_s
+    return min(hang_report_s, cap), min(startup_report_s, cap)
+
+
 class Watchdog:
     def __init__(self, store, rank: int, world_size: int, role: str, log_dir: str, report_after_s: float,
                  nccl_trace=None, startup_after_s: float = 0.0):

@@ -87,13 +87,14 @@ class CriticWorker:
                           for indices, w in zip(mini[self.index], weights)])
         self.engine.train()
         sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
+        skipped = 0  # updates whose loss or gradient norm was NaN/inf, as the policy counts them
         for iteration in range(cfg.num_iterations):
             for mini in micro:
                 for mb in mini:
                     v = values_at_targets(self.engine, mb)
                     per_token, clipped = algorithm.value_loss(v, mb.old_values, mb.returns, cfg.value_clip)
                     share = (per_token * mb.loss_weight).sum()
-                    self.engine.backward(share * self.ranks, scale_wrt_gas=False)
+                    deepspeed_engine.backward(self.engine, share * self.ranks)
                     if iteration == 0:
                         with torch.no_grad():
                             m, err = mb.loss_mask, (mb.returns - mb.old_values)
@@ -101,7 +102,7 @@ class CriticWorker:
                                                  (mb.old_values * m).sum(), (mb.returns * m).sum(),
                                                  (mb.returns ** 2 * m).sum(), (err * m).sum(),
                                                  (err ** 2 * m).sum()]).double()
-                self.engine.step()
+                skipped += not deepspeed_engine.step(self.engine)
         dist.all_reduce(sums, group=self.group)
         r = dict(zip(STATS, sums.tolist()))
         n = max(r["tokens"], 1.0)
@@ -112,6 +113,7 @@ class CriticWorker:
                 "critic/returns_std": max(var_returns, 0.0) ** 0.5,
                 "critic/explained_variance": 1.0 - var_errors / var_returns if var_returns > 0 else 0.0,
                 "critic/grad_norm": deepspeed_engine.grad_norm(self.engine), "critic/lr": lr,
+                "critic/nonfinite_updates": float(skipped), "critic/nonfinite_step": float(skipped > 0),
                 "critic/train_s": time.perf_counter() - t0}
 
 

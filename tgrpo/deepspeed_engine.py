@@ -2,6 +2,9 @@
 
 The policy (and, with beta > 0, the frozen reference) are ZeRO-3 engines over the policy group, which each policy
 rank has made its default group before calling in here (see distributed.make_default_group).
+
+Updates are guarded (`backward`, `step`): one whose loss or gradient norm is NaN/inf is skipped on every rank alike,
+the weights and the optimizer state left as they were.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def load_config(path: str, cfg, *, zero_stage: int, bf16: bool, dp_size: int, hi
     ds.setdefault("bf16", {})
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = bf16
+    # ZeRO-1/2 in bfloat16 skip an update whose gradient norm is NaN/inf only with this on; step() relies on it
+    ds["bf16"]["check_grad_overflow"] = True
     zero = ds.setdefault("zero_optimization", {})
     stage = zero_stage if trainable else (3 if zero_stage == 3 else 0)  # a frozen model has no optimizer
     if zero.get("stage", "auto") not in ("auto", zero_stage):
@@ -166,6 +171,40 @@ def load_state(engine, path: str) -> None:
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"no DeepSpeed state in {path}")
+
+
+def backward(engine, loss: torch.Tensor) -> None:
+    """Add this micro-batch's gradients (DeepSpeed's accumulation is ours: no scaling by its accumulation steps). A
+    non-finite loss is backed as NaN, so that every gradient it reaches is NaN and `step` skips the update: its
+    graph alone could hand back finite gradients (a clamp or a mask passes zero where the forward held a NaN). The
+    guard is a device op, so the host does not wait on it."""
+    guard = torch.where(torch.isfinite(loss), 1.0, float("nan")).to(loss.dtype)
+    engine.backward(loss * guard, scale_wrt_gas=False)
+
+
+def step(engine) -> bool:
+    """The optimizer step of the gradients added since the last one; False when it was skipped because the gradient
+    norm was NaN/inf (the gradients dropped, the weights, the optimizer state and the learning-rate schedule left as
+    they were). Every rank of the engine's group gets the same answer.
+
+    DeepSpeed's ZeRO optimizers and its bfloat16/fp16 wrappers check the norm themselves, over the group, and skip
+    such an update (the wrapper's `overflow`); engine.was_step_applied() is then False (with unmanaged accumulation
+    every step() is a boundary, so the verdict is this call's). Our plain AdamW without ZeRO (stage 0 in float32)
+    has no such check: DeepSpeed would apply a NaN gradient, so the gradients are checked here first, on every rank
+    (at stage 0 they are reduced only inside step()), and the update is skipped as DeepSpeed would skip it."""
+    if hasattr(engine.optimizer, "overflow"):
+        engine.step()
+        return engine.was_step_applied()
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    bad = ((~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float() if grads else
+           torch.zeros((), device=next(engine.module.parameters()).device))
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=engine.data_parallel_group)
+    if bad.item() == 0:
+        engine.step()
+        return True
+    engine.zero_grad()
+    engine.skipped_steps += 1  # DeepSpeed's own count of skipped updates, saved in its checkpoints
+    return False
 
 
 def learning_rate(engine) -> float:

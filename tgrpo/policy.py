@@ -149,7 +149,9 @@ class PolicyWorker:
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """num_iterations passes over the step's batch (every rank has all of it and trains on its planned share),
-        one optimizer step per mini-batch; metrics are reduced over every policy rank."""
+        one optimizer step per mini-batch; metrics are reduced over every policy rank. An update whose loss or
+        gradient norm is NaN/inf is skipped (deepspeed_engine.step), counted in nonfinite_updates; nonfinite_step
+        says whether the step had one (the trainer stops the run after max_nonfinite_in_a_row such steps)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         lr = deepspeed_engine.learning_rate(self.engine)  # what this step's first update uses
@@ -165,6 +167,7 @@ class PolicyWorker:
         maxima = torch.zeros(2, dtype=torch.float64, device=self.device)
         later = torch.tensor([1.0] * EVERY_PASS + [0.0] * (len(STATS) - EVERY_PASS), dtype=torch.float64,
                              device=self.device)
+        skipped = 0  # updates whose loss or gradient norm was NaN/inf: the same count on every policy rank
         for iteration in range(cfg.num_iterations):
             for mini in micro:
                 for mb in mini:
@@ -172,7 +175,7 @@ class PolicyWorker:
                     sums += stats if iteration == 0 else stats * later
                     if iteration == 0:
                         maxima = torch.maximum(maxima, peaks)
-                self.engine.step()
+                skipped += not deepspeed_engine.step(self.engine)
         dist.all_reduce(sums, group=self.groups.policy)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.groups.policy)
         r = dict(zip(STATS, sums.tolist()))
@@ -192,12 +195,13 @@ class PolicyWorker:
                 "micro_batches": float(sum(len(mini) for mini in micro)),
                 "mismatch/logprob_abs_diff_mean": r["abs_diff"] / tokens, "mismatch/logprob_abs_diff_max": max_diff,
                 "mismatch/kl": r["mismatch_kl"] / tokens, "mismatch/max_ratio": max_ratio,
+                "nonfinite_updates": float(skipped), "nonfinite_step": float(skipped > 0),
                 "train_s": train_s, "train_tokens_per_s": r["tokens"] / train_s}
 
     def _micro_step(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         share, sums, peaks = micro_loss(self.engine, mb, self.cfg)
         # DeepSpeed averages gradients over the policy ranks; the shares already sum to the mini-batch's loss
-        self.engine.backward(share * self.dp_size, scale_wrt_gas=False)
+        deepspeed_engine.backward(self.engine, share * self.dp_size)
         return sums, peaks
 
     @torch.no_grad()

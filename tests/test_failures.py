@@ -2,6 +2,7 @@
 and leaves no process behind."""
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -77,8 +78,9 @@ def test_root_cause_names_the_killed_rank_not_torchruns_sigterm_or_the_survivors
 def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
     """SIGSTOP of a policy rank mid-run under launch/node.sh: within hang_report_s + 30 s rank 0 prints one line
     naming the frozen rank and writes a report of where every rank is, with the Python stacks of those still
-    running; long before dist_timeout_s would end the job. Then Ctrl-C, as its user would: node.sh ends, and no
-    process of the job and nothing in /dev/shm is left."""
+    running; long before dist_timeout_s would end the job. Then Ctrl-C, as its user would: node.sh ends with status
+    130 and one line saying so (not a rank's KeyboardInterrupt), and no process of the job and nothing in /dev/shm
+    is left."""
     out = tmp_path / "out"
     cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--max_steps", "200", "--prompts_per_step", "8",
            "--micro_batch_size", "8", "--hang_report_s", "15", "--dist_timeout_s", "600", "--output_dir", str(out)]
@@ -108,7 +110,10 @@ def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
         assert (out / "logs" / "stacks-rank0.txt").exists() and (out / "logs" / "stacks-rank1.txt").exists()
         os.kill(victim, signal.SIGCONT)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in node.sh's terminal
-        assert finish(proc, 120).returncode != 0
+        assert finish(proc, 120).returncode == 130  # the shell's status for SIGINT (it was 1)
+        console = log.read_text()
+        assert "interrupted (Ctrl-C/SIGINT): the job was stopped, not failed" in console, console[-3000:]
+        assert "KeyboardInterrupt" not in console and "Traceback" not in console, console[-3000:]
         deadline = time.time() + 30
         while alive(everything) and time.time() < deadline:
             time.sleep(1)
@@ -123,4 +128,57 @@ def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
                 pass
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_build_locks_at_start_up_are_named_waited_for_or_removed(tmp_path):
+    """Issue 25: a policy rank killed while DeepSpeed built its op left torch's build lock, and every later job waited
+    at start-up, silently, until its collectives timed out. Under plain torchrun, with a copy of the suite's extensions
+    folder: a lock no process holds (a killed build's) is removed in one line; the op's lock, held open by a live
+    process (a build in progress), is waited for with its holder named, and past startup_report_s the watchdog names
+    the rank and what it waits for, its stacks written; when the holder dies without removing the lock, the lock is
+    removed and the job goes on to the end."""
+    import shutil
+
+    ext = tmp_path / "ext"
+    shutil.copytree(os.environ["TORCH_EXTENSIONS_DIR"], ext, symlinks=True)  # the built op, timestamps kept
+    (ext / "cpu_adam").mkdir()
+    (ext / "cpu_adam" / "lock").write_text("")  # a killed build's
+    held = ext / "deepspeed_shm_comm" / "lock"
+    held.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "time.sleep(900)", str(held)])
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
+                  str(free_port()), "train_grpo.py", "--max_steps", "1", "--prompts_per_step", "4",
+                  "--micro_batch_size", "8", "--startup_report_s", "8", "--output_dir", str(out)],
+                 env={"TORCH_EXTENSIONS_DIR": str(ext)}, log=str(log))
+    try:
+        deadline = time.time() + 300
+        while "still starting after 8 s" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        console = log.read_text()
+        assert f"removed a stale build lock that no process holds (a build of cpu_adam stopped midway)" in console
+        assert not (ext / "cpu_adam" / "lock").exists()
+        waiting = [line for line in console.splitlines() if "waiting for the build of deepspeed_shm_comm" in line]
+        assert len(waiting) == 2 and all(f"pid {holder.pid}" in line for line in waiting), console[-3000:]  # 2 ranks
+        named = [line for line in console.splitlines() if "still starting after 8 s" in line]
+        assert len(named) == 1 and "rank 1 (policy" in named[0] and "rank 2 (policy" in named[0], named
+        assert f"start-up: waiting for a build lock held by pid {holder.pid}" in named[0]
+        deadline = time.time() + 10
+        while not (out / "logs" / "stacks-rank1.txt").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert "wait_for_build_locks" in (out / "logs" / "stacks-rank1.txt").read_text()
+        holder.kill()  # dies without removing the lock, as a killed build does
+        result = finish(proc, 300)
+        console = log.read_text()
+        assert result.returncode == 0 and "done: 1 steps" in console, console[-3000:]
+        assert "removed a stale build lock that no process holds (a build of deepspeed_shm_comm" in console
+    finally:
+        holder.kill()
+        holder.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

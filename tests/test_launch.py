@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -320,38 +321,65 @@ def test_sbatch_preemption_warning_asks_the_job_to_save_and_requeues_it(tmp_path
 
 
 @pytest.mark.slow
-def test_a_preemption_request_saves_at_the_step_end_and_the_next_run_resumes(tmp_path):
-    """The trainer under node.sh: when TGRPO_PREEMPT_FILE appears, the job saves at the end of its step, stops,
-    and node.sh exits with status 3 (to be requeued, not restarted); the same command with --resume auto then
-    continues from that step to the end."""
-    out, request = tmp_path / "out", tmp_path / "preempt-request"
+def test_node_sh_signals_save_or_stop_the_job_as_meant_and_the_run_resumes(tmp_path):
+    """Signals to node.sh as its user means them. SIGUSR1 to node.sh's whole process group (`kill -USR1 -PGID`, a
+    scheduler's warning) asks the job to save at the end of its step and stop: exit status 3 (to be requeued, not
+    restarted), torchrun and its ranks unharmed (it used to kill torchrun and orphan them). SIGTERM to node.sh alone
+    (`kill PID`, which it used to ignore) stops the job now: exit 143 and one line, no traceback on the console.
+    Neither leaves a process or a /dev/shm file, and the failed run's node log is kept beside the next one's; the same
+    command with --resume auto then continues from the saved step to the end."""
+    out = tmp_path / "out"
+    log = out / "logs" / "node0.log"
     cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--max_steps", "8", "--prompts_per_step", "8",
            "--micro_batch_size", "8", "--save_steps", "0", "--output_dir", str(out)]
-    env = {**PYTHON, "MASTER_PORT": str(free_port()), "TGRPO_PREEMPT_FILE": str(request)}
+    env = {**PYTHON, "MASTER_PORT": str(free_port())}
+    env.pop("TGRPO_PREEMPT_FILE", None)
     shm_before = shm()
+
+    def steps() -> int:
+        return len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+
+    def wait_for_step(proc, n: int, console: str) -> None:
+        deadline = time.time() + 600
+        while steps() < n:
+            assert proc.poll() is None and time.time() < deadline, open(console).read()[-3000:]
+            time.sleep(0.5)
+
     proc = start(cmd, env=env, log=str(tmp_path / "first.out"))
     with JobWatch(proc) as watch:
-        deadline = time.time() + 600
-        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
-            assert proc.poll() is None and time.time() < deadline, open(tmp_path / "first.out").read()[-3000:]
-            time.sleep(0.5)
+        wait_for_step(proc, 2, tmp_path / "first.out")
         everything = watch.sample() - {proc.pid}
-        request.touch()
+        os.killpg(proc.pid, signal.SIGUSR1)
         first = finish(proc, 300)
     console = open(tmp_path / "first.out").read()
     assert first.returncode == 3, console[-3000:]
     _assert_nothing_left(everything, shm_before, watch)
-    stopped = len((out / "metrics.jsonl").read_text().splitlines())
+    stopped = steps()
     assert 2 <= stopped < 8 and f"preempted: stopped after step {stopped}" in console, console[-3000:]
     assert checkpoint.find_latest(str(out)).endswith(f"step-{stopped}")
-    request.unlink()
+    first_log = log.read_text()
+
+    proc = start([*cmd, "--resume", "auto"], env={**env, "MASTER_PORT": str(free_port())},
+                 log=str(tmp_path / "second.out"))
+    with JobWatch(proc) as watch:
+        wait_for_step(proc, stopped + 1, tmp_path / "second.out")
+        everything = watch.sample() - {proc.pid}
+        os.kill(proc.pid, signal.SIGTERM)
+        second = finish(proc, 120)
+    console = open(tmp_path / "second.out").read()
+    assert second.returncode == 143, console[-3000:]
+    assert f"(step {stopped})" in console and "stopped by SIGTERM" in console, console[-3000:]
+    assert "Traceback" not in console and "SignalException" not in console, console[-3000:]
+    _assert_nothing_left(everything, shm_before, watch)
+    assert (out / "logs" / "node0.log.1").read_text() == first_log  # the first run's log, kept
+
     proc = start([*cmd, "--resume", "auto"], env={**env, "MASTER_PORT": str(free_port())})
-    with JobWatch(proc) as second_watch:
-        second = finish(proc, 600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"(step {stopped})" in second.stdout and "done: 8 steps" in second.stdout
+    with JobWatch(proc) as third_watch:
+        third = finish(proc, 600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert f"(step {stopped})" in third.stdout and "done: 8 steps" in third.stdout
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, 9))
-    _assert_nothing_left(set(), shm_before, second_watch)
+    _assert_nothing_left(set(), shm_before, third_watch)
 
 
 def _assert_nothing_left(processes: set[int], shm_before: set[str], watch: JobWatch) -> None:

@@ -3,7 +3,8 @@ own `[rank N role] error:` lines).
 
     python -m tgrpo.failures LOG [FROM_BYTE [OOM_KILLS_BEFORE [LOWEST_AVAILABLE_KB]]]
 
-A rank killed by a signal (not torchrun's own SIGTERM to the rest) is named before the survivors whose
+A rank the watchdog named as silent (no heartbeat) is the cause: the job hung. Otherwise a rank killed by a signal
+(not torchrun's own SIGTERM to the rest) is named before the survivors whose
 collectives then failed; otherwise the first rank that reported an error of its own, else torchrun's root cause.
 A rank killed by SIGKILL is named as the kernel's OOM killer's when the evidence says so: the kernel log names its
 pid, the memory cgroup's OOM-kill count grew during the job (node.sh passes the count it started with), or the
@@ -19,6 +20,9 @@ import sys
 
 _ENTRY = re.compile(r"host\s*:\s*(?P<host>\S+)\s+rank\s*:\s*(?P<rank>\d+) \(local_rank: (?P<local>\d+)\)\s+"
                     r"exitcode\s*:\s*(?P<code>-?\d+) \(pid: (?P<pid>\d+)\)")
+# tgrpo/watchdog.py's line when a rank stops sending heartbeats
+_HANG = re.compile(r"^error: no heartbeat for over (?P<seconds>\S+) s from rank (?P<rank>\d+) \((?P<what>[^)]*)\)"
+                   r".*where every rank waits: (?P<report>\S+)$", re.MULTILINE)
 _RANK_ERROR = re.compile(r"^\[rank (?P<rank>\d+) (?P<role>[\w+]+)\] error: (?P<cause>.*)$", re.MULTILINE)
 
 
@@ -86,7 +90,19 @@ def oom_evidence(pid: str, kills_before: int | None, lowest_available_kb: int | 
 
 
 def root_cause(text: str, kills_before: int | None = None, lowest_available_kb: int | None = None) -> str | None:
+    """One line: a hang (the watchdog named a silent rank before the job ended: the collectives that then timed
+    out, and torchrun's SIGKILL of the frozen rank, are its consequences), an OOM kill, a crash (a rank killed by a
+    signal, or its own error), in that order of precedence; None when the text holds no failure."""
     entries = [m.groupdict() for m in _ENTRY.finditer(text)]
+    hang = _HANG.search(text)
+    if hang:
+        pid = re.search(r"pid (\d+)", hang["what"])
+        oom = oom_evidence(pid.group(1), kills_before, lowest_available_kb) if pid and any(
+            e["pid"] == pid.group(1) and int(e["code"]) == -signal.SIGKILL for e in entries) else None
+        if oom is None:
+            return (f"rank {hang['rank']} ({hang['what']}) hung: no heartbeat for over {hang['seconds']} s (frozen, "
+                    f"e.g. stopped or stuck in native code, or its host gone); the other ranks stopped when their "
+                    f"collectives timed out; where every rank waited: {hang['report']}")
     roles = {m["rank"]: m["role"] for m in _RANK_ERROR.finditer(text)}
     own = [m for m in _RANK_ERROR.finditer(text)]
     # torchrun stops the other ranks with SIGTERM once one fails: those are not causes

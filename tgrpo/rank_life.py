@@ -30,6 +30,8 @@ def run(make_config, body) -> None:
     from tgrpo.checks import check_job
 
     adopt_slurm_env()
+    for stop in (signal.SIGTERM, signal.SIGINT):  # torchrun passes SIGTERM and Ctrl-C on to each rank's group
+        signal.signal(stop, _stopped_by_signal)
     # token-budget micro-batches vary in size from one to the next: without expandable segments the CUDA caching
     # allocator fragments and flushes its cache (seen on H200), stalling the GPU; vLLM's engines do without it
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -74,6 +76,15 @@ def preemption_requested() -> bool:
     SIGUSR1 to this rank."""
     path = os.environ.get("TGRPO_PREEMPT_FILE")
     return _PREEMPT_SIGNAL.is_set() or bool(path and os.path.exists(path))
+
+
+def _stopped_by_signal(signum: int, _frame) -> None:
+    """SIGTERM or SIGINT: stop now, quietly (no error line, no traceback: whoever sent it knows), with the shell's
+    status for it (143, 130). torchrun sends SIGKILL 30 s later to a rank blocked in native code meanwhile; either
+    way launch/node.sh then removes what the ranks leave in /dev/shm."""
+    _drop_empty_fatal_logs()
+    sys.stdout.flush()
+    os._exit(128 + signum)
 
 
 def fail_once(rank: int, error: Exception, status: int) -> None:

@@ -95,7 +95,10 @@ class Watchdog:
         late = max(self.report_after_s, 3 * HEARTBEAT_S)
         silent = sorted(r for r in range(self.world_size) if (now - self.started > late) if r not in beats
                         or now - beats[r]["t"] > late)
-        stalled = sorted(r for r, b in beats.items() if r not in silent and self._stalled(b, now))
+        # stalled: alive (a recent heartbeat) in one phase too long; a rank whose beats stopped is not stalled but,
+        # once `late`, silent (else a frozen rank would be named twice: its phase began before its last beat)
+        stalled = sorted(r for r, b in beats.items()
+                         if r not in silent and now - b["t"] < 3 * HEARTBEAT_S and self._stalled(b, now))
         if self.rank == 1 and 0 not in silent:
             return  # rank 1 speaks only for a silent rank 0
         if silent:

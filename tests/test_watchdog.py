@@ -47,29 +47,34 @@ def _wait_for(predicate, seconds: float):
     return predicate()
 
 
-def test_a_silent_rank_is_named_once_with_every_ranks_stacks(tmp_path, store, fast_beats, capsys):
-    """Rank 2 falls silent mid-step: rank 0 names it in one line and writes the report; the ranks still running
-    write their stacks. The others then stall waiting for it, and rank 2 stays silent: no second line."""
-    dogs = [Watchdog(store, r, 3, ["rollout", "policy", "policy"][r], str(tmp_path), report_after_s=2.0)
-            for r in range(3)]
+@pytest.mark.parametrize("frozen", [2, 0])
+def test_a_silent_rank_is_named_once_with_every_ranks_stacks(tmp_path, store, fast_beats, capsys, frozen):
+    """A rank falls silent mid-step: rank 0 (rank 1 when rank 0 is the silent one) names it in one line and writes
+    the report; the ranks still running write their stacks. The others then stall waiting for it, and it stays
+    silent: no second line."""
+    roles = ["rollout", "policy", "policy"]
+    dogs = [Watchdog(store, r, 3, roles[r], str(tmp_path), report_after_s=2.0) for r in range(3)]
+    running = [r for r in range(3) if r != frozen]
     try:
-        dogs[2].at(4, "train")
+        dogs[frozen].at(4, "train")
         time.sleep(0.5)
-        dogs[2].stop()  # frozen: no more heartbeats
+        dogs[frozen].stop()  # frozen: no more heartbeats
         time.sleep(0.5)
-        for dog in dogs[:2]:
-            dog.at(4, "train")  # the others reach their next collective, where they will wait for it
+        for r in running:
+            dogs[r].at(4, "train")  # the others reach their next collective, where they will wait for it
         assert _wait_for(lambda: (tmp_path / "hang-report.txt").exists(), 10)
-        assert _wait_for(lambda: (tmp_path / "stacks-rank1.txt").exists(), 5)
-        time.sleep(3)  # ranks 0 and 1 now in "train" for over report_after_s: stalled behind the silent rank
+        assert _wait_for(lambda: all((tmp_path / f"stacks-rank{r}.txt").exists() for r in running), 5)
+        time.sleep(3)  # the others now in "train" for over report_after_s: stalled behind the silent rank
         lines = _lines(capsys)
-        assert len(lines) == 1 and lines[0].startswith("error: no heartbeat for over 2 s from rank 2 (policy"), lines
+        assert len(lines) == 1 and lines[0].startswith(
+            f"error: no heartbeat for over 2 s from rank {frozen} ({roles[frozen]}"), lines
         assert "last at step 4, train" in lines[0]
         report = (tmp_path / "hang-report.txt").read_text()
-        assert "silent ranks [2]" in report and "rank 0 rollout" in report
-        assert "test_watchdog" in (tmp_path / "stacks-rank0.txt").read_text()  # this process's threads
+        assert f"silent ranks [{frozen}]" in report and "rank 1 policy" in report
+        assert "test_watchdog" in (tmp_path / f"stacks-rank{running[0]}.txt").read_text()  # this process's threads
         # and as node.sh reads it afterwards: the hang is the cause, not the kill that ended the frozen rank
-        assert root_cause(lines[0] + "\n").startswith("rank 2 (policy on ") and " hung: " in root_cause(lines[0])
+        assert root_cause(lines[0] + "\n").startswith(f"rank {frozen} ({roles[frozen]} on ")
+        assert " hung: " in root_cause(lines[0])
     finally:
         for dog in dogs:
             dog.stop()

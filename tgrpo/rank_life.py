@@ -79,10 +79,14 @@ def preemption_requested() -> bool:
 
 
 def _stopped_by_signal(signum: int, _frame) -> None:
-    """SIGTERM or SIGINT: stop now, quietly (no error line, no traceback: whoever sent it knows), with the shell's
-    status for it (143, 130). torchrun sends SIGKILL 30 s later to a rank blocked in native code meanwhile; either
+    """SIGTERM or SIGINT: stop now, with one line from rank 0 (no error line, no traceback), and the shell's status
+    for it (143, 130). torchrun sends SIGKILL 30 s later to a rank blocked in native code meanwhile; either
     way launch/node.sh then removes what the ranks leave in /dev/shm."""
     _drop_empty_fatal_logs()
+    if env_rank() == 0:  # under plain torchrun, the one line about it (node.sh says its own)
+        name = "Ctrl-C/SIGINT" if signum == signal.SIGINT else signal.Signals(signum).name
+        console.error(f"\nstopped by {name}: steps after the newest checkpoint are not kept; continue with "
+                      "--resume auto")
     sys.stdout.flush()
     os._exit(128 + signum)
 

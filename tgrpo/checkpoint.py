@@ -19,7 +19,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from tgrpo import console, deepspeed_engine, sync
+from tgrpo import console, deepspeed_engine, rank_life, sync
 
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"  # every file of the checkpoint and its size, written before STATE
@@ -91,9 +91,8 @@ def damage(path: str, content: bool = True) -> str | None:
     return None
 
 
-def find_latest(output_dir: str) -> str | None:
-    """The newest complete and undamaged checkpoint folder, or None; a damaged newer one is skipped with a warning
-    that names the file."""
+def _candidates(output_dir: str) -> list[str]:
+    """The checkpoint folders, newest first: the one `latest` names, then by step."""
     root = checkpoints_dir(output_dir)
     candidates = []
     try:
@@ -107,7 +106,27 @@ def find_latest(output_dir: str) -> str | None:
         steps = sorted(((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))),
                        reverse=True)
         candidates += [os.path.join(root, name) for _, name in steps]
-    for path in dict.fromkeys(candidates):
+    return list(dict.fromkeys(candidates))
+
+
+def newest(output_dir: str) -> str | None:
+    """The newest complete checkpoint folder, its content unchecked (no file is read: fast enough for a failing
+    run's last line), or None."""
+    return next((path for path in _candidates(output_dir) if is_complete(path)), None)
+
+
+def nonfinite_advice(output_dir: str) -> str:
+    """What to do about NaN/inf in the weights or gradients, the end of the line that stops such a run."""
+    back = newest(output_dir)
+    return ("likely NaN/inf in the weights or the optimizer state (a damaged checkpoint or model) or a learning rate "
+            "too high; " + (f"the newest checkpoint to go back to: {back}" if back else
+                            "no checkpoint to go back to: check the model and the learning rate"))
+
+
+def find_latest(output_dir: str) -> str | None:
+    """The newest complete and undamaged checkpoint folder, or None; a damaged newer one is skipped with a warning
+    that names the file."""
+    for path in _candidates(output_dir):
         if not is_complete(path):
             continue
         problem = damage(path)
@@ -196,7 +215,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(job, step: int) -> str:
-    """Every rank calls this at the same point. The sync source (first policy rank) owns the folder."""
+    """Every rank calls this at the same point. The sync source (first policy rank) owns the folder. Weights that
+    hold NaN/inf are never saved: every rank raises JobError instead, the folder removed."""
+    from tgrpo.errors import JobError
+
     cfg, rank = job.cfg, job.rank
     final = os.path.join(checkpoints_dir(cfg.output_dir), f"step-{step}")
     tmp = final + ".tmp"
@@ -204,9 +226,17 @@ def save(job, step: int) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
     dist.barrier(group=job.groups.data)
+    nonfinite = 0
+    if job.policy is not None:  # first: the weights are checked as the HF model gathers them, before any state
+        nonfinite = export_hf(job.policy.model, job.plan, job.model_dir, tmp, is_writer=job.is_source)
+    nonfinite = rank_life.broadcast_object(nonfinite, job.groups.data, job.placement.sync_source)
+    if nonfinite:
+        if job.is_source:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise JobError(f"step {step}: the policy's weights hold {nonfinite} NaN/inf values, not saved: the run "
+                       f"stops; {nonfinite_advice(cfg.output_dir)}")
     if job.policy is not None:
         deepspeed_engine.save_state(job.policy.engine, os.path.join(tmp, "deepspeed"))
-        export_hf(job.policy.model, job.plan, job.model_dir, tmp, is_writer=job.is_source)
     if job.critic is not None:  # advantage_estimator gae: the critic's parameters and optimizer
         deepspeed_engine.save_state(job.critic.engine, os.path.join(tmp, CRITIC))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
@@ -275,21 +305,26 @@ def _prune(output_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def export_hf(model: torch.nn.Module, plan: list, model_dir: str, dest: str, is_writer: bool) -> None:
+def export_hf(model: torch.nn.Module, plan: list, model_dir: str, dest: str, is_writer: bool) -> int:
     """The policy as a Hugging Face model in dest. Every policy rank calls it (the ZeRO-3 gather is a collective);
-    the writer alone copies and writes."""
+    the writer alone copies and writes, unless the weights hold NaN/inf: it then writes nothing and returns how many
+    values are NaN/inf (counted on the gathered buckets, as they pass). Returns 0 on other ranks."""
     from huggingface_hub import save_torch_state_dict
     from transformers import AutoTokenizer
 
     state: dict[str, torch.Tensor] = {}
+    nonfinite = 0
     for bucket, flat in sync.iter_gathered_buckets(model, plan, torch.device("cpu"), fill=is_writer):
         if is_writer:
+            if flat.is_floating_point():
+                nonfinite += int(flat.numel() - torch.isfinite(flat).sum())
             for name, shape, offset, numel in bucket.params:
                 state[name] = flat[offset:offset + numel].view(shape).clone()
-    if not is_writer:
-        return
+    if not is_writer or nonfinite:
+        return nonfinite
     save_torch_state_dict(state, dest)
     model.config.save_pretrained(dest)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(dest)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
+    return 0

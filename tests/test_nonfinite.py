@@ -31,6 +31,11 @@ def world():
         try:
             yield ensure_tiny_model(os.path.join(ROOT, ".cache"))
         finally:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            # a ZeRO-3 config left alive would make every later from_pretrained of this process a ZeRO-3 load
+            deepspeed_engine._hf_ds_configs.clear()
+            unset_hf_deepspeed_config()
             dist.destroy_process_group()
 
 
@@ -91,3 +96,100 @@ def test_load_config_keeps_deepspeeds_own_bfloat16_check_on(tmp_path):
         loaded = deepspeed_engine.load_config(str(tmp_path / "ds.json"), Config(), zero_stage=stage, bf16=True,
                                               dp_size=2, hidden_size=128, trainable=True)
         assert loaded["bf16"] == {"enabled": True, "check_grad_overflow": True}
+
+
+def test_weights_holding_nan_are_never_saved(world, tmp_path):
+    """checkpoint.save counts the NaN/inf values of the weights as the HF model gathers them: none, it saves; some,
+    every rank raises JobError naming how many and the newest checkpoint, and nothing of that step is left."""
+    from types import SimpleNamespace
+
+    from tgrpo import checkpoint, sync
+    from tgrpo.errors import JobError
+
+    engine = _engine(world, 0)
+    job = SimpleNamespace(cfg=Config(output_dir=str(tmp_path)), rank=0, is_source=True,
+                          groups=SimpleNamespace(data=dist.group.WORLD), critic=None, kl=SimpleNamespace(value=0.0),
+                          placement=SimpleNamespace(sync_source=0, world_size=1, rollout=[], policy=[0],
+                                                    reference=[], critic=[], colocated=False),
+                          policy=SimpleNamespace(engine=engine, model=engine.module), model_dir=world,
+                          plan=sync.model_plan(engine.module, 1 << 20))
+    good = checkpoint.save(job, 1)
+    assert checkpoint.find_latest(str(tmp_path)) == good
+    with torch.no_grad():
+        engine.module.model.norm.weight[:5] = float("nan")
+        engine.module.lm_head.weight[0, :2] = float("inf")
+    with pytest.raises(JobError, match=r"^step 2: the policy's weights hold 7 NaN/inf values, not saved: the run "
+                                       r"stops; likely NaN/inf in the weights .* the newest checkpoint to go back "
+                                       r"to: " + good + "$"):
+        checkpoint.save(job, 2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-1"]
+
+
+def test_a_nan_step_is_said_in_one_line_and_n_in_a_row_stop_the_run(tmp_path):
+    """trainer._check_finite on the gathered metrics: a step with skipped updates is one line naming it, a clean
+    step resets the count, the Nth in a row raises JobError naming the step, the count and where to go back."""
+    from types import SimpleNamespace
+
+    from tgrpo import checkpoint
+    from tgrpo.errors import JobError
+    from tgrpo.trainer import _check_finite
+
+    lines = []
+    job = SimpleNamespace(cfg=Config(output_dir=str(tmp_path), mini_batches=2), nonfinite_in_a_row=0,
+                          log=SimpleNamespace(message=lines.append))
+    _check_finite(job, 7, {"nonfinite_updates": 1.0})
+    _check_finite(job, 8, {"nonfinite_updates": 2.0})
+    assert lines == ["step 7: the loss or gradient norm was NaN/inf: 1 of 2 updates skipped (1 in a row; "
+                     "max_nonfinite_in_a_row 3 stops the run)",
+                     "step 8: the loss or gradient norm was NaN/inf: 2 of 2 updates skipped, the weights unchanged "
+                     "(2 in a row; max_nonfinite_in_a_row 3 stops the run)"]
+    _check_finite(job, 9, {"nonfinite_updates": 0.0})
+    assert job.nonfinite_in_a_row == 0 and len(lines) == 2
+    (tmp_path / "checkpoints" / "step-5").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-5" / checkpoint.STATE).write_text("{}")
+    for step in (10, 11):
+        _check_finite(job, step, {"nonfinite_updates": 2.0})
+    with pytest.raises(JobError) as stop:
+        _check_finite(job, 12, {"nonfinite_updates": 2.0})
+    message = str(stop.value)
+    assert message.startswith("step 12: the loss or gradient norm was NaN/inf: 2 of 2 updates skipped, the weights "
+                              "unchanged; 3 steps in a row (max_nonfinite_in_a_row 3): the run stops, this step "
+                              "unsaved; likely NaN/inf in the weights"), message
+    assert "learning rate too high" in message and message.endswith(str(tmp_path / "checkpoints" / "step-5"))
+    assert "\n" not in message
+    ppo = SimpleNamespace(cfg=Config(output_dir=str(tmp_path), advantage_estimator="gae", max_nonfinite_in_a_row=1),
+                          nonfinite_in_a_row=0, log=SimpleNamespace(message=lines.append))
+    with pytest.raises(JobError, match=r"^step 2: the loss or gradient norm was NaN/inf: 1 of 1 critic updates "
+                                       r"skipped; stopped at the first \(max_nonfinite_in_a_row 1\)"):
+        _check_finite(ppo, 2, {"nonfinite_updates": 0.0, "critic/nonfinite_updates": 1.0})
+
+
+@pytest.mark.slow
+def test_a_model_holding_nan_stops_after_max_nonfinite_in_a_row_steps_unsaved(tmp_path):
+    """The defect of issue 25: NaN in the weights (there from a damaged checkpoint) made every loss NaN, DeepSpeed
+    skipped every update in silence, and the run saved the NaN weights and printed `done`. Now: one line for each of
+    the first two steps, the third stops the run (exit status 1) in one line naming the step; no `done`, no
+    checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny_model(os.path.join(ROOT, ".cache")), model)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                  str(free_port()), "train_grpo.py", "--config", "configs/default.yaml", "--model", str(model),
+                  "--rollout_ranks", "0-0", "--policy_ranks", "1-1", "--max_steps", "4", "--prompts_per_step", "4",
+                  "--num_generations", "4", "--micro_batch_size", "16", "--dist_timeout_s", "120",
+                  "--output_dir", str(out)], timeout=600)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said[-4000:]
+    ours = [line.strip() for line in said.splitlines() if "NaN/inf" in line]
+    assert [line[:line.index(":")] for line in ours] == ["step 1", "step 2", "error"], said[-4000:]
+    assert ours[2].startswith("error: step 3: the loss or gradient norm was NaN/inf: 1 of 1 updates skipped, the "
+                              "weights unchanged; 3 steps in a row (max_nonfinite_in_a_row 3): the run stops"), ours
+    assert "no checkpoint to go back to" in ours[2]
+    assert "done" not in said
+    checkpoints = out / "checkpoints"
+    assert not checkpoints.exists() or not os.listdir(checkpoints)

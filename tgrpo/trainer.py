@@ -79,6 +79,7 @@ class Job:
     start_step: int = 0  # the step a resumed run continues after
     watchdog: Watchdog | None = None
     stopped_at: int | None = None  # the step after which a preemption request stopped the run (saved there)
+    nonfinite_in_a_row: int = 0  # steps in a row with an update skipped for NaN/inf (max_nonfinite_in_a_row stops)
 
     @property
     def engine(self):
@@ -327,6 +328,7 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         train_metrics = {**shared[placement.sync_source][0], **(shared[critic_source][1] or {}), **step_stats,
                          "sync_s": max(s for _, _, s, _ in shared)}
         preempted = any(p for *_, p in shared)  # every rank decides alike, at the same step
+        _check_finite(job, step + 1, train_metrics)
         if cfg.sync_check and not train_metrics["sync_check/passed"]:
             raise JobError(f"sync check failed after step {step + 1}: vLLM's greedy tokens or logprobs differ from "
                            f"the policy's (token match {train_metrics['sync_check/token_match']:.3f}, max logprob "
@@ -360,6 +362,32 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
                     f.write(f"{done}\n")
             break
     return history
+
+
+def _check_finite(job: Job, step: int, train_metrics: dict) -> None:
+    """A step with an update skipped for a NaN/inf loss or gradient norm (the policy's or the critic's; every rank
+    has the same counts, gathered with the metrics) is said in one line by rank 0; max_nonfinite_in_a_row such steps
+    in a row stop the run on every rank alike (JobError), before the step saves anything: weights that stay NaN
+    would make every later update NaN too, and a run that only skips is not training."""
+    cfg = job.cfg
+    skipped = {"policy": int(train_metrics.get("nonfinite_updates", 0)),
+               "critic": int(train_metrics.get("critic/nonfinite_updates", 0))}
+    if not any(skipped.values()):
+        job.nonfinite_in_a_row = 0
+        return
+    job.nonfinite_in_a_row += 1
+    updates = cfg.num_iterations * cfg.mini_batches
+    models = ["policy", "critic"] if cfg.advantage_estimator == "gae" else ["policy"]
+    what = ", ".join(f"{skipped[m]} of {updates} {m + ' ' if len(models) > 1 else ''}updates" for m in models
+                     if skipped[m])
+    unchanged = ", the weights unchanged" if all(skipped[m] == updates for m in models) else ""
+    line = f"step {step}: the loss or gradient norm was NaN/inf: {what} skipped{unchanged}"
+    row, limit = job.nonfinite_in_a_row, cfg.max_nonfinite_in_a_row
+    if row >= limit:
+        raise JobError(f"{line}; {f'{row} steps in a row' if row > 1 else 'stopped at the first'} "
+                       f"(max_nonfinite_in_a_row {limit}): the run stops, this step unsaved; "
+                       + checkpoint.nonfinite_advice(cfg.output_dir))
+    job.log.message(f"{line} ({row} in a row; max_nonfinite_in_a_row {limit} stops the run)")
 
 
 def finish(job: Job) -> None:

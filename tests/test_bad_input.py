@@ -1,11 +1,12 @@
 """Bad input: one clear line naming the problem and the fix, exit status 2, before any engine starts."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
 
-from helpers import free_port, run, torchrun
+from helpers import ROOT, free_port, run, torchrun
 
 
 def _rows(tmp_path, rows) -> str:
@@ -15,6 +16,33 @@ def _rows(tmp_path, rows) -> str:
 
 
 GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"}
+
+# A model folder with one thing wrong (issue 25, point 5) -> the words of its line, under both launchers
+BAD_FILES = {
+    "no-tokenizer": "has no tokenizer (no tokenizer.json",
+    "no-chat-template": "has a tokenizer without a chat template",
+    "no-weights": "has no weights (no *.safetensors",
+    "missing-shard": "is missing 1 of the 2 weight files its model.safetensors.index.json names",
+    "cut-weights": "has a damaged weight file model.safetensors",
+}
+
+
+def _bad_file(tmp_path, case: str) -> list[str]:
+    """The arguments that name BAD_FILES[case]: the embedded tiny model copied with a file missing or cut short."""
+    from tgrpo.tiny import ensure_tiny_model
+
+    tiny, model = ensure_tiny_model(os.path.join(ROOT, ".cache")), tmp_path / "model"
+    dropped = {"no-tokenizer": ["tokenizer.json", "tokenizer_config.json"], "no-chat-template": ["chat_template.jinja"],
+               "no-weights": ["*.safetensors"], "missing-shard": ["*.safetensors"]}.get(case, [])
+    shutil.copytree(tiny, model, ignore=shutil.ignore_patterns(*dropped))
+    if case == "missing-shard":  # an index naming two shards, one of them there
+        shutil.copy(os.path.join(tiny, "model.safetensors"), model / "model-00001-of-00002.safetensors")
+        (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    elif case == "cut-weights":  # a download cut short
+        os.truncate(model / "model.safetensors", os.path.getsize(model / "model.safetensors") // 2)
+    return ["--model", str(model)]
 
 
 @pytest.mark.slow
@@ -29,9 +57,12 @@ GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "
     ("corrupt-model", "cannot be loaded"),
     ("previous-run", "holds a previous run (metrics.jsonl): continue it with --resume auto"),
     ("no-prompt", "holds no prompt"),
+    *BAD_FILES.items(),
 ])
 def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
-    if args == "corrupt-model":
+    if isinstance(args, str) and args in BAD_FILES:
+        args = _bad_file(tmp_path, args)
+    elif args == "corrupt-model":
         model = tmp_path / "model"
         model.mkdir()
         (model / "config.json").write_text('{"model_type": "qwen2", "hidden_size": ')  # cut off mid-write
@@ -84,13 +115,16 @@ def test_torchrun_bad_row_found_by_rollout_rank_ends_every_rank(tmp_path):
     ("corrupt-model", "cannot be loaded"),
     ("file-as-output-dir", "cannot be written"),
     ("previous-run", "holds a previous run (metrics.jsonl)"),
+    *((case, BAD_FILES[case]) for case in ("no-tokenizer", "no-weights")),
 ])
 def test_plain_torchrun_says_bad_input_in_one_line(tmp_path, args, words):
     """Without node.sh's pre-flight every rank runs the same checks (tgrpo.checks.check_job) before its process
     group starts; rank 0's line is printed before torchrun stops the others, and every rank exits 2 (torchrun's
     own status is 1 whenever a rank fails; its summary shows the ranks' 2)."""
     out = str(tmp_path / "out")
-    if args == "bad-yaml":
+    if isinstance(args, str) and args in BAD_FILES:  # a model folder: every rank's checks
+        args = _bad_file(tmp_path, args)
+    elif args == "bad-yaml":
         (tmp_path / "bad.yaml").write_text("max_steps: 3\nlearning_rate: 1e-5: x\n")
         args = ["--config", str(tmp_path / "bad.yaml")]
     elif args == "corrupt-model":
@@ -110,6 +144,7 @@ def test_plain_torchrun_says_bad_input_in_one_line(tmp_path, args, words):
     assert len(ours) == 1 and words in ours[0], result.stderr[-3000:]
     assert "exitcode  : 2" in result.stderr  # torchrun's summary: rank 0 exited 2 (torchrun's own traceback follows)
     assert result.stderr.count("Traceback") <= 1  # torchrun's, none of a rank's
+    assert "EngineCore" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow

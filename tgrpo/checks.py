@@ -8,6 +8,7 @@ prompts once when it starts, and every rank learns their verdict); the pre-fligh
 """
 from __future__ import annotations
 
+import json
 import os
 
 from tgrpo.config import Config
@@ -51,6 +52,8 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
         _check(cfg.critic_model in EMBEDDED or os.path.isfile(os.path.join(cfg.critic_model, "config.json")),
                f"critic_model '{cfg.critic_model}' is not a model folder (no config.json there): give a local Hugging "
                "Face model folder, or leave it empty for the policy's model")
+        if cfg.critic_model not in EMBEDDED:
+            _check_weights(cfg.critic_model, cfg.critic_model)
     longest = None
     if data:
         from tgrpo import data as prompts
@@ -90,7 +93,8 @@ def critic_dir(cfg: Config) -> str:
 
 
 def _check_model(cfg: Config):
-    """The model folder holds a config and a tokenizer that load; returns the tokenizer."""
+    """The model folder holds a config and a tokenizer that load, with a chat template, and weights (their files,
+    not their values: nothing is loaded); returns the tokenizer."""
     from tgrpo.tiny import EMBEDDED
 
     _check(cfg.model in EMBEDDED or os.path.isfile(os.path.join(cfg.model, "config.json")),
@@ -101,11 +105,70 @@ def _check_model(cfg: Config):
     folder = model_dir(cfg)
     try:
         AutoConfig.from_pretrained(folder)
-        return AutoTokenizer.from_pretrained(folder)
+        # without a vocabulary file transformers builds an empty tokenizer of the config's type (one token)
+        vocabulary = any(os.path.isfile(os.path.join(folder, name)) for name in _VOCABULARIES)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if vocabulary else None
     except (OSError, ValueError, KeyError) as e:  # a corrupt config.json or tokenizer file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model '{cfg.model}' cannot be loaded ({first}): check its config.json and tokenizer "
                           "files, or download it again") from None
+    _check(tokenizer is not None, f"model '{cfg.model}' has no tokenizer (no {' / '.join(_VOCABULARIES)} there): "
+           "copy the model's tokenizer files (with tokenizer_config.json) into the folder, or download it again")
+    _check(bool(tokenizer.chat_template), f"model '{cfg.model}' has a tokenizer without a chat template (no "
+           "chat_template.jinja, none in tokenizer_config.json): take the model's instruct or chat version, or add "
+           "a template to its tokenizer_config.json")
+    _check_weights(cfg.model, folder)
+    return tokenizer
+
+
+# a tokenizer's vocabulary: a fast tokenizer's, SentencePiece's, a BPE's (with merges.txt), a WordPiece's
+_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _check_weights(name: str, folder: str) -> None:
+    """The weights the engines and DeepSpeed will load are there, whole: a shard index names only files present,
+    and each safetensors file is as long as its header says (a download cut short is not)."""
+    files = sorted(os.listdir(folder))
+    index = next((f for f in _INDEXES if f in files), None)
+    if index is not None:
+        try:
+            with open(os.path.join(folder, index)) as f:
+                weights = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"model '{name}' has a shard index {index} that cannot be read ({type(e).__name__}: "
+                              f"{e}): download the model again") from None
+        missing = [w for w in weights if not os.path.isfile(os.path.join(folder, w))]
+        _check(not missing, f"model '{name}' is missing {len(missing)} of the {len(weights)} weight files its {index} "
+               f"names ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): download them again")
+    else:
+        weights = [f for f in files if f.endswith(".safetensors") or (f.startswith("pytorch_model") and
+                                                                       f.endswith(".bin"))]
+        _check(bool(weights), f"model '{name}' has no weights (no *.safetensors or pytorch_model*.bin there): copy "
+               "the model's weight files into the folder, or download it again")
+    for weight in weights:
+        if weight.endswith(".safetensors"):
+            problem = _safetensors_problem(os.path.join(folder, weight))
+            _check(problem is None, f"model '{name}' has a damaged weight file {weight} ({problem}): download it again")
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """What is wrong with a safetensors file, read from its header alone: an 8-byte length, a JSON header, then the
+    tensors, whose offsets say how long the file must be."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"{size} bytes, shorter than its header: cut off?"
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            return f"its header is not safetensors JSON: {type(e).__name__}"
+    if 8 + length + end > size:
+        return f"{size} bytes of the {8 + length + end} its header describes: cut off?"
+    return None
 
 
 def memory_plan(cfg: Config, placement: Placement, local_world_size: int | None = None, *,

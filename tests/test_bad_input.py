@@ -17,18 +17,27 @@ def _rows(tmp_path, rows) -> str:
 
 GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"}
 
-# A model folder with one thing wrong (issue 25, point 5) -> the words of its line, under both launchers
+# A model folder or a data file with one thing wrong (issue 25, point 5) -> the words of its line, under both launchers
 BAD_FILES = {
     "no-tokenizer": "has no tokenizer (no tokenizer.json",
     "no-chat-template": "has a tokenizer without a chat template",
     "no-weights": "has no weights (no *.safetensors",
     "missing-shard": "is missing 1 of the 2 weight files its model.safetensors.index.json names",
     "cut-weights": "has a damaged weight file model.safetensors",
+    "answer-object": "train_data row 20: 'answer' holds a JSON object",
+    "malformed-jsonl": "bad.jsonl' could not be read (line 22 is not JSON: it ends mid-row",
 }
 
 
 def _bad_file(tmp_path, case: str) -> list[str]:
-    """The arguments that name BAD_FILES[case]: the embedded tiny model copied with a file missing or cut short."""
+    """The arguments that name BAD_FILES[case]: the embedded tiny model copied with a file missing or cut short,
+    or data rows."""
+    if case == "answer-object":
+        return ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": GOOD["messages"], "answer": {"value": 2}}])]
+    if case == "malformed-jsonl":  # a blank line (skipped), then a row cut off mid-write
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n".join([json.dumps(GOOD)] * 20 + ["", json.dumps(GOOD)[:30], json.dumps(GOOD)]) + "\n")
+        return ["--train_data", str(path)]
     from tgrpo.tiny import ensure_tiny_model
 
     tiny, model = ensure_tiny_model(os.path.join(ROOT, ".cache")), tmp_path / "model"
@@ -87,6 +96,31 @@ def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
     assert "EngineCore" not in result.stdout + result.stderr  # nothing started
 
 
+def test_jsonl_blank_lines_are_skipped_and_answers_are_strings_or_numbers(tmp_path):
+    """Blank lines of JSON lines are skipped, as datasets skips them, and rows are counted without them. Answers are
+    strings or numbers, mixed in one column too (datasets reads it as JSON values); a list is refused, as an object."""
+    from transformers import AutoTokenizer
+
+    from tgrpo.config import Config
+    from tgrpo.data import load_prompts
+    from tgrpo.errors import ConfigError
+    from tgrpo.tiny import ensure_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(os.path.join(ROOT, ".cache")))
+    path = tmp_path / "rows.jsonl"
+    cfg = Config(train_data=str(path), prompts_per_step=1)
+    path.write_text(json.dumps(GOOD) + "\n\n  \n" + json.dumps({**GOOD, "answer": ""}) + "\n\n")
+    with pytest.raises(ConfigError, match="^train_data row 1: no answer"):
+        load_prompts(cfg, tokenizer)
+    rows = [json.dumps({**GOOD, "answer": answer}) for answer in ("2", 3, 2.5, 4.0, ["2", "two"])]
+    path.write_text("\n".join(rows[:4]) + "\n")
+    assert [p.answer for p in load_prompts(cfg, tokenizer)[0]] == ["2", "3", "2.5", "4"]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_prompts(cfg, tokenizer)
+    assert str(e.value).startswith("""train_data row 4: 'answer' holds a list (["2", "two"]), not an answer"""), e.value
+
+
 def test_bad_hostfile_and_node_rank(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\nnode-a slots=2\nnode-b gpus=2\n")
@@ -115,14 +149,14 @@ def test_torchrun_bad_row_found_by_rollout_rank_ends_every_rank(tmp_path):
     ("corrupt-model", "cannot be loaded"),
     ("file-as-output-dir", "cannot be written"),
     ("previous-run", "holds a previous run (metrics.jsonl)"),
-    *((case, BAD_FILES[case]) for case in ("no-tokenizer", "no-weights")),
+    *((case, BAD_FILES[case]) for case in ("no-tokenizer", "no-weights", "answer-object", "malformed-jsonl")),
 ])
 def test_plain_torchrun_says_bad_input_in_one_line(tmp_path, args, words):
     """Without node.sh's pre-flight every rank runs the same checks (tgrpo.checks.check_job) before its process
     group starts; rank 0's line is printed before torchrun stops the others, and every rank exits 2 (torchrun's
     own status is 1 whenever a rank fails; its summary shows the ranks' 2)."""
     out = str(tmp_path / "out")
-    if isinstance(args, str) and args in BAD_FILES:  # a model folder: every rank's checks
+    if isinstance(args, str) and args in BAD_FILES:  # a model folder: every rank's checks; the data: the engine rank's, before its engine
         args = _bad_file(tmp_path, args)
     elif args == "bad-yaml":
         (tmp_path / "bad.yaml").write_text("max_steps: 3\nlearning_rate: 1e-5: x\n")

@@ -4,13 +4,17 @@ Accepted data: a .json file (a JSON list or JSON lines), a .jsonl file, a .parqu
 `Dataset.save_to_disk` (a `DatasetDict` folder too: its 'train' split, or its only split). The prompt is the column
 `prompt_column` ('messages'; a missing 'messages' falls back to 'conversations'), holding chatml messages
 {role, content}, ShareGPT messages {from: human|gpt|system, value}, or a plain string; a trailing assistant turn
-is cut off (the model generates the answer, which is in `answer_column`).
+is cut off (the model generates the answer, which is in `answer_column`). An answer is a string or a number; a
+JSON object or a list there is refused, naming the row. Blank lines of a JSON lines file are skipped (as datasets
+skips them) and rows are counted without them; a line that is not JSON is named by its line number in the file.
 
 The order is a deterministic shuffle per epoch, so the prompts of step s depend only on (seed, s): a resumed run
 continues with the same prompts, and rollout rank i takes the i-th slice of the step's prompts.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import random
@@ -68,9 +72,50 @@ def _read(path: str, label: str):
     if ext not in _BUILDERS:
         raise ConfigError(f"{label} '{path}' has an unknown extension '{ext}': give {FORMATS}")
     try:
-        return datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train")
+        with _quiet_datasets():
+            return datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train")
     except Exception as e:  # datasets wraps parse errors in several types; the innermost says what broke
-        raise ConfigError(f"{label} '{path}' could not be read as {ext} rows: {_first_line(e)}") from None
+        problem = (_bad_json(path) if _BUILDERS[ext] == "json" else None) or f"as {ext} rows: {_first_line(e)}"
+        raise ConfigError(f"{label} '{path}' could not be read {problem}") from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs its own line for a file it cannot parse (to stderr) before raising: the ConfigError says it."""
+    from datasets.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _bad_json(path: str) -> str | None:
+    """Where a .json/.jsonl file that datasets refused stops being JSON, by its line number in the file (datasets
+    names a row within one block of the file, or a byte position), and the fix; None if it parses."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read().removeprefix("\ufeff")
+    if text.lstrip().startswith("["):  # one JSON list, possibly over many lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return (f"(not JSON at line {e.lineno} column {e.colno}: {e.msg}): fix the file (a JSON list of rows, or "
+                    "one JSON object per line)")
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            why = "it ends mid-row, cut off?" if e.pos >= len(line.rstrip()) else f"{e.msg} at column {e.colno}"
+            return f"(line {number} is not JSON: {why}): fix or remove that line (one JSON object per line)"
+        if not isinstance(row, dict):
+            return (f"(line {number} holds a JSON {type(row).__name__}, not a row): give one JSON object per line, "
+                    "{\"messages\": ..., \"answer\": ...}")
+    return None
 
 
 def _message(m, row: int, column: str, label: str) -> dict:
@@ -110,11 +155,18 @@ def _messages(value, row: int, column: str, label: str) -> list[dict]:
     return messages
 
 
-def _answer(value) -> str | None:
+def _answer(value, row: int, column: str, label: str) -> str | None:
     """The reference answer as a string; None when missing. Integral floats (Arrow turns a column of ints and
-    floats into floats) are written as ints: 3.0 -> '3'."""
+    floats into floats) are written as ints: 3.0 -> '3'. A JSON object or a list is a ConfigError: written as text
+    ("{'value': 2}") it would be the reference every completion is scored against. datasets reads a column of mixed
+    types as JSON values (its `Json` feature), so such a row no longer fails the file: it is refused here."""
     if value is None:
         return None
+    if isinstance(value, (dict, list, tuple)):
+        kind = "a JSON object" if isinstance(value, dict) else "a list"
+        shown = json.dumps(value, default=str)
+        raise ConfigError(f"{label} row {row}: '{column}' holds {kind} ({shown[:60]}{'...' * (len(shown) > 60)}), "
+                          "not an answer: give the reference answer as a string or a number")
     if isinstance(value, float):
         if math.isnan(value):
             return None
@@ -161,7 +213,7 @@ def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None =
         texts, answers = [], []
         for value, raw_answer in zip(batch[prompt_column], batch[cfg.answer_column]):
             messages = _messages(value, row, prompt_column, label)
-            answer = _answer(raw_answer)
+            answer = _answer(raw_answer, row, cfg.answer_column, label)
             if answer is None:
                 raise ConfigError(f"{label} row {row}: no answer in '{cfg.answer_column}': every row needs one")
             if cfg.system_prompt and not any(m["role"] == "system" for m in messages):

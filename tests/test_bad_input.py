@@ -24,6 +24,7 @@ BAD_FILES = {
     "no-weights": "has no weights (no *.safetensors",
     "missing-shard": "is missing 1 of the 2 weight files its model.safetensors.index.json names",
     "cut-weights": "has a damaged weight file model.safetensors",
+    "critic-no-weights": "/critic' has no weights",
     "answer-object": "train_data row 20: 'answer' holds a JSON object",
     "malformed-jsonl": "bad.jsonl' could not be read (line 22 is not JSON: it ends mid-row",
 }
@@ -40,9 +41,11 @@ def _bad_file(tmp_path, case: str) -> list[str]:
         return ["--train_data", str(path)]
     from tgrpo.tiny import ensure_tiny_model
 
-    tiny, model = ensure_tiny_model(os.path.join(ROOT, ".cache")), tmp_path / "model"
+    tiny = ensure_tiny_model(os.path.join(ROOT, ".cache"))
+    model = tmp_path / ("critic" if case.startswith("critic") else "model")
     dropped = {"no-tokenizer": ["tokenizer.json", "tokenizer_config.json"], "no-chat-template": ["chat_template.jinja"],
-               "no-weights": ["*.safetensors"], "missing-shard": ["*.safetensors"]}.get(case, [])
+               "no-weights": ["*.safetensors"], "missing-shard": ["*.safetensors"],
+               "critic-no-weights": ["*.safetensors"]}.get(case, [])
     shutil.copytree(tiny, model, ignore=shutil.ignore_patterns(*dropped))
     if case == "missing-shard":  # an index naming two shards, one of them there
         shutil.copy(os.path.join(tiny, "model.safetensors"), model / "model-00001-of-00002.safetensors")
@@ -51,6 +54,8 @@ def _bad_file(tmp_path, case: str) -> list[str]:
             "lm_head.weight": "model-00002-of-00002.safetensors"}}))
     elif case == "cut-weights":  # a download cut short
         os.truncate(model / "model.safetensors", os.path.getsize(model / "model.safetensors") // 2)
+    elif case == "critic-no-weights":
+        return ["--advantage_estimator", "gae", "--critic_model", str(model)]
     return ["--model", str(model)]
 
 

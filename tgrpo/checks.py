@@ -53,7 +53,7 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
                f"critic_model '{cfg.critic_model}' is not a model folder (no config.json there): give a local Hugging "
                "Face model folder, or leave it empty for the policy's model")
         if cfg.critic_model not in EMBEDDED:
-            _check_weights(cfg.critic_model, cfg.critic_model)
+            _check_weights(f"critic_model '{cfg.critic_model}'", cfg.critic_model)
     longest = None
     if data:
         from tgrpo import data as prompts
@@ -117,7 +117,7 @@ def _check_model(cfg: Config):
     _check(bool(tokenizer.chat_template), f"model '{cfg.model}' has a tokenizer without a chat template (no "
            "chat_template.jinja, none in tokenizer_config.json): take the model's instruct or chat version, or add "
            "a template to its tokenizer_config.json")
-    _check_weights(cfg.model, folder)
+    _check_weights(f"model '{cfg.model}'", folder)
     return tokenizer
 
 
@@ -126,7 +126,7 @@ _VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def _check_weights(name: str, folder: str) -> None:
+def _check_weights(what: str, folder: str) -> None:
     """The weights the engines and DeepSpeed will load are there, whole: a shard index names only files present,
     and each safetensors file is as long as its header says (a download cut short is not)."""
     files = sorted(os.listdir(folder))
@@ -136,20 +136,20 @@ def _check_weights(name: str, folder: str) -> None:
             with open(os.path.join(folder, index)) as f:
                 weights = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(f"model '{name}' has a shard index {index} that cannot be read ({type(e).__name__}: "
+            raise ConfigError(f"{what} has a shard index {index} that cannot be read ({type(e).__name__}: "
                               f"{e}): download the model again") from None
         missing = [w for w in weights if not os.path.isfile(os.path.join(folder, w))]
-        _check(not missing, f"model '{name}' is missing {len(missing)} of the {len(weights)} weight files its {index} "
+        _check(not missing, f"{what} is missing {len(missing)} of the {len(weights)} weight files its {index} "
                f"names ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): download them again")
     else:
         weights = [f for f in files if f.endswith(".safetensors") or (f.startswith("pytorch_model") and
                                                                        f.endswith(".bin"))]
-        _check(bool(weights), f"model '{name}' has no weights (no *.safetensors or pytorch_model*.bin there): copy "
+        _check(bool(weights), f"{what} has no weights (no *.safetensors or pytorch_model*.bin there): copy "
                "the model's weight files into the folder, or download it again")
     for weight in weights:
         if weight.endswith(".safetensors"):
             problem = _safetensors_problem(os.path.join(folder, weight))
-            _check(problem is None, f"model '{name}' has a damaged weight file {weight} ({problem}): download it again")
+            _check(problem is None, f"{what} has a damaged weight file {weight} ({problem}): download it again")
 
 
 def _safetensors_problem(path: str) -> str | None:

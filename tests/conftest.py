@@ -42,6 +42,7 @@ SECONDS = {
     "test_colocated_every_rank_rolls_out_and_trains": 110,
     "test_a_frozen_rank_is_named_by_the_hang_report": 110,
     "test_build_locks_at_start_up_are_named_waited_for_or_removed": 70,
+    "test_a_model_holding_nan_stops_after_max_nonfinite_in_a_row_steps_unsaved": 50,
     "test_trainer_started_by_srun_reads_slurm_variables": 105,
     "test_search_r1s_ppo_recipe_runs_with_the_critic_on_a_rank_of_its_own": 105,
     "test_tmux_start_runs_the_job_and_stop_ends_it": 100,

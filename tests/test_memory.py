@@ -101,7 +101,10 @@ def test_model_shape_counts_the_real_parameters(tmp_path):
 
 @pytest.fixture(scope="module")
 def seven_b(tmp_path_factory):
-    """A model folder of Qwen2.5-7B's shape: its config.json and a tokenizer, no weights (none are read)."""
+    """A model folder of Qwen2.5-7B's shape: its config.json, a tokenizer, and a one-tensor weight file in place of
+    its weights (the pre-flight reads only the headers of weight files; the memory plan counts from config.json)."""
+    import torch
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer, Qwen2Config
 
     from tgrpo.tiny import RANDOM_SHAPES, ensure_tiny_model
@@ -109,6 +112,7 @@ def seven_b(tmp_path_factory):
     folder = tmp_path_factory.mktemp("seven-b")
     Qwen2Config(**RANDOM_SHAPES["7b"]).save_pretrained(folder)
     AutoTokenizer.from_pretrained(ensure_tiny_model(os.path.join(ROOT, ".cache"))).save_pretrained(folder)
+    save_file({"lm_head.weight": torch.zeros(1)}, os.path.join(folder, "model.safetensors"))
     return str(folder)
 
 

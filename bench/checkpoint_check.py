@@ -3,8 +3,8 @@
     python bench/checkpoint_check.py CHECKPOINT [--repeats 3]
 
 CHECKPOINT is a folder a run saved (output_dir/checkpoints/step-N: the HF model, DeepSpeed's states, the manifest).
-Times, on this machine, with the files in the page cache (each mode once unmeasured first; a cold read adds the
-disk's own time to both sides alike):
+Times, on this machine, with the files in the page cache (each mode once unmeasured first), or with --cold from the
+disk (the page cache dropped before every repetition: needs root), as a resume after a restart reads them:
   read      every file read in 16 MiB chunks, nothing computed (the ceiling: what any check must pay)
   content   tgrpo.checkpoint.damage(path): sizes and every file's xxh3-64, as resume does
   sizes     damage(path, content=False): sizes only, as node.sh's pre-flight does
@@ -39,7 +39,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("checkpoint", help="A checkpoint folder (output_dir/checkpoints/step-N).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repetitions of each mode (median kept).")
+    parser.add_argument("--cold", action="store_true", help="Drop the page cache before every repetition (root).")
     args = parser.parse_args()
+    if args.cold and os.geteuid() != 0:
+        sys.exit("error: --cold drops the page cache (/proc/sys/vm/drop_caches), which needs root: run as root or "
+                 "leave --cold out")
     from tgrpo import checkpoint
 
     if not os.path.isfile(os.path.join(args.checkpoint, checkpoint.MANIFEST)):
@@ -57,16 +61,21 @@ def main() -> None:
             sys.exit(f"error: {args.checkpoint} is damaged ({result})")
         times = []
         for _ in range(args.repeats):
+            if args.cold:
+                os.sync()
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3\n")
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
         seconds[name] = statistics.median(times)
-    print(f"checkpoint {args.checkpoint}: {len(files)} files, {size / 2**30:.2f} GiB (page cache warm), "
+    print(f"checkpoint {args.checkpoint}: {len(files)} files, {size / 2**30:.2f} GiB "
+          f"({'from the disk' if args.cold else 'page cache warm'}), "
           f"median of {args.repeats}")
     print(f"{'mode':<8} {'seconds':>9} {'GiB/s':>8}")
     for name, s in seconds.items():
         print(f"{name:<8} {s:>9.3f} {size / 2**30 / s:>8.2f}")
-    print(json.dumps({"files": len(files), "bytes": size, **{f"{k}_s": round(v, 4) for k, v in seconds.items()},
+    print(json.dumps({"files": len(files), "bytes": size, "cold": args.cold, **{f"{k}_s": round(v, 4) for k, v in seconds.items()},
                       "content_gib_s": round(size / 2**30 / seconds["content"], 3),
                       "read_gib_s": round(size / 2**30 / seconds["read"], 3),
                       "content_vs_read": round(seconds["read"] / seconds["content"], 3)}))

@@ -109,6 +109,7 @@ for id in 0 1; do SLURM_NODEID=$id "$@" || exit; done
 # instead of run)
 FAKE_PYTHON = '''#!/usr/bin/env bash
 if [ "$2" = tgrpo.preflight ] || [ "$1" = -c ]; then exit 0; fi
+if [ "$1" = launch/tee.py ]; then exec tee -a "$2"; fi  # node.sh's console tee
 echo "PYTHON $*"
 '''
 

@@ -19,7 +19,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from tgrpo import console, deepspeed_engine, rank_life, sync
+from tgrpo import console, deepspeed_engine, sync
 
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"  # every file of the checkpoint and its size, written before STATE
@@ -227,16 +227,18 @@ def save(job, step: int) -> str:
         os.makedirs(os.path.join(tmp, "rng"))
     dist.barrier(group=job.groups.data)
     nonfinite = 0
-    if job.policy is not None:  # first: the weights are checked as the HF model gathers them, before any state
+    if job.policy is not None:
+        # DeepSpeed's state first: its save settles ZeRO-3's parameters (a gather right after the step's last
+        # forward met parameters still in flight); the weights are checked as the HF model gathers them
+        deepspeed_engine.save_state(job.policy.engine, os.path.join(tmp, "deepspeed"))
         nonfinite = export_hf(job.policy.model, job.plan, job.model_dir, tmp, is_writer=job.is_source)
-    nonfinite = rank_life.broadcast_object(nonfinite, job.groups.data, job.placement.sync_source)
-    if nonfinite:
+    box = [nonfinite]
+    dist.broadcast_object_list(box, group=job.groups.data, src=job.placement.sync_source)
+    if box[0]:
         if job.is_source:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise JobError(f"step {step}: the policy's weights hold {nonfinite} NaN/inf values, not saved: the run "
+        raise JobError(f"step {step}: the policy's weights hold {box[0]} NaN/inf values, not saved: the run "
                        f"stops; {nonfinite_advice(cfg.output_dir)}")
-    if job.policy is not None:
-        deepspeed_engine.save_state(job.policy.engine, os.path.join(tmp, "deepspeed"))
     if job.critic is not None:  # advantage_estimator gae: the critic's parameters and optimizer
         deepspeed_engine.save_state(job.critic.engine, os.path.join(tmp, CRITIC))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))

@@ -3,6 +3,9 @@
 A checkpoint folder holds the policy as a Hugging Face model (weights, config, tokenizer: load it as it is), the
 DeepSpeed state (`deepspeed/`: parameters, optimizer), every rank's RNG states (`rng/`) and `trainer_state.json`
 (step, placement; the data position follows from the step, since a step's prompts depend only on (seed, step)).
+With use_lora it holds the adapter instead of the model (peft's adapter_config.json and adapter_model.safetensors,
+and the tokenizer; the base with the adapter merged in `merged/` with save_merged_lora), and the DeepSpeed state
+holds the adapter's parameters and optimizer alone (the base is the model's, loaded again on resume).
 It is written as `step-N.tmp`, `trainer_state.json` last, then renamed, and `latest` names it; the oldest beyond
 save_total_limit are removed. Resume takes `latest` if it names a complete folder, else the highest complete
 `step-N`: a folder cut off mid-write (a `.tmp`, or one without `trainer_state.json`) is never chosen.
@@ -230,8 +233,12 @@ def save(job, step: int) -> str:
     if job.policy is not None:
         # DeepSpeed's state first: its save settles ZeRO-3's parameters (a gather right after the step's last
         # forward met parameters still in flight); the weights are checked as the HF model gathers them
-        deepspeed_engine.save_state(job.policy.engine, os.path.join(tmp, "deepspeed"))
-        nonfinite = export_hf(job.policy.model, job.plan, job.model_dir, tmp, is_writer=job.is_source)
+        deepspeed_engine.save_state(job.policy.engine, os.path.join(tmp, "deepspeed"), frozen=not cfg.use_lora)
+        if cfg.use_lora:
+            nonfinite = export_adapter(job.policy.model, job.plan, job.adapter_config, job.model_dir, tmp,
+                                       is_writer=job.is_source, merged=cfg.save_merged_lora)
+        else:
+            nonfinite = export_hf(job.policy.model, job.plan, job.model_dir, tmp, is_writer=job.is_source)
     box = [nonfinite]
     dist.broadcast_object_list(box, group=job.groups.data, src=job.placement.sync_source)
     if box[0]:
@@ -250,7 +257,8 @@ def save(job, step: int) -> str:
             json.dump({"step": step, "world_size": placement.world_size, "rollout": list(placement.rollout),
                        "policy": list(placement.policy), "reference": list(placement.reference),
                        "critic": list(placement.critic), "colocated": placement.colocated, "seed": cfg.seed,
-                       "advantage_estimator": cfg.advantage_estimator, "kl_coef": job.kl.value}, f, indent=1)
+                       "advantage_estimator": cfg.advantage_estimator, "kl_coef": job.kl.value,
+                       "use_lora": cfg.use_lora}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(cfg.output_dir, os.path.basename(final))
@@ -263,7 +271,7 @@ def load(job, path: str) -> int:
     calls it; the engines get the weights by the sync that follows."""
     state = read_state(path)
     if job.policy is not None:
-        deepspeed_engine.load_state(job.policy.engine, os.path.join(path, "deepspeed"))
+        deepspeed_engine.load_state(job.policy.engine, os.path.join(path, "deepspeed"), frozen=not job.cfg.use_lora)
     if job.critic is not None:
         deepspeed_engine.load_state(job.critic.engine, os.path.join(path, CRITIC))
     if "kl_coef" in state:
@@ -274,9 +282,14 @@ def load(job, path: str) -> int:
     return int(state["step"])
 
 
-def check_resumable(path: str, placement, critic_expected: bool = False) -> None:
-    """Raise ValueError naming the difference if the checkpoint was written by another placement."""
+def check_resumable(path: str, placement, critic_expected: bool = False, use_lora: bool = False) -> None:
+    """Raise ValueError naming the difference if the checkpoint was written by another placement, or with(out) a
+    LoRA adapter when this run trains without (with) one."""
     state = read_state(path)
+    if bool(state.get("use_lora", False)) != use_lora:
+        written = "a LoRA adapter (use_lora true)" if state.get("use_lora") else "every weight (use_lora false)"
+        raise ValueError(f"checkpoint {path} was written by a run training {written}: resume it with use_lora "
+                         f"{str(not use_lora).lower()}, or start over")
     now = {"world_size": placement.world_size, "rollout": list(placement.rollout), "policy": list(placement.policy),
            "reference": list(placement.reference), "critic": list(placement.critic),
            "colocated": placement.colocated}
@@ -329,4 +342,30 @@ def export_hf(model: torch.nn.Module, plan: list, model_dir: str, dest: str, is_
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(dest)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
+    return 0
+
+
+def export_adapter(model: torch.nn.Module, plan: list, config: dict, model_dir: str, dest: str, is_writer: bool,
+                   merged: bool = False) -> int:
+    """use_lora: the adapter in peft's format in dest (adapter_config.json, adapter_model.safetensors: it loads with
+    PeftModel.from_pretrained and as a vLLM LoRA) with the tokenizer, and with merged the base with the adapter
+    merged in dest/merged. Every policy rank calls it (plan: the adapter's parameters, gathered as export_hf
+    gathers); NaN/inf values are counted and nothing written, as there. Returns 0 on other ranks."""
+    from transformers import AutoTokenizer
+
+    from tgrpo import lora
+
+    state: dict[str, torch.Tensor] = {}
+    nonfinite = 0
+    for bucket, flat in sync.iter_gathered_buckets(model, plan, torch.device("cpu"), fill=is_writer):
+        if is_writer:
+            nonfinite += int(flat.numel() - torch.isfinite(flat).sum())
+            for name, shape, offset, numel in bucket.params:
+                state[name] = flat[offset:offset + numel].view(shape).clone()
+    if not is_writer or nonfinite:
+        return nonfinite
+    lora.save_adapter(state, config, dest)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
+    if merged:
+        lora.save_merged(dest, model_dir, os.path.join(dest, "merged"), next(iter(state.values())).dtype)
     return 0

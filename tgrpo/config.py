@@ -214,6 +214,23 @@ class Config:
     offload_optimizer: bool = _f(False, "Keep the optimizer state (and its step) in CPU memory with DeepSpeed's CPU "
                                  "Adam: a 7B policy then trains on one 141 GB GPU, if the host has ~16 bytes of "
                                  "memory per parameter for it (fp32 master weights, gradients, two moments).")
+    # --- LoRA ------------------------------------------------------------------------------------------------
+    use_lora: bool = _f(False, "Train a LoRA adapter (peft) on the frozen base instead of every weight: only the "
+                        "adapter has gradients and optimizer state, only the adapter's tensors are sent to the "
+                        "engines each step (vLLM serves the base with the adapter), checkpoints hold the adapter in "
+                        "peft's format. With beta > 0 the reference is the base with the adapter disabled.")
+    lora_r: int = _f(16, "LoRA rank (peft's r); the engines serve it with vLLM's max_lora_rank, the smallest of "
+                     "vLLM's sizes >= lora_r.")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = _f(0.0, "Dropout on the adapter's input while training (peft's lora_dropout); vLLM "
+                             "samples without it.")
+    lora_target_modules: list[str] = _f(["all-linear"], "Modules that get an adapter: peft's names (q_proj, "
+                                        "v_proj, ...) or 'all-linear' (every linear layer of the decoder but the "
+                                        "output head).")
+    lora_modules_to_save: list[str] = _f([], "Modules trained in full beside the adapter and saved with it "
+                                         "(peft's modules_to_save; vLLM serves lm_head and embed_tokens).")
+    save_merged_lora: bool = _f(False, "use_lora: also write the base with the adapter merged into checkpoints' "
+                                "merged/ folder (a plain Hugging Face model), besides the adapter.")
     memory_check: bool = _f(True, "Estimate each GPU's and this host's memory before start-up (weights, gradients, "
                             "optimizer states, activations at the token budget, the engine's share) and stop in one "
                             "line when it cannot fit; false: say it once and start anyway.")
@@ -338,6 +355,15 @@ class Config:
         _check(self.startup_report_s >= 0, f"startup_report_s must be >= 0 (0: never), got {self.startup_report_s}")
         _check(self.max_nonfinite_in_a_row >= 1, f"max_nonfinite_in_a_row must be >= 1 (1: stop at the first NaN/inf "
                                                  f"update), got {self.max_nonfinite_in_a_row}")
+        _check(self.lora_r >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+               f"lora_r must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1), got {self.lora_r}, {self.lora_alpha}, "
+               f"{self.lora_dropout}")
+        _check(self.lora_r <= 512, f"lora_r={self.lora_r} is larger than vLLM serves (max_lora_rank 512): choose "
+                                   "lora_r <= 512")
+        _check(self.use_lora or not (self.save_merged_lora or self.lora_modules_to_save),
+               "save_merged_lora and lora_modules_to_save are LoRA options: set use_lora true or leave them unset")
+        _check(bool(self.lora_target_modules), "lora_target_modules is empty: name the modules that get an adapter "
+                                               "(e.g. q_proj v_proj) or all-linear")
         _check(not (self.resume and self.overwrite_output_dir),
                "resume and overwrite_output_dir contradict each other: continue the run or start it over, not both")
         if self.retriever_url:

@@ -69,11 +69,12 @@ def load_config(path: str, cfg, *, zero_stage: int, bf16: bool, dp_size: int, hi
 
 def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainable: bool, attention: str,
                  lr: float = 0.0, weight_decay: float = 0.0, gradient_checkpointing: bool = False,
-                 lr_schedule=None, value_head: bool = False):
+                 lr_schedule=None, value_head: bool = False, adapter=None):
     """A DeepSpeed engine of the model; trainable: with AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded)
     and lr_schedule(optimizer), a scheduler that engine.step() steps and checkpoints save and restore. value_head:
     the model's body with a new scalar head instead of its LM head (a critic: AutoModelForTokenClassification with
-    one label, no dropout)."""
+    one label, no dropout). adapter: a function that wraps the loaded model in a LoRA adapter (tgrpo.lora.wrap); the
+    optimizer then holds the adapter's parameters alone and the frozen base gets no gradients."""
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
     from transformers.integrations import HfDeepSpeedConfig
@@ -91,18 +92,21 @@ def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainab
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
         model.config.use_cache = False
+        if adapter is not None:
+            model = adapter(model)
         if not trainable:
             model.eval()
             model.requires_grad_(False)
             return deepspeed.initialize(model=model, config=ds_config)[0]
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trained = [p for p in model.parameters() if p.requires_grad]
         if "offload_optimizer" in ds_config["zero_optimization"]:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=weight_decay, adamw_mode=True)
+            optimizer = DeepSpeedCPUAdam(trained, lr=lr, weight_decay=weight_decay, adamw_mode=True)
         else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+            optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
         return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                     lr_scheduler=lr_schedule)[0]  # called with the optimizer DeepSpeed steps
 
@@ -161,14 +165,16 @@ def shard_offsets(params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, list[
     return flat, [s.storage_offset() for s in shards]
 
 
-def save_state(engine, path: str) -> None:
-    """Parameters and optimizer state of a ZeRO-3 engine (every rank of its group writes its shard)."""
-    engine.save_checkpoint(path, tag="state", save_latest=False)
+def save_state(engine, path: str, frozen: bool = True) -> None:
+    """Parameters and optimizer state of a ZeRO-3 engine (every rank of its group writes its shard). frozen=False:
+    without the parameters that do not train (a LoRA policy's base, which a resumed run loads from the model)."""
+    engine.save_checkpoint(path, tag="state", save_latest=False, exclude_frozen_parameters=not frozen)
 
 
-def load_state(engine, path: str) -> None:
+def load_state(engine, path: str, frozen: bool = True) -> None:
+    """frozen=False: the state was saved without the frozen parameters, which stay as the model loaded them."""
     loaded, _ = engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+                                       load_lr_scheduler_states=True, load_module_strict=frozen)
     if loaded is None:
         raise RuntimeError(f"no DeepSpeed state in {path}")
 

@@ -92,12 +92,21 @@ def micro_batch_tokens(cfg, dp: int, prompt_length: int | None = None) -> int:
     return max(longest, min(budget, share))
 
 
-def _trainable(shape: ModelShape, dp: int, stage: int, width: int, offload: bool, cpu: bool) -> tuple[dict, dict]:
+def adapter_params(cfg, shape: ModelShape) -> int:
+    """A LoRA adapter's parameters, at most: r x (inputs + outputs) of every linear layer of each decoder layer
+    (attention's four taken as hidden x hidden, the MLP's three as hidden x intermediate)."""
+    return cfg.lora_r * shape.layers * (4 * 2 * shape.hidden + 3 * (shape.hidden + shape.intermediate))
+
+
+def _trainable(shape: ModelShape, dp: int, stage: int, width: int, offload: bool, cpu: bool,
+               trained: int | None = None) -> tuple[dict, dict]:
     """(device, host) bytes of one rank of a trained model under ZeRO `stage` over dp ranks, with weights of
-    `width` bytes (2: bf16 with fp32 master weights, 4: fp32)."""
-    p = shape.params
+    `width` bytes (2: bf16 with fp32 master weights, 4: fp32). trained: the parameters that train (a LoRA
+    adapter's; default all): only they have gradients and optimizer states."""
+    p = shape.params if trained is None else trained
     shard = lambda n: n / dp  # noqa: E731
-    weights = shard(width * p) if stage == 3 else width * p
+    everything = width * (shape.params + (trained or 0))  # the base and, with LoRA, the adapter
+    weights = shard(everything) if stage == 3 else everything
     grads = shard(width * p) if stage >= 2 else width * p
     if offload and not cpu:  # reduced a bucket at a time straight into the host's fp32 partition
         grads = min(grads, REDUCE_BUCKET * width)
@@ -127,9 +136,10 @@ def estimate(cfg, placement, shape: ModelShape, *, device: str, width: int, gpu_
 
     def policy_side() -> tuple[dict, dict, dict]:
         """(static, training-only, host) of a policy rank."""
-        dev, host = _trainable(shape, dp, stage, width, cfg.offload_optimizer, cpu)
+        dev, host = _trainable(shape, dp, stage, width, cfg.offload_optimizer, cpu,
+                               adapter_params(cfg, shape) if cfg.use_lora else None)
         train = {"gradients": dev.pop("gradients")}
-        if cfg.beta > 0 and not placement.reference:
+        if cfg.beta > 0 and not placement.reference and not cfg.use_lora:  # LoRA's reference: the adapter disabled
             dev["reference"] = width * shape.params / (dp if stage == 3 else 1)
         if cfg.advantage_estimator == "gae" and not placement.critic:
             cdev, chost = _trainable(shape, dp, stage, width, cfg.offload_optimizer, cpu)
@@ -174,7 +184,7 @@ def estimate(cfg, placement, shape: ModelShape, *, device: str, width: int, gpu_
     host["processes"] = len(local) * PROCESS_HOST[device] + engines_here * ENGINE_HOST[device]
     for name, value in policy_host.items():
         host[name] = policy_here * value
-    if placement.colocated and not cpu and cfg.vllm_sleep_level == 1:
+    if placement.colocated and not cpu and (cfg.vllm_sleep_level == 1 or cfg.use_lora):  # LoRA keeps the base
         host["engine weights kept while asleep"] = engines_here * width * shape.params
     if cpu:
         for name, value in {**policy_static, **policy_train}.items():

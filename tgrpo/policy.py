@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from tgrpo import algorithm, batch, deepspeed_engine, modeling
+from tgrpo import algorithm, batch, deepspeed_engine, lora, modeling
 from tgrpo.batch import MicroBatch, Sample
 
 # token-weighted sums per step; the first pass over the batch counts every statistic, later passes
@@ -121,9 +121,11 @@ class PolicyWorker:
             model_dir, _ds_config(cfg, model_dir, dtype, self.dp_size, True, placement.zero_stage), dtype,
             trainable=True,
             attention=modeling.register(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-            gradient_checkpointing=cfg.gradient_checkpointing, lr_schedule=lambda opt: lr_schedule(opt, cfg))
+            gradient_checkpointing=cfg.gradient_checkpointing, lr_schedule=lambda opt: lr_schedule(opt, cfg),
+            adapter=(lambda model: lora.wrap(model, cfg)) if cfg.use_lora else None)
+        # with LoRA the reference is the policy's own base, the adapter disabled: no second copy of the weights
         self.reference = (build_reference(cfg, model_dir, dtype, self.dp_size, placement.zero_stage)
-                          if cfg.beta > 0 and not placement.reference else None)
+                          if cfg.beta > 0 and not placement.reference and not cfg.use_lora else None)
         self.pad_id = _pad_id(model_dir)
 
     @property
@@ -131,7 +133,11 @@ class PolicyWorker:
         return self.engine.module
 
     def reference_logprobs(self, samples: list[Sample]) -> list[tuple[int, list[float]]]:
-        """The frozen reference's logprobs, when it lives on the policy ranks (beta > 0, no reference ranks)."""
+        """The frozen reference's logprobs, when it lives on the policy ranks (beta > 0, no reference ranks): a
+        model of its own, or with LoRA the policy with its adapter disabled."""
+        if self.reference is None:
+            with self.model.disable_adapter():
+                return score(self.engine, samples, self.cfg, self.dp_size, self.index, self.device, self.pad_id)
         return score(self.reference, samples, self.cfg, self.dp_size, self.index, self.device, self.pad_id)
 
     def micro_batches(self, samples: list[Sample]) -> list[list[MicroBatch]]:

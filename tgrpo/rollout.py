@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tgrpo import algorithm, console, data, rewards, tools
+from tgrpo import algorithm, console, data, lora, rewards, tools
 from tgrpo.batch import Sample
 from tgrpo.vllm_engine import RolloutEngine
 
@@ -63,7 +63,8 @@ class RolloutWorker:
                                     max_model_len=cfg.max_prompt_length + cfg.max_completion_length, cfg=cfg,
                                     tag=f"rank{self.rank}", tensor_parallel_size=self.placement.tensor_parallel,
                                     sleep_mode=self.placement.colocated, on_engine_death=self._engine_died,
-                                    max_num_seqs=cfg.prompts_per_step // self.num_engines * cfg.num_generations)
+                                    max_num_seqs=cfg.prompts_per_step // self.num_engines * cfg.num_generations,
+                                    lora_rank=lora.vllm_max_rank(cfg.lora_r) if cfg.use_lora else None)
 
     def _engine_died(self, message: str) -> None:
         """From the engine watcher's thread: one line naming this rank, then exit; torchrun stops the rest."""

@@ -18,12 +18,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tgrpo import deepspeed_engine
+from tgrpo import deepspeed_engine, lora
 from tgrpo.buckets import Bucket, ShardPlan, WeightSink, max_bucket_bytes, plan_buckets, plan_shards, shard_size
 
 
-def model_plan(model: torch.nn.Module, bucket_bytes: int) -> list[Bucket]:
-    return plan_buckets([(n, deepspeed_engine.full_shape(p), p.dtype) for n, p in model.named_parameters()],
+def synced(model: torch.nn.Module, adapter_only: bool = False) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters a sync sends: every one, or with adapter_only (use_lora) the LoRA adapter's alone."""
+    return [(n, p) for n, p in model.named_parameters() if not adapter_only or lora.is_adapter(n, p)]
+
+
+def model_plan(model: torch.nn.Module, bucket_bytes: int, adapter_only: bool = False) -> list[Bucket]:
+    return plan_buckets([(n, deepspeed_engine.full_shape(p), p.dtype) for n, p in synced(model, adapter_only)],
                         bucket_bytes)
 
 
@@ -65,13 +70,15 @@ def shard_layout(model: torch.nn.Module) -> list[int] | None:
     return found[1] if found else None
 
 
-def shard_plan(model: torch.nn.Module, bucket_bytes: int, parts: int, zero_copy: bool) -> ShardPlan:
+def shard_plan(model: torch.nn.Module, bucket_bytes: int, parts: int, zero_copy: bool,
+               adapter_only: bool = False) -> ShardPlan:
     """The model's ShardPlan (tgrpo.buckets.plan_shards, where the engine's join lives too). zero_copy (every policy
     rank's shards sit at the same offsets of one flat buffer): segments are ranges of that buffer, in its order; else
-    shards are packed in model order into a staging buffer."""
-    offsets = shard_layout(model) if zero_copy else None
+    shards are packed in model order into a staging buffer. adapter_only (use_lora): the adapter's shards alone,
+    packed."""
+    offsets = shard_layout(model) if zero_copy and not adapter_only else None
     entries, packed = [], 0
-    for i, (name, param) in enumerate(model.named_parameters()):
+    for i, (name, param) in enumerate(synced(model, adapter_only)):
         if offsets is None:
             offset, packed = packed, packed + shard_size(param.ds_numel, parts)
         else:

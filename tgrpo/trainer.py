@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tgrpo import build_locks, checkpoint, checks, console, rank_life, sync
+from tgrpo import build_locks, checkpoint, checks, console, lora, rank_life, sync
 from tgrpo.buckets import ShardPlan
 from tgrpo.config import Config, load_config
 from tgrpo.errors import ConfigError, JobError
@@ -80,6 +80,7 @@ class Job:
     watchdog: Watchdog | None = None
     stopped_at: int | None = None  # the step after which a preemption request stopped the run (saved there)
     nonfinite_in_a_row: int = 0  # steps in a row with an update skipped for NaN/inf (max_nonfinite_in_a_row stops)
+    adapter_config: dict | None = None  # use_lora: the adapter's peft config (adapter_config.json)
 
     @property
     def engine(self):
@@ -149,7 +150,8 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         raise ConfigError(problem)
     if resume is not None:
         try:
-            checkpoint.check_resumable(resume, placement, critic_expected=cfg.advantage_estimator == "gae")
+            checkpoint.check_resumable(resume, placement, critic_expected=cfg.advantage_estimator == "gae",
+                                       use_lora=cfg.use_lora)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     start_step = checkpoint.read_state(resume)["step"] if resume else 0
@@ -195,13 +197,17 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
     plans = None
     if rank == placement.sync_source:
         bucket_bytes = cfg.sync_bucket_mb << 20
-        plans = (sync.model_plan(policy.model, bucket_bytes),
-                 sync.shard_plan(policy.model, bucket_bytes, placement.num_policy, zero_copy)
-                 if split_partitions else None)
-    plan, shard_plan = rank_life.broadcast_object(plans, groups.data, placement.sync_source)
+        adapter_only = cfg.use_lora  # LoRA: syncs and checkpoints move the adapter alone
+        plans = (sync.model_plan(policy.model, bucket_bytes, adapter_only),
+                 sync.shard_plan(policy.model, bucket_bytes, placement.num_policy, zero_copy, adapter_only)
+                 if split_partitions else None,
+                 lora.config_dict(policy.model) if cfg.use_lora else None)
+    plan, shard_plan, adapter_config = rank_life.broadcast_object(plans, groups.data, placement.sync_source)
+    if worker is not None and adapter_config is not None:
+        worker.engine.use_adapter(adapter_config)
     job = Job(cfg, placement, groups, rank, device, model_dir, log, plan, worker, policy, reference, critic,
               KLController(cfg.kl_ctrl, cfg.beta, cfg.kl_target, cfg.kl_horizon), shard_plan=shard_plan,
-              watchdog=watch)
+              watchdog=watch, adapter_config=adapter_config)
     engines = len(placement.engine_ranks)
     log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
                 f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{placement.zero_stage}"
@@ -209,7 +215,9 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
                 + (f", the reference on {len(placement.reference)}" if placement.reference else "")
                 + (f", the critic on {len(placement.critic)}" if placement.critic else
                    ", the critic beside it" if cfg.advantage_estimator == "gae" else "")
-                + (", colocated" if placement.colocated else ""))
+                + (", colocated" if placement.colocated else "")
+                + (f"; LoRA r={cfg.lora_r}: {sum(b.numel for b in plan) / 1e6:.2f}M adapter parameters synced"
+                   if cfg.use_lora else ""))
     if resume is not None:
         starting(f"loading the checkpoint {resume}")
         job.start_step = checkpoint.load(job, resume)

@@ -65,10 +65,12 @@ class WeightReceiver:
     (unquantized) the model's weight loaders write each tensor into its parameter (fused qkv slices included). The buffer is a shared-memory file on CPU and, on GPU, the rollout rank's CUDA
     buffer opened by IPC handle: the bucket that NCCL received is read in place, never serialised."""
 
-    def tgrpo_begin_update(self, source: tuple | None) -> None:
+    def tgrpo_begin_update(self, source: tuple | None, adapter: tuple | None = None) -> None:
         """source: a new receive buffer to open (None: the one opened before). Weights are then loaded layer by
         layer through vLLM's layerwise reload where the loaded tensors are processed after loading (CPU repacks
-        them; quantized models), else straight into the parameters by the model's own weight loaders."""
+        them; quantized models), else straight into the parameters by the model's own weight loaders.
+        adapter: (id, adapter_config) when the buckets hold a LoRA adapter's tensors: they are collected and
+        become vLLM's adapter `id` at finish, the base weights untouched."""
         if source is not None:
             if source[0] == "shm":
                 _, path, nbytes = source
@@ -76,6 +78,10 @@ class WeightReceiver:
             else:
                 _, pickled, uuid = source
                 self._tgrpo_buffer = _open_cuda_ipc(pickled, uuid)
+        self._tgrpo_adapter = adapter
+        if adapter is not None:
+            self._tgrpo_tensors = {}
+            return
         self._tgrpo_layerwise = (not self._tgrpo_buffer.is_cuda
                                  or self.vllm_config.model_config.quantization is not None)
         if self._tgrpo_layerwise:
@@ -93,8 +99,15 @@ class WeightReceiver:
         # waits for finalize), and the next bucket overwrites the buffer: it gets copies. The direct loaders copy
         # into the parameters at once and get views. parts > 1: the buffer holds `parts` shard segments of
         # `segment` elements; a parameter is the concatenation of its slice of each (ZeRO-3's layout), cut to size.
-        copy = self._tgrpo_layerwise or device != flat.device
         from tgrpo.buckets import unpack_bucket
+
+        if self._tgrpo_adapter is not None:  # copies: the next bucket overwrites the buffer
+            from tgrpo.lora import file_name
+
+            for name, tensor in unpack_bucket(flat, metas, parts, segment):
+                self._tgrpo_tensors[file_name(name)] = tensor.detach().to("cpu", copy=True)
+            return
+        copy = self._tgrpo_layerwise or device != flat.device
 
         weights = [(name, tensor.to(device, copy=copy and parts == 1))
                    for name, tensor in unpack_bucket(flat, metas, parts, segment)]
@@ -110,12 +123,44 @@ class WeightReceiver:
             torch.cuda.ipc_collect()
 
     def tgrpo_finish_update(self) -> None:
+        if self._tgrpo_adapter is not None:
+            self._tgrpo_add_adapter()
+            return
         if self._tgrpo_layerwise:
             from vllm.config import set_current_vllm_config
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
             with set_current_vllm_config(self.vllm_config):
                 finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+
+    def tgrpo_adapters(self) -> list[int]:
+        """The ids of the LoRA adapters this worker holds."""
+        return sorted(self.model_runner.lora_manager.list_adapters())
+
+    def _tgrpo_add_adapter(self) -> None:
+        """The collected tensors as vLLM's LoRA adapter `id` (built as vLLM builds one from a peft folder, with the
+        model's name mapping), in place of the adapter before it: requests name the new id from now on."""
+        import inspect
+
+        from vllm.lora.peft_helper import PEFTHelper
+
+        lora_id, config = self._tgrpo_adapter
+        manager = self.model_runner.lora_manager
+        helper = PEFTHelper.from_dict(config)
+        helper.validate_legal(manager.lora_config)
+        mapper = getattr(manager._adapter_manager.model, "hf_to_vllm_mapper", None)
+        if mapper is not None and hasattr(mapper, "get_rename_mapper"):
+            mapper = mapper.get_rename_mapper()
+        build = manager._lora_model_cls.from_lora_tensors
+        kwargs = dict(lora_model_id=lora_id, tensors=self._tgrpo_tensors, peft_helper=helper, device="cpu",
+                      dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+                      weights_mapper=mapper)
+        accepted = inspect.signature(build).parameters
+        lora = build(**{k: v for k, v in kwargs.items() if k in accepted})
+        for old in list(manager.list_adapters()):
+            manager.remove_adapter(old)
+        manager._adapter_manager.add_adapter(lora)
+        self._tgrpo_tensors = {}
 
 
 @contextlib.contextmanager
@@ -242,7 +287,9 @@ def remove_stale_buffers() -> list[str]:
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
                  tensor_parallel_size: int = 1, sleep_mode: bool = False, on_engine_death=None,
-                 max_num_seqs: int = 256):
+                 max_num_seqs: int = 256, lora_rank: int | None = None):
+        """lora_rank: serve a LoRA adapter of up to this rank (one of vLLM's max_lora_rank sizes) over the base in
+        model_dir; syncs then bring the adapter's tensors (use_adapter) and requests are generated with it."""
         self.on_gpu = on_gpu = torch.cuda.is_available()
         if on_gpu:
             # vLLM's workers take the first visible GPUs: make those this rank's GPU and the next tp-1 (the engine's
@@ -260,7 +307,9 @@ class RolloutEngine:
                 shares = [cores[i * size:(i + 1) * size] or cores[-1:] for i in range(tensor_parallel_size)]
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, s)) for s in shares)
         self.sleep_mode = sleep_mode and on_gpu  # the CPU backend has no sleep mode; CPU memory is not the limit
-        self.sleep_level = cfg.vllm_sleep_level
+        # level 2 drops the weights, which a LoRA sync never sends again: the base is kept (level 1) with an adapter
+        self.sleep_level = 1 if lora_rank else cfg.vllm_sleep_level
+        lora_args = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1, max_cpu_loras=2) if lora_rank else {}
         self.seeded = seeds_on(cfg, on_gpu)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         os.environ[_OWNER] = str(os.getpid())
@@ -273,8 +322,12 @@ class RolloutEngine:
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
                 logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size,
                 enable_sleep_mode=self.sleep_mode, worker_extension_cls="tgrpo.vllm_engine.WeightReceiver",
-                **engine_settings(cfg, on_gpu, max_num_seqs),
+                **engine_settings(cfg, on_gpu, max_num_seqs), **lora_args,
             )
+        self.model_dir = model_dir
+        self._adapter_config: dict | None = None  # use_adapter: syncs bring a LoRA adapter of this config
+        self._adapter_id = 0  # vLLM's id of the adapter of the latest sync (0: none yet, the base alone)
+        self._lora_request = None
         self._closing = False
         self._watch_engine({pid for pid in set(_children()) - before if _is_engine(pid)}, on_engine_death)
         remove_stale_buffers()
@@ -316,7 +369,8 @@ class RolloutEngine:
         from vllm import SamplingParams, TokensPrompt
 
         ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
-                               [SamplingParams(**kwargs, logprobs=0) for kwargs in params], use_tqdm=False)
+                               [SamplingParams(**kwargs, logprobs=0) for kwargs in params],
+                               lora_request=self._lora_request, use_tqdm=False)
         # outputs carry the id the request was given; enqueue returns it with vLLM's unique suffix ("7-1a2b3c4d")
         where = {key: i for i, rid in enumerate(ids) for key in (rid, rid.rsplit("-", 1)[0])}
         outs: list = [None] * len(prompt_ids)
@@ -373,7 +427,10 @@ class RolloutEngine:
             else:
                 source = ("shm", self._shm_path, self._buffer.numel())
             self._announced = True
-        self.llm.collective_rpc("tgrpo_begin_update", args=(source,))
+        adapter = None
+        if self._adapter_config is not None:
+            adapter = (self._adapter_id + 1, self._adapter_config)
+        self.llm.collective_rpc("tgrpo_begin_update", args=(source, adapter))
 
     def weight_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """The flat receive buffer of the bucket being loaded (GPU memory on GPU, a shared-memory file on CPU),
@@ -390,7 +447,20 @@ class RolloutEngine:
 
     def finish_update(self) -> None:
         self.llm.collective_rpc("tgrpo_finish_update")
+        if self._adapter_config is not None:  # requests name the new adapter: a new id, never a stale cached one
+            from vllm.lora.request import LoRARequest
+
+            self._adapter_id += 1
+            self._lora_request = LoRARequest(f"tgrpo-{self._adapter_id}", self._adapter_id, self.model_dir)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def use_adapter(self, config: dict) -> None:
+        """Syncs from now on bring a LoRA adapter (peft's adapter_config.json as a dict), not the weights."""
+        self._adapter_config = config
+
+    def adapters(self) -> list[int]:
+        """The LoRA adapter ids each of the engine's workers holds (after a sync: the latest one alone)."""
+        return self.llm.collective_rpc("tgrpo_adapters")
 
     def sleep(self) -> None:
         """Colocated on GPU: free the KV cache and the weights for the policy's training step (level 1 keeps a copy

@@ -46,6 +46,7 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
             raise ConfigError("report_to wandb needs the wandb package: WITH_WANDB=1 bash launch/setup.sh (or pip "
                               "install wandb); WANDB_MODE=offline logs without network") from None
     tokenizer = _check_model(cfg)
+    _check_lora(cfg)
     if cfg.critic_model:
         from tgrpo.tiny import EMBEDDED
 
@@ -119,6 +120,32 @@ def _check_model(cfg: Config):
            "a template to its tokenizer_config.json")
     _check_weights(f"model '{cfg.model}'", folder)
     return tokenizer
+
+
+def _check_lora(cfg: Config) -> None:
+    """use_lora: peft is installed, and the modules lora_target_modules and lora_modules_to_save name exist in the
+    model (an empty copy on the meta device, from config.json: no weights read); peft would say so only once the
+    engines had started."""
+    if not cfg.use_lora:
+        return
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("use_lora needs the peft package: bash launch/setup.sh installs it (or pip install "
+                          "peft==0.21.0)") from None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir(cfg)))
+    names = [name for name, _ in model.named_modules()]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    for option in ("lora_target_modules", "lora_modules_to_save"):
+        wanted = [t for t in getattr(cfg, option) if t != "all-linear"]
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        _check(not missing, f"{option} names {', '.join(missing)}, which model '{cfg.model}' does not have (its "
+               f"linear layers: {', '.join(linear)}): name some of those" + (", or all-linear" if option ==
+                                                                              "lora_target_modules" else ""))
 
 
 # a tokenizer's vocabulary: a fast tokenizer's, SentencePiece's, a BPE's (with merges.txt), a WordPiece's

@@ -123,8 +123,7 @@ def _check_model(cfg: Config):
 
 
 def _check_lora(cfg: Config) -> None:
-    """use_lora: peft is installed, and the modules lora_target_modules and lora_modules_to_save name exist in the
-    model (an empty copy on the meta device, from config.json: no weights read); peft would say so only once the
+    """use_lora: peft is installed, and the modules lora_target_modules names exist in the model (an empty copy on the meta device, from config.json: no weights read); peft would say so only once the
     engines had started."""
     if not cfg.use_lora:
         return
@@ -140,12 +139,10 @@ def _check_lora(cfg: Config) -> None:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir(cfg)))
     names = [name for name, _ in model.named_modules()]
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    for option in ("lora_target_modules", "lora_modules_to_save"):
-        wanted = [t for t in getattr(cfg, option) if t != "all-linear"]
-        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
-        _check(not missing, f"{option} names {', '.join(missing)}, which model '{cfg.model}' does not have (its "
-               f"linear layers: {', '.join(linear)}): name some of those" + (", or all-linear" if option ==
-                                                                              "lora_target_modules" else ""))
+    wanted = [t for t in cfg.lora_target_modules if t != "all-linear"]
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+    _check(not missing, f"lora_target_modules names {', '.join(missing)}, which model '{cfg.model}' does not have "
+           f"(its linear layers: {', '.join(linear)}): name some of those, or all-linear")
 
 
 # a tokenizer's vocabulary: a fast tokenizer's, SentencePiece's, a BPE's (with merges.txt), a WordPiece's

@@ -227,8 +227,6 @@ class Config:
     lora_target_modules: list[str] = _f(["all-linear"], "Modules that get an adapter: peft's names (q_proj, "
                                         "v_proj, ...) or 'all-linear' (every linear layer of the decoder but the "
                                         "output head).")
-    lora_modules_to_save: list[str] = _f([], "Modules trained in full beside the adapter and saved with it "
-                                         "(peft's modules_to_save; vLLM serves lm_head and embed_tokens).")
     save_merged_lora: bool = _f(False, "use_lora: also write the base with the adapter merged into checkpoints' "
                                 "merged/ folder (a plain Hugging Face model), besides the adapter.")
     memory_check: bool = _f(True, "Estimate each GPU's and this host's memory before start-up (weights, gradients, "
@@ -360,8 +358,8 @@ class Config:
                f"{self.lora_dropout}")
         _check(self.lora_r <= 512, f"lora_r={self.lora_r} is larger than vLLM serves (max_lora_rank 512): choose "
                                    "lora_r <= 512")
-        _check(self.use_lora or not (self.save_merged_lora or self.lora_modules_to_save),
-               "save_merged_lora and lora_modules_to_save are LoRA options: set use_lora true or leave them unset")
+        _check(self.use_lora or not self.save_merged_lora,
+               "save_merged_lora is a LoRA option: set use_lora true or leave it unset")
         _check(bool(self.lora_target_modules), "lora_target_modules is empty: name the modules that get an adapter "
                                                "(e.g. q_proj v_proj) or all-linear")
         _check(not (self.resume and self.overwrite_output_dir),

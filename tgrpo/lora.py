@@ -1,7 +1,7 @@
 """LoRA (use_lora): the adapter built with peft, which of the policy's parameters are the adapter, and its tensors
 under the names of peft's file format, which PeftModel.from_pretrained and vLLM's LoRA loader read.
 
-The policy is peft's model around the frozen base: only the adapter (and lora_modules_to_save) has gradients and
+The policy is peft's model around the frozen base: only the adapter has gradients and
 optimizer state. The engines keep the base they loaded at start and get the adapter's tensors each sync (no file),
 from which vLLM builds a new adapter (tgrpo.vllm_engine.WeightReceiver); checkpoints hold adapter_config.json and
 adapter_model.safetensors.
@@ -25,8 +25,7 @@ def peft_config(cfg):
 
     targets = cfg.lora_target_modules
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules="all-linear" if targets == ["all-linear"] else targets,
-                      modules_to_save=cfg.lora_modules_to_save or None)
+                      task_type="CAUSAL_LM", target_modules="all-linear" if targets == ["all-linear"] else targets)
 
 
 def wrap(model: torch.nn.Module, cfg) -> torch.nn.Module:
@@ -37,7 +36,7 @@ def wrap(model: torch.nn.Module, cfg) -> torch.nn.Module:
 
 
 def is_adapter(name: str, param: torch.nn.Parameter) -> bool:
-    """A parameter the adapter trains (its A and B matrices, lora_modules_to_save's copies)."""
+    """A parameter the adapter trains (its A and B matrices)."""
     return param.requires_grad
 
 

@@ -4,7 +4,8 @@ The engine core runs in vLLM's own child process (the default multiprocess engin
 build its distributed state from our torchrun world and hang. Weights reach that child through a worker
 extension (`WeightReceiver`), a method called by name through `collective_rpc`, given the buffer the rollout rank
 has just received a bucket into (a shared-memory file on CPU, a CUDA IPC handle on GPU): no tensor goes through
-vLLM's serialisation.
+vLLM's serialisation. With use_lora the engine serves a LoRA adapter over the base it loaded: a sync carries the
+adapter's tensors alone, from which each worker builds a new vLLM adapter (a new id), and requests name it.
 """
 from __future__ import annotations
 

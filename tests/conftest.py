@@ -32,6 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # not named here counts as DEFAULT_SLOW_S, a unit test as 0.
 SECONDS = {
     "train": 480, "ppo": 260, "search": 130,  # the groups: a run shared by several tests
+    # test_lora (measured alone, beside another user's jobs: the group 165 s, colocated 54 s, TP 40 s; doubled as
+    # for two workers)
+    "lora": 330, "test_lora_colocated_with_a_reference_and_a_ppo_critic": 110,
+    "test_lora_reaches_a_tensor_parallel_engine": 80,
     "test_tensor_parallel_engine_and_reference_on_its_own_rank": 220,
     "test_options_run_together_and_eval_reaches_tensorboard": 200,
     "test_a_rank_killed_by_the_oom_killer_is_named_so": 200,

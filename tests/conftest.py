@@ -39,7 +39,7 @@ SECONDS = {
     "test_tensor_parallel_engine_and_reference_on_its_own_rank": 220,
     "test_options_run_together_and_eval_reaches_tensorboard": 200,
     "test_a_rank_killed_by_the_oom_killer_is_named_so": 200,
-    "test_node_sh_signals_save_or_stop_the_job_as_meant_and_the_run_resumes": 280,
+    "test_node_sh_signals_save_or_stop_the_job_as_meant_and_the_run_resumes": 170,
     "test_overlapped_run_learns_the_toy_task_and_stays_in_sync": 160,
     "test_readme_main_job_prints_one_screen_and_logs_the_rest": 160,
     "test_accelerate_launch_trains_a_short_run": 130,

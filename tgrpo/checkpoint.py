@@ -367,5 +367,6 @@ def export_adapter(model: torch.nn.Module, plan: list, config: dict, model_dir: 
     lora.save_adapter(state, config, dest)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
     if merged:
-        lora.save_merged(dest, model_dir, os.path.join(dest, "merged"), next(iter(state.values())).dtype)
+        with deepspeed_engine.without_zero_init():
+            lora.save_merged(dest, model_dir, os.path.join(dest, "merged"), next(iter(state.values())).dtype)
     return 0

@@ -126,6 +126,21 @@ def _launcher_world_is_default_group():
             os.environ["WORLD_SIZE"] = saved
 
 
+@contextlib.contextmanager
+def without_zero_init():
+    """A model that one rank loads alone (a checkpoint's merged export): transformers' ZeRO-3 hook off meanwhile.
+    The policy's HfDeepSpeedConfig is alive in this process, so from_pretrained would partition the model with
+    zero.Init, a collective the other policy ranks never join (seen: the save hung at ZeRO-3)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def full_shape(param: torch.nn.Parameter) -> list[int]:
     """The whole parameter's shape: a ZeRO-3 partitioned parameter reports numel() == 0 outside a gather."""
     return list(getattr(param, "ds_shape", param.shape))

@@ -32,7 +32,11 @@ def wrap(model: torch.nn.Module, cfg) -> torch.nn.Module:
     """The model with a fresh adapter (lora_B zero: the policy starts as the base); every other weight frozen."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(cfg))
+    # lora_A is drawn at random (peft's Kaiming init); from cfg.seed, so that runs with one seed start from one
+    # adapter (torch's default generator is seeded at random in every process)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(model, peft_config(cfg))
 
 
 def is_adapter(name: str, param: torch.nn.Parameter) -> bool:
@@ -71,7 +75,8 @@ def save_adapter(tensors: dict[str, torch.Tensor], config: dict, dest: str) -> N
 
 
 def save_merged(adapter_dir: str, base_dir: str, dest: str, dtype: torch.dtype) -> None:
-    """The base with the adapter of adapter_dir merged in, as a plain Hugging Face model in dest (on the CPU)."""
+    """The base with the adapter of adapter_dir merged in, as a plain Hugging Face model in dest (on the CPU). One
+    rank calls it alone: under ZeRO-3, wrap it in deepspeed_engine.without_zero_init()."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -21,10 +21,18 @@ fixed (the default with --random_model): max_completion_length, the work another
 shape; varied: a draw from [max/4, max] per prompt; longtail: max/8, and max for one prompt in ten. Without
 --random_model and --lengths, completions end where the model stops. The bare vLLM run gets the same budgets and
 ignore_eos. Every phase is also reported as the step's tokens (prompt and completion) per second of that phase.
+
+With --use_lora true (any trainer flag passes through) the policy is a peft adapter on the frozen base: MFU counts
+the LoRA step's own FLOPs, (4·N_base + 6·N_adapter)·T (the base's forward, 2 per weight and token, and the backward
+through the frozen weights, activation gradients only, 2 more; the adapter's forward, activation and weight
+gradients, 6), not 6·N·T, and the table names the formula. The plain loop is the same micro-batches through the same
+peft model and DeepSpeed engine (only the adapter trains) with a plain cross-entropy; bare vLLM serves the same
+adapter (the policy's after the timed steps, written in peft's format) with LoRA on and vLLM's defaults otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -118,13 +126,25 @@ def main() -> None:
         if lengths:  # every step's, warm-ups and plain steps included
             mine.update(length_min=min(lengths), length_max=max(lengths), length_count=len(lengths),
                         length_at_limit=sum(n == cfg.max_completion_length for n in lengths))
+        adapter_dir = None
+        if cfg.use_lora and ours.bare_repeats:  # bare vLLM serves the policy's adapter: written in peft's format
+            adapter_dir = os.path.join(cfg.output_dir, "bench-adapter")
+            if job.policy is not None:
+                from tgrpo.checkpoint import export_adapter
+
+                export_adapter(job.policy.model, job.plan, job.adapter_config, job.model_dir, adapter_dir,
+                               is_writer=rank == placement.sync_source)
+            rank_life.gather_objects(None, job.groups.data)  # written before any engine reads it
         if job.worker is not None:
-            mine.update(measure_generation(job, cfg, ours, busy["bare"], last_rollout[-1] if last_rollout else None))
-        n_params = sum(b.numel for b in job.plan)
+            mine.update(measure_generation(job, cfg, ours, busy["bare"], last_rollout[-1] if last_rollout else None,
+                                           adapter_dir))
+        if job.policy is not None:  # the policy's parameters: every one, and those that train (LoRA: the adapter)
+            sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in job.policy.model.parameters()]
+            mine.update(n_params=sum(n for n, _ in sizes), n_trainable=sum(n for n, grad in sizes if grad))
         everyone = rank_life.gather_objects(mine, job.groups.data)
         trainer.finish(job)
         if rank == 0:
-            report(histories, cfg, placement, everyone, n_params, ours)
+            report(histories, cfg, placement, everyone, ours)
 
     rank_life.run(lambda: adjusted(load_config(rest)), body)
 
@@ -162,7 +182,9 @@ def _sync() -> None:
 
 def plain_train_step(policy):
     """A train phase with nothing but the work itself: the step's micro-batches through the same DeepSpeed engine
-    with a plain next-token cross-entropy on the completion tokens, one optimizer step per mini-batch."""
+    with a plain next-token cross-entropy on the completion tokens, one optimizer step per mini-batch. With use_lora
+    the engine's model is the peft model (base frozen, the adapter alone has gradients and optimizer state): the
+    plain loop is then a plain peft loop on the same micro-batches."""
     import torch.nn.functional as F
 
     from tgrpo import modeling
@@ -183,9 +205,10 @@ def plain_train_step(policy):
     return train_step
 
 
-def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
+def measure_generation(job, cfg, ours, bare_busy, last_rollout, adapter_dir: str | None = None) -> dict:
     """On a rollout rank after the steps: the trainer's engine with and without seeds (--profile_generation), then
-    bare vLLM on the same requests in a fresh engine, and the rewards of the last batch scored alone."""
+    bare vLLM on the same requests in a fresh engine (adapter_dir: serving that LoRA adapter), and the rewards of the
+    last batch scored alone."""
     import torch
 
     worker, out = job.worker, {}
@@ -220,7 +243,7 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
     runs = bare_generate(job.model_dir, ids, dtype=dtypes(cfg)[0], seed=cfg.seed, max_tokens=budgets,
                          ignore_eos=worker.ignore_eos,
                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, repeats=ours.bare_repeats,
-                         during=bare_busy.during, **kwargs)
+                         during=bare_busy.during, adapter_dir=adapter_dir, lora_r=cfg.lora_r, **kwargs)
     out["bare_tokens_per_s"] = statistics.fmean(tokens / seconds for tokens, seconds in runs)
     out["bare_tokens"] = runs[-1][0]
     out["busy_bare"] = bare_busy.fraction()
@@ -229,31 +252,75 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout) -> dict:
 
 def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, seed: int, n: int,
                   max_tokens: list[int], ignore_eos: bool, temperature: float, top_p: float,
-                  gpu_memory_utilization: float, repeats: int, during) -> list[tuple[int, float]]:
+                  gpu_memory_utilization: float, repeats: int, during, adapter_dir: str | None = None,
+                  lora_r: int = 0) -> list[tuple[int, float]]:
     """The generation ceiling: a fresh vLLM engine with vLLM's own defaults (tgrpo.vllm_engine.bare_llm), the same
     requests (budgets and ignore_eos as the trainer's engine had them, so both generate the same number of tokens)
-    with sampled-token logprobs (which the trainer needs), after a short warm-up. Returns (generated
-    tokens, seconds) of each of `repeats` timed runs; during(fn) wraps the timed calls (the GPU busy sampler)."""
+    with sampled-token logprobs (which the trainer needs), after a short warm-up. adapter_dir: the engine serves that
+    peft adapter (LoRA on, max_lora_rank the smallest of vLLM's sizes >= lora_r, one adapter), every request with
+    it. Returns (generated tokens, seconds) of each of `repeats` timed runs; during(fn) wraps the timed calls (the GPU
+    busy sampler)."""
     from vllm import SamplingParams, TokensPrompt
 
     from tgrpo.vllm_engine import bare_llm
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
-    with bare_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization) as llm:
+    if adapter_dir:
+        from vllm.lora.request import LoRARequest
+
+        from tgrpo.lora import vllm_max_rank
+
+        engine = _bare_lora_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                                max_lora_rank=vllm_max_rank(lora_r))
+        request = {"lora_request": LoRARequest("bench-adapter", 1, adapter_dir)}
+    else:
+        engine = bare_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+        request = {}
+    with engine as llm:
         warm = SamplingParams(n=n, max_tokens=8, temperature=temperature, top_p=top_p, logprobs=0)
-        llm.generate(prompts, warm, use_tqdm=False)
+        llm.generate(prompts, warm, use_tqdm=False, **request)
         params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0,
                                  ignore_eos=ignore_eos) for m in max_tokens]
         generate = during(llm.generate)
         runs = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            outputs = generate(prompts, params, use_tqdm=False)
+            outputs = generate(prompts, params, use_tqdm=False, **request)
             runs.append((sum(len(o.token_ids) for out in outputs for o in out.outputs), time.perf_counter() - t0))
         return runs
 
 
-def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours) -> None:
+@contextlib.contextmanager
+def _bare_lora_llm(model_dir: str, *, dtype: str, seed: int, gpu_memory_utilization: float, max_lora_rank: int):
+    """tgrpo.vllm_engine.bare_llm with LoRA on (one adapter of up to max_lora_rank): vLLM's defaults otherwise."""
+    import torch
+    from vllm import LLM
+
+    from tgrpo.vllm_engine import _without_launcher_env
+
+    on_gpu = torch.cuda.is_available()
+    with _without_launcher_env():
+        llm = LLM(model=model_dir, dtype=dtype, seed=seed, enable_lora=True, max_lora_rank=max_lora_rank,
+                  max_loras=1, gpu_memory_utilization=gpu_memory_utilization if on_gpu else 0.1)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+def flops_per_token(cfg, n_params: int, n_trainable: int) -> tuple[float, str]:
+    """Model FLOPs of one token's forward and backward in the policy's update, and the formula's name. Full
+    fine-tuning: 6 N (forward 2 N, activation gradients 2 N, weight gradients 2 N). LoRA: the frozen base's forward
+    and activation gradients (4 per weight, no weight gradients) plus the adapter's forward, activation and weight
+    gradients (6 per weight): 4 N_base + 6 N_adapter. Attention's own FLOPs, recomputation (gradient checkpointing)
+    and the no-grad passes (old logprobs with num_iterations > 1, the reference) are left out: a lower bound."""
+    if cfg.use_lora:
+        return 4.0 * (n_params - n_trainable) + 6.0 * n_trainable, "(4*N_base + 6*N_adapter)*T (LoRA)"
+    return 6.0 * n_params, "6*N*T"
+
+
+def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
     from tgrpo import console  # the console: a rank's own prints go to the node's log
 
     def mean(rows, key):
@@ -329,8 +396,8 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
         console.say(f"rewards: {summary('reward_completions'):.0f} completions take {result['reward_alone_s']:.3f} s scored "
               f"alone; a step waited {result['reward_exposed_s']:.3f} s for them after generation")
 
-    # training against the plain loop, and MFU (6 N T: forward + backward of every token; attention and the extra
-    # no-grad passes of num_iterations > 1 or a reference are left out, so it is a lower bound)
+    # training against the plain loop, and MFU (flops_per_token: 6 N T, with LoRA (4 N_base + 6 N_adapter) T;
+    # attention and the extra no-grad passes of num_iterations > 1 or a reference are left out: a lower bound)
     train_steps = [r["batch/tokens"] / r["time/train_s"] for r in seq]
     plain_steps = [r["batch/tokens"] / r["time/train_s"] for r in timed.pop("plain")]
     rows.pop("plain")
@@ -344,15 +411,21 @@ def report(histories: dict, cfg, placement, everyone: list, n_params: int, ours)
     if summary("busy_train") is not None:
         result["policy_busy"] = summary("busy_train")
     peak = ours.peak_tflops or _guess_peak_tflops()
+    n_params = max((e["n_params"] for e in everyone if e and "n_params" in e), default=0)
+    n_trainable = max((e["n_trainable"] for e in everyone if e and "n_trainable" in e), default=0)
+    per_token, formula = flops_per_token(cfg, n_params, n_trainable)
+    result.update(n_params=n_params, n_trainable_params=n_trainable, mfu_formula=formula, use_lora=cfg.use_lora)
+    if cfg.use_lora:
+        result.update(lora_r=cfg.lora_r, bare_vllm_serves_adapter=bool(ours.bare_repeats))
     if peak:
-        per_gpu = 6 * n_params * cfg.num_iterations / placement.num_policy / 1e12
+        per_gpu = per_token * cfg.num_iterations / placement.num_policy / 1e12
         result.update(train_tflops_per_gpu=per_gpu * train_tps, train_mfu=per_gpu * train_tps / peak,
-                      plain_mfu=6 * n_params / placement.num_policy / 1e12 * plain_tps / peak, peak_tflops=peak)
+                      plain_mfu=per_token / placement.num_policy / 1e12 * plain_tps / peak, peak_tflops=peak)
     console.say(f"training: {train_tps:.0f} tok/s ({min(train_steps):.0f}-{max(train_steps):.0f} over {len(seq)} "
           f"steps), plain loop on the same micro-batches {plain_tps:.0f} tok/s ({min(plain_steps):.0f}-"
           f"{max(plain_steps):.0f} over {len(plain_steps)}): train_vs_plain {result['train_vs_plain']:.3f}" + (
-              f"; MFU {result['train_mfu']:.3f} (plain {result['plain_mfu']:.3f}) of {peak:.0f} TFLOP/s"
-              if peak else "") + (f"; GPU busy {result['policy_busy']:.2f}" if "policy_busy" in result else ""))
+              f"; MFU {result['train_mfu']:.3f} (plain {result['plain_mfu']:.3f}) of {peak:.0f} TFLOP/s, counting "
+              f"{formula}" if peak else f"; MFU formula {formula} (no GPU peak known)") + (f"; GPU busy {result['policy_busy']:.2f}" if "policy_busy" in result else ""))
     for key in ("memory/policy_peak_gib", "memory/device_used_gib", "memory/rollout_device_used_gib"):
         if any(key in r for r in seq):
             result[key] = max(r.get(key, 0.0) for steps in timed.values() for r in steps)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, alive, descendants, finish, free_port, shm
+from helpers import ROOT, JobWatch, alive, descendants, finish, free_port, shm
 
 V1 = "/sys/fs/cgroup/memory"
 
@@ -49,7 +49,8 @@ def test_a_rank_killed_by_the_oom_killer_is_named_so(tmp_path):
         env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT}/tests", "MASTER_PORT": str(free_port()),
              "PYTHON": sys.executable})
     try:
-        result = finish(proc, 600)
+        with JobWatch(proc) as watch:  # this job's own shared memory: other jobs of the suite run meanwhile
+            result = finish(proc, 600)
         everything = descendants(proc.pid)
     finally:
         deadline = time.time() + 30
@@ -63,4 +64,4 @@ def test_a_rank_killed_by_the_oom_killer_is_named_so(tmp_path):
     cause = [line for line in result.stderr.splitlines() if line.startswith("error: rank 0")]
     assert cause and "was killed by the kernel's OOM killer" in cause[0], result.stderr[-3000:]
     assert not alive(everything)
-    assert shm() <= before
+    assert not watch.left(before), watch.left(before)

@@ -70,12 +70,23 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _as_from_a_terminal() -> None:
+    """In the child, before exec: the signals a user sends (Ctrl-C, kill, a scheduler's USR1) at their defaults and
+    unblocked, as a shell started from a terminal has them. A pytest worker may hold SIGINT ignored (seen in the full
+    suite, not alone), which the child would inherit, and bash cannot trap a signal ignored when it starts: node.sh's
+    Ctrl-C handler never ran."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
+
+
 def start(cmd: list[str], env: dict | None = None, log: str | None = None) -> subprocess.Popen:
-    """Start cmd from the repo root in a process group of its own. Its output is captured for finish(), or goes to
-    the file `log` when the caller polls the run meanwhile (a pipe nobody reads fills up and stalls the run)."""
+    """Start cmd from the repo root in a process group of its own, with the signals of a terminal's shell. Its
+    output is captured for finish(), or goes to the file `log` when the caller polls the run meanwhile (a pipe nobody
+    reads fills up and stalls the run)."""
     out = open(log, "w") if log else subprocess.PIPE
     return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE,
-                            text=True, start_new_session=True,
+                            text=True, start_new_session=True, preexec_fn=_as_from_a_terminal,
                             env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
 
 

@@ -261,6 +261,16 @@ def _read(path: str) -> bytes:
         return b""
 
 
+def is_rank(pid: int) -> bool:
+    """A rank of the job: a process torchrun started (its parent's command line is torchrun's). Matching the command
+    line alone also finds torchrun itself and the processes rank 0 forks (the reward pool's workers keep its command
+    line and its RANK=0): kill -9 of one of those left the job running on, and a test waiting for the kill failed."""
+    fields = _stat(pid)
+    if fields is None or b"train_grpo.py" not in _read(f"/proc/{pid}/cmdline"):
+        return False
+    return b"torch.distributed.run" in _read(f"/proc/{fields[1]}/cmdline")
+
+
 def kill_rank_after_step(proc: subprocess.Popen, metrics_file, step: int, rank: int,
                          watch: JobWatch | None = None) -> set[int]:
     """Once the job under `proc` (node.sh or torchrun) has written `step` metrics rows, kill -9 its global rank
@@ -271,7 +281,7 @@ def kill_rank_after_step(proc: subprocess.Popen, metrics_file, step: int, rank: 
         assert proc.poll() is None and time.time() < deadline, f"the run did not reach step {step}"
         time.sleep(0.5)
     everything = watch.sample() - {proc.pid} if watch else descendants(proc.pid)
-    ranks = [pid for pid in everything if b"train_grpo.py" in _read(f"/proc/{pid}/cmdline")]
+    ranks = [pid for pid in everything if is_rank(pid)]
     victim = next(pid for pid in ranks if f"RANK={rank}".encode() in _read(f"/proc/{pid}/environ").split(b"\0"))
     os.kill(victim, signal.SIGKILL)
     return everything

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import alive, descendants, finish, free_port, shm, start
+from helpers import alive, descendants, finish, free_port, is_rank, shm, start
 
 
 @pytest.mark.slow
@@ -94,7 +94,7 @@ def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         everything = descendants(proc.pid)
-        ranks = [pid for pid in everything if b"train_grpo.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        ranks = [pid for pid in everything if is_rank(pid)]
         victim = next(pid for pid in ranks if b"RANK=2" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
         os.kill(victim, signal.SIGSTOP)
         frozen_at = time.time()

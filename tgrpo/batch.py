@@ -41,6 +41,11 @@ class Sample:
     values: list[float] | None = None
     token_advantages: list[float] | None = None
     returns: list[float] | None = None
+    # async_mode: the weights version (updates the engine had loaded) that sampled each completion token, and the
+    # group's place in the rollout stream, (engine index, position), which a checkpoint records as trained
+    versions: list[int] | None = None
+    group: tuple[int, int] | None = None
+    fresh_mask: list[int] | None = None  # async_mode: 1 on the model's tokens sampled by the weights being trained
 
     @property
     def model_mask(self) -> list[int]:
@@ -153,6 +158,7 @@ class MicroBatch:
     packed: bool = True
     old_values: torch.Tensor | None = None  # [N] the critic's values before its update (gae), when every sample has
     returns: torch.Tensor | None = None  # [N] the critic's targets (gae)
+    fresh_mask: torch.Tensor | None = None  # [N] async_mode: 1 on tokens of the weights being trained (lag 0)
 
 
 def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: int, mask_truncated: bool = False,
@@ -160,7 +166,8 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
     """The tensors of one micro-batch, made on the host in one pass and copied to the device once each.
     loss_weights: per-sample normaliser of each counted token (default 1)."""
     targets, rollout, adv, loss_mask, model_mask, weights, ref = [], [], [], [], [], [], []
-    values, returns = [], []
+    values, returns, fresh = [], [], []
+    have_fresh = any(s.fresh_mask is not None for s in samples)
     have_ref = all(s.ref_logprobs is not None for s in samples)
     have_values = all(s.values is not None and s.returns is not None for s in samples)
     for k, s in enumerate(samples):
@@ -176,6 +183,8 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
         if have_values:
             values += s.values
             returns += s.returns
+        if have_fresh:
+            fresh += s.fresh_mask if s.fresh_mask is not None else [0] * c
     if packed:
         ids, positions, index, bounds = [], [], [], [0]
         for s in samples:
@@ -211,7 +220,8 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
             "targets": torch.tensor(targets, dtype=torch.long), "rollout_logp": floats(rollout),
             "advantages": floats(adv), "loss_mask": floats(loss_mask), "model_mask": floats(model_mask),
             "loss_weight": floats(weights), "ref_logp": floats(ref) if have_ref else None,
-            "old_values": floats(values) if have_values else None, "returns": floats(returns) if have_values else None}
+            "old_values": floats(values) if have_values else None, "returns": floats(returns) if have_values else None,
+            "fresh_mask": floats(fresh) if have_fresh else None}
     on_device = {k: _to(v, device) for k, v in host.items()}
     model_kwargs = {k: _to(v, device) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
     return MicroBatch(**on_device, model_kwargs=model_kwargs, lengths=[len(s.completion_ids) for s in samples],

@@ -27,6 +27,7 @@ from tgrpo import console, deepspeed_engine, sync
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"  # every file of the checkpoint and its size, written before STATE
 LATEST = "latest"
+STREAM = "rollout_stream.json"  # async_mode: each engine's groups fed, owed and dropped (tgrpo.rollout_stream)
 CRITIC = "deepspeed-critic"  # advantage_estimator gae: the critic's DeepSpeed state
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -249,8 +250,17 @@ def save(job, step: int) -> str:
     if job.critic is not None:  # advantage_estimator gae: the critic's parameters and optimizer
         deepspeed_engine.save_state(job.critic.engine, os.path.join(tmp, CRITIC))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
+    streams = None
+    if cfg.async_mode:  # every engine's groups: the next to feed, those owed (in flight or ready) and dropped
+        from tgrpo import rank_life
+
+        streams = [x for x in rank_life.gather_objects(job.stream.state() if job.stream is not None else None,
+                                                        job.groups.data) if x is not None]
     dist.barrier(group=job.groups.data)
     if job.is_source:
+        if streams is not None:
+            with open(os.path.join(tmp, STREAM), "w") as f:
+                json.dump(streams, f)
         placement = job.placement
         write_manifest(tmp)
         with open(os.path.join(tmp, STATE), "w") as f:
@@ -264,6 +274,15 @@ def save(job, step: int) -> str:
         _write_latest(cfg.output_dir, os.path.basename(final))
         _prune(cfg.output_dir, cfg.save_total_limit)
     return final
+
+
+def read_stream(path: str) -> list[dict] | None:
+    """async_mode: every engine's rollout stream as the checkpoint recorded it (None: saved by a synchronous run)."""
+    file = os.path.join(path, STREAM)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
 
 
 def load(job, path: str) -> int:

@@ -277,6 +277,17 @@ class Config:
                            "engines; 1: one broadcast from the first policy rank reaches every engine.")
     max_staleness: int = _f(0, "0: strict on-policy. k >= 1: rollout ranks generate batches up to k steps ahead "
                             "while the policy trains (split placement), and tis_cap corrects for the lag.")
+    async_mode: bool = _f(False, "Fully asynchronous training (split placement): engines generate without a break, "
+                          "keeping async_groups_in_flight groups in flight; a step trains on the first finished "
+                          "groups as soon as there are enough, and new weights reach the engines between two of "
+                          "their steps, requests in flight going on with them. max_staleness (>= 1) bounds the lag "
+                          "of every token; older groups are dropped and counted (async/dropped_stale).")
+    async_groups_in_flight: int = _f(0, "async_mode: prompts' groups each engine keeps in flight or ready (its share "
+                                     "of prompts_per_step for a step's worth); 0: twice its share.")
+    async_kv_cache: Literal["keep", "recompute"] = _f(
+        "keep", "async_mode: what a weight update does to the requests in flight. keep: their KV cache stays, "
+        "computed by the older weights, and they go on with the new ones (PipelineRL); recompute: it is dropped and "
+        "recomputed by the new weights before they go on (AReaL), at the cost of a prefill of everything in flight.")
     sync_check: bool = _f(False, "After every sync, check that the rollout engine's greedy tokens and "
                           "logprobs equal the policy's on a few prompts; stop the run if not.")
     sync_check_prompts: int = _f(4, "Prompts used by sync_check.")
@@ -391,6 +402,18 @@ class Config:
         _check(not self.max_staleness or not self.colocate,
                "max_staleness > 0 overlaps generation with training on separate ranks, but colocate=true makes "
                "every rank take turns: set max_staleness 0 or use a split placement")
+        _check(not self.async_mode or self.max_staleness >= 1,
+               "async_mode trains on tokens sampled while earlier steps trained: set max_staleness >= 1 (the largest "
+               "lag in updates a token may have; 2 is a good start)")
+        _check(not self.async_mode or not self.colocate,
+               "async_mode generates while the policy trains, on ranks of their own, but colocate=true makes every "
+               "rank take turns: use a split placement (rollout_ranks and policy_ranks)")
+        _check(not (self.async_mode and self.use_lora),
+               "async_mode with use_lora is not supported yet: requests in flight hold the adapter they started "
+               "with, which an in-flight update would remove; set async_mode false (max_staleness k >= 1 overlaps "
+               "generation with training batch by batch)")
+        _check(self.async_groups_in_flight >= 0,
+               f"async_groups_in_flight must be >= 0 (0: twice an engine's share), got {self.async_groups_in_flight}")
         _check(not self.max_staleness or self.tis_cap > 0,
                f"max_staleness={self.max_staleness} trains on samples from older weights: set tis_cap (e.g. 2.0) "
                "so importance sampling corrects the lag")

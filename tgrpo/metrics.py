@@ -10,6 +10,25 @@ from tgrpo import console
 from tgrpo.rewards import answer_reward
 
 
+_SUMMED = {"async/dropped_stale", "async/groups_in_flight", "async/groups_ready", "async/seqs_in_flight_mean"}
+
+
+def staleness_stats(samples: list, step: int, max_staleness: int) -> dict[str, float]:
+    """async_mode: the step's model tokens per lag (step - the version of the weights that sampled them), from
+    every token's version: staleness/lag_0 ... lag_<max_staleness>, the mean and the largest lag."""
+    counts = [0] * (max_staleness + 1)
+    worst, total, weighted = 0, 0, 0
+    for s in samples:
+        for version, m in zip(s.versions, s.model_mask):
+            if m:
+                lag = step - version
+                counts[min(lag, max_staleness)] += 1
+                worst, total, weighted = max(worst, lag), total + 1, weighted + lag
+    out = {f"staleness/lag_{d}_tokens": float(c) for d, c in enumerate(counts)}
+    out.update({"staleness/mean": weighted / max(1, total), "staleness/max": float(worst)})
+    return out
+
+
 def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, float]:
     """One step's scalars from every sample and every rank's timings."""
     rewards = [s.reward for s in samples]
@@ -44,6 +63,9 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
     if any("device_used_gib" in r for r in rollout):
         out["memory/rollout_device_used_gib"] = max(r.get("device_used_gib", 0.0) for r in rollout)
     out["rollout/staleness"] = max(r.get("staleness", 0) for r in rollout)
+    for key in (k for k in rollout[0] if k.startswith("async/")):  # async_mode: each engine's, summed or averaged
+        values = [r[key] for r in rollout]
+        out[key] = sum(values) if key in _SUMMED else statistics.fmean(values)
     out["reward/remote_failures"] = sum(r["remote_failures"] for r in rollout)
     out["throughput/generate_tokens_per_s"] = sum(r["generated_tokens"] for r in rollout) / max(generate_s, 1e-9)
     for key, value in train.items():
@@ -52,6 +74,17 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
         else:
             prefix = "throughput" if key.endswith("_per_s") else "time" if key.endswith("_s") else "policy"
             out[f"{prefix}/{key}"] = value
+    return out
+
+
+def _runs(values: list[int]) -> list[list[int]]:
+    """[[value, how many in a row], ...]"""
+    out: list[list[int]] = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
     return out
 
 
@@ -153,6 +186,9 @@ class Metrics:
                 row.update(turns=s.turns, tool_calls=s.tool_calls, completion_ids=s.completion_ids,
                            completion_mask=s.completion_mask,
                            segments=[{"text": text, "source": "model" if m else "tool"} for text, m in s.segments])
+            if s.versions is not None:  # async_mode: its group, and each token's weights version as (version, count)
+                row.update(group=list(s.group), versions=_runs(s.versions), completion_ids=s.completion_ids,
+                           rollout_logprobs=s.rollout_logprobs)
             self.samples_file.write(json.dumps(row) + "\n")
         self.samples_file.flush()
         self.bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", step_s=f"{scalars['time/step_s']:.1f}",

@@ -18,7 +18,7 @@ from tgrpo.batch import MicroBatch, Sample
 
 # token-weighted sums per step; the first pass over the batch counts every statistic, later passes
 # (num_iterations > 1) only the first EVERY_PASS, those of the update itself
-STATS = ("loss", "clipped", "pass_tokens", "entropy", "kl", "abs_diff", "mismatch_kl", "tokens")
+STATS = ("loss", "clipped", "pass_tokens", "entropy", "kl", "abs_diff", "mismatch_kl", "tokens", "fresh_tokens")
 EVERY_PASS = 3
 
 
@@ -59,12 +59,16 @@ def micro_loss(model, mb: MicroBatch, cfg) -> tuple[torch.Tensor, torch.Tensor, 
     share = (per_token * mb.loss_weight).sum()
     with torch.no_grad():
         mask, real = mb.loss_mask, mb.model_mask  # mismatch is measured on every token the model generated
+        # async_mode: the tokens sampled by the weights being trained, whose mismatch is the engine's numerics alone
+        fresh = mb.fresh_mask * real if mb.fresh_mask is not None else torch.zeros_like(real)
         log_ratio = (old - mb.rollout_logp) * real
         kl = (stats["kl"] * mask).sum() if "kl" in stats else torch.zeros((), device=mask.device)
         sums = torch.stack([share.detach(), (stats["clipped"] * mask).sum(), mask.sum(), (entropy * mask).sum(),
                             kl, log_ratio.abs().sum(),
-                            (algorithm.mismatch_kl(old, mb.rollout_logp) * real).sum(), real.sum()])
-        peaks = torch.stack([(torch.exp(log_ratio) * real).max(), log_ratio.abs().max()])
+                            (algorithm.mismatch_kl(old, mb.rollout_logp) * real).sum(), real.sum(),
+                            fresh.sum()])
+        peaks = torch.stack([(torch.exp(log_ratio) * real).max(), log_ratio.abs().max(),
+                             (log_ratio.abs() * fresh).max()])
     return share, sums.double(), peaks.double()
 
 
@@ -170,7 +174,7 @@ class PolicyWorker:
                     mb.old_logp = modeling.token_logprobs(self.engine, mb, cfg.temperature)[0]
         self.engine.train()
         sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
-        maxima = torch.zeros(2, dtype=torch.float64, device=self.device)
+        maxima = torch.zeros(3, dtype=torch.float64, device=self.device)
         later = torch.tensor([1.0] * EVERY_PASS + [0.0] * (len(STATS) - EVERY_PASS), dtype=torch.float64,
                              device=self.device)
         skipped = 0  # updates whose loss or gradient norm was NaN/inf: the same count on every policy rank
@@ -185,7 +189,9 @@ class PolicyWorker:
         dist.all_reduce(sums, group=self.groups.policy)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.groups.policy)
         r = dict(zip(STATS, sums.tolist()))
-        max_ratio, max_diff = maxima.tolist()
+        max_ratio, max_diff, fresh_diff = maxima.tolist()
+        fresh = ({"mismatch/lag0_tokens": r["fresh_tokens"], "mismatch/lag0_logprob_abs_diff_max": fresh_diff}
+                 if cfg.async_mode else {})
         tokens, pass_tokens = max(r["tokens"], 1.0), max(r["pass_tokens"], 1.0)
         grad_norm = deepspeed_engine.grad_norm(self.engine)
         train_s = time.perf_counter() - t0
@@ -194,7 +200,7 @@ class PolicyWorker:
             free, total = torch.cuda.mem_get_info()
             memory = {"memory/policy_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                       "memory/device_used_gib": (total - free) / 2**30}
-        return {**memory,
+        return {**memory, **fresh,
                 "loss": r["loss"] / (cfg.num_iterations * cfg.mini_batches), "entropy": r["entropy"] / tokens,
                 "clip_fraction": r["clipped"] / pass_tokens, "kl": r["kl"] / tokens, "grad_norm": grad_norm,
                 "lr": lr,

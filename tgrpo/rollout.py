@@ -63,8 +63,13 @@ class RolloutWorker:
                                     max_model_len=cfg.max_prompt_length + cfg.max_completion_length, cfg=cfg,
                                     tag=f"rank{self.rank}", tensor_parallel_size=self.placement.tensor_parallel,
                                     sleep_mode=self.placement.colocated, on_engine_death=self._engine_died,
-                                    max_num_seqs=cfg.prompts_per_step // self.num_engines * cfg.num_generations,
+                                    max_num_seqs=self.groups_in_flight() * cfg.num_generations,
                                     lora_rank=lora.vllm_max_rank(cfg.lora_r) if cfg.use_lora else None)
+
+    def groups_in_flight(self) -> int:
+        """The most groups the engine has at once: a step's share, or async_mode's groups in flight."""
+        share = self.cfg.prompts_per_step // self.num_engines
+        return (self.cfg.async_groups_in_flight or 2 * share) if self.cfg.async_mode else share
 
     def _engine_died(self, message: str) -> None:
         """From the engine watcher's thread: one line naming this rank, then exit; torchrun stops the rest."""
@@ -156,21 +161,27 @@ class RolloutWorker:
 
         samples, stats = self._complete(prompts, n, cfg.temperature, _seed(cfg.seed, step, self.index, sampling_round),
                                         on_done=score_group if self.score_while_generating else None)
+        reward_stats = self.score(samples, [submitted[i] for i in range(len(prompts))]
+                                  if len(submitted) == len(prompts) else None)
+        stats = {**stats, **reward_stats, "generated_tokens": sum(s.model_tokens for s in samples)}
+        return [samples[i:i + n] for i in range(0, len(samples), n)], stats
+
+    def score(self, samples: list[Sample], submitted: list | None = None) -> dict[str, float]:
+        """Every sample's reward (the weighted rewards and the overlong penalty) and its parts. submitted: the
+        scorer's futures of these samples' local rewards, started while generating (else scored now). Returns
+        reward_s (what scoring adds after generation) and remote_failures."""
+        cfg = self.cfg
         t1 = time.perf_counter()
         scores, parts, reward_stats = self.scorer.score(
             [s.prompt_text for s in samples], [s.completion_text for s in samples], [s.answer for s in samples],
-            submitted=[submitted[i] for i in range(len(prompts))] if len(submitted) == len(prompts) else None)
+            submitted=submitted)
         if cfg.overlong_buffer_length > 0:
             parts["overlong"] = [overlong_penalty(len(s.completion_ids), cfg) for s in samples]
             scores = [r + p for r, p in zip(scores, parts["overlong"])]
         for i, s in enumerate(samples):  # advantages come once the step's whole batch is gathered
             s.reward = scores[i]
             s.reward_parts = {name: values[i] for name, values in parts.items()}
-        # reward_s: what scoring adds after generation; most of it ran while the engine generated
-        stats = {**stats, "reward_s": time.perf_counter() - t1,
-                 "generated_tokens": sum(s.model_tokens for s in samples),
-                 "remote_failures": reward_stats.get("remote_failures", 0)}
-        return [samples[i:i + n] for i in range(0, len(samples), n)], stats
+        return {"reward_s": time.perf_counter() - t1, "remote_failures": reward_stats.get("remote_failures", 0)}
 
     def evaluate(self) -> dict[str, float]:
         """Sums over this engine's eval prompts: greedy correct (pass@1), sampled correct (for mean@k), rewards."""

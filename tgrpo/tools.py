@@ -50,6 +50,8 @@ class Episode:
     tool_calls: int = 0
     finish: str = ""  # "stop" (answered or ended), "length" (token budget spent), "max_turns"
 
+    versions: list[int] = field(default_factory=list)  # async_mode: the weights version that produced each token
+
     @property
     def text(self) -> str:
         return "".join(text for text, _ in self.segments)
@@ -57,6 +59,42 @@ class Episode:
     @property
     def truncated(self) -> bool:
         return self.finish == "length"
+
+    def add_turn(self, out: Completion, max_tokens: int, last_turn: bool, versions: list[int] | None = None
+                 ) -> str | None:
+        """One finished generation appended. Returns the query of the search it ends with, to be answered by
+        add_reply; None when the episode has ended (finish says why)."""
+        self.ids += out.token_ids
+        self.mask += [1] * len(out.token_ids)
+        self.logprobs += out.logprobs
+        self.versions += versions or []
+        self.segments.append((out.text, 1))
+        self.turns += 1
+        query = extract_query(out.text) if out.finish_reason == "stop" else None
+        if out.finish_reason == "length" or len(self.ids) >= max_tokens:
+            self.finish = "length"
+        elif query is None:
+            self.finish = "stop"
+        elif last_turn:
+            self.finish = "max_turns"  # a search it has no turn left to read
+        else:
+            return query
+        return None
+
+    def add_reply(self, passages: list[str], tokenizer, max_tool_tokens: int, max_tokens: int,
+                  version: int | None = None) -> None:
+        """The tool's reply to the search of the last turn (its tokens masked out of the loss)."""
+        self.tool_calls += 1
+        reply = tokenizer(format_information(passages), add_special_tokens=False)["input_ids"][:max_tool_tokens]
+        room = max_tokens - len(self.ids)
+        if len(reply) >= room:  # no room left to answer after it
+            reply, self.finish = reply[:room], "length"
+        self.ids += reply
+        self.mask += [0] * len(reply)
+        self.logprobs += [0.0] * len(reply)
+        if version is not None:
+            self.versions += [version] * len(reply)
+        self.segments.append((tokenizer.decode(reply), 0))
 
 
 class TurnEngine(Protocol):
@@ -101,19 +139,8 @@ def run_episodes(engine: TurnEngine, tokenizer, retriever: Searcher, prompt_ids:
         stats["generate_s"] += time.perf_counter() - t0
         calling: list[tuple[Episode, str]] = []
         for ep, out in zip(active, outs):
-            ep.ids += out.token_ids
-            ep.mask += [1] * len(out.token_ids)
-            ep.logprobs += out.logprobs
-            ep.segments.append((out.text, 1))
-            ep.turns += 1
-            query = extract_query(out.text) if out.finish_reason == "stop" else None
-            if out.finish_reason == "length" or len(ep.ids) >= max_tokens:
-                ep.finish = "length"
-            elif query is None:
-                ep.finish = "stop"
-            elif turn == max_turns - 1:
-                ep.finish = "max_turns"  # a search it has no turn left to read
-            else:
+            query = ep.add_turn(out, max_tokens, last_turn=turn == max_turns - 1)
+            if query is not None:
                 calling.append((ep, query))
         t0 = time.perf_counter()
         asked = [(ep, q) for ep, q in calling if q]
@@ -123,16 +150,7 @@ def run_episodes(engine: TurnEngine, tokenizer, retriever: Searcher, prompt_ids:
         stats["search_failures"] += retriever.failures - failures_before
         passages = dict(zip(map(id, (ep for ep, _ in asked)), results))
         for ep, query in calling:
-            found = passages.get(id(ep), [EMPTY_QUERY])
-            ep.tool_calls += 1
-            reply = tokenizer(format_information(found), add_special_tokens=False)["input_ids"][:max_tool_tokens]
-            room = max_tokens - len(ep.ids)
-            if len(reply) >= room:  # no room left to answer after it
-                reply, ep.finish = reply[:room], "length"
-            ep.ids += reply
-            ep.mask += [0] * len(reply)
-            ep.logprobs += [0.0] * len(reply)
-            ep.segments.append((tokenizer.decode(reply), 0))
+            ep.add_reply(passages.get(id(ep), [EMPTY_QUERY]), tokenizer, max_tool_tokens, max_tokens)
         stats["tool_s"] += time.perf_counter() - t0
         active = [ep for ep in active if not ep.finish]
     return [episodes[i:i + n] for i in range(0, len(episodes), n)], stats

@@ -32,7 +32,7 @@ from tgrpo import build_locks, checkpoint, checks, console, lora, rank_life, syn
 from tgrpo.buckets import ShardPlan
 from tgrpo.config import Config, load_config
 from tgrpo.errors import ConfigError, JobError
-from tgrpo.metrics import Metrics, step_metrics
+from tgrpo.metrics import Metrics, staleness_stats, step_metrics
 from tgrpo.algorithm import KLController
 from tgrpo.placement import CRITIC, POLICY, REFERENCE, Groups, Placement, build_groups
 from tgrpo.rollout import RolloutWorker, assign_advantages, assign_gae, kl_into_rewards, mean_token_kl
@@ -81,6 +81,7 @@ class Job:
     stopped_at: int | None = None  # the step after which a preemption request stopped the run (saved there)
     nonfinite_in_a_row: int = 0  # steps in a row with an update skipped for NaN/inf (max_nonfinite_in_a_row stops)
     adapter_config: dict | None = None  # use_lora: the adapter's peft config (adapter_config.json)
+    stream: object = None  # async_mode, on rollout ranks: the continuous rollout (tgrpo.rollout_stream.GroupStream)
 
     @property
     def engine(self):
@@ -223,6 +224,14 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         job.start_step = checkpoint.load(job, resume)
         sync_weights(job)  # the engines started from the base model
         log.message(f"resumed from {resume} (step {job.start_step})")
+    if cfg.async_mode:  # the groups a resumed run still owes, trained and dropped ones as its checkpoint says
+        states = rank_life.broadcast_object(checkpoint.read_stream(resume) if resume and job.is_source else None,
+                                            groups.data, placement.sync_source)
+        if worker is not None:
+            from tgrpo.rollout_stream import GroupStream
+
+            mine = next((x for x in states or [] if x["index"] == worker.index), None)
+            job.stream = GroupStream(worker, cfg, job.start_step, mine)
     return job
 
 
@@ -250,6 +259,18 @@ def sync_weights(job: Job) -> float:
     if job.device.type == "cuda":
         torch.cuda.synchronize()  # the broadcasts are queued, not done, when the calls return
     return time.perf_counter() - t0
+
+
+def _await_others(job: Job) -> None:
+    """A barrier of every rank. In async_mode a rollout rank keeps its engine's outputs moving meanwhile (finished
+    groups scored, new ones fed): the others are training or computing what the step needs."""
+    if job.cfg.async_mode:
+        work = dist.barrier(group=job.groups.data, async_op=True)
+        while job.stream is not None and not work.is_completed():
+            job.stream.pump(wait=True)
+        work.wait()
+    else:
+        dist.barrier(group=job.groups.data)
 
 
 def _batch_for(job: Job, step: int):
@@ -282,7 +303,10 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
     for step in range(first, last):
         t_step = time.perf_counter()
         watch(step + 1, "generate")
-        local = _batch_for(job, step) if worker is not None else ([], None)
+        if job.stream is not None:
+            local = job.stream.take(step)
+        else:
+            local = _batch_for(job, step) if worker is not None else ([], None)
         watch(step + 1, "gather samples")
         t_gather = time.perf_counter()
         everyone = rank_life.gather_objects(local, groups.data)
@@ -292,19 +316,23 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         if placement.colocated and engine is not None:
             engine.sleep()
         if cfg.beta > 0:
-            _attach_reference_logprobs(placement, groups, job.reference or policy, samples, rank)
+            _attach_reference_logprobs(job, job.reference or policy, samples)
         kl_coef = job.kl.value if cfg.kl_in_reward else 0.0  # this step's; the controller moves after it
         step_stats = {}
         if cfg.advantage_estimator == "gae":
             watch(step + 1, "values")
             t_values = time.perf_counter()
-            _attach_values(placement, groups, job.critic, samples, rank)
+            _attach_values(job, job.critic, samples)
             step_stats = assign_gae(samples, cfg.gamma, cfg.lam, kl_coef, cfg.mask_truncated_completions)
             step_stats["time/values_s"] = time.perf_counter() - t_values  # the critic's forward, gathered
         else:
             if cfg.kl_in_reward:
                 kl_into_rewards(samples, kl_coef)
             assign_advantages(samples, cfg.num_generations, cfg.scale_rewards)
+        if cfg.async_mode:
+            step_stats.update(staleness_stats(samples, step, cfg.max_staleness))
+            for s in samples:
+                s.fresh_mask = [int(v == step) for v in s.versions]
         if cfg.kl_in_reward:
             current = mean_token_kl(samples)
             step_stats.update({"kl_ctrl/coef": kl_coef, "kl_ctrl/kl_per_token": current})
@@ -321,9 +349,13 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
             train_metrics = policy.train_step(samples)
         watch(step + 1, "sync")
         # every rank here first, so that the sync is timed from its start, not from an engine's wait for training
-        dist.barrier(group=groups.data)
+        _await_others(job)
         t_sync = time.perf_counter()
+        if job.stream is not None:  # in flight: the engine stops between two of its steps, requests kept
+            job.stream.pause_for_update(step + 1)
         sync_s = sync_weights(job)
+        if job.stream is not None:
+            job.stream.updated(step + 1)
         train_metrics["wait_s"] = t_sync - t_step - train_metrics.get("train_s", 0.0)
 
         if cfg.sync_check:
@@ -346,6 +378,7 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         scalars = step_metrics(samples, rollout_metrics, train_metrics)
         scalars["time/gather_s"] = gather_s  # rank 0's: on a rollout rank, the samples' trip to every rank
         scalars["time/step_s"] = time.perf_counter() - t_step  # evaluation and saving are timed on their own
+        scalars["time/policy_idle_frac"] = train_metrics["wait_s"] / scalars["time/step_s"]
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
             watch(step + 1, "eval")
             t_eval = time.perf_counter()
@@ -412,6 +445,8 @@ def finish(job: Job) -> None:
         job.log.message(f"done: {job.cfg.max_steps} steps{', ' + trend if trend else ''}; "
                         f"outputs in {job.cfg.output_dir}")
     job.log.close()
+    if job.stream is not None:
+        job.stream.close()
     if job.worker is not None:
         job.worker.scorer.close()
         if job.worker.retriever is not None:
@@ -433,22 +468,26 @@ def _evaluate(cfg, placement, groups, worker, log, step: int) -> dict[str, float
     return result
 
 
-def _attach_reference_logprobs(placement, groups, holder, samples: list, rank: int) -> None:
+def _attach_reference_logprobs(job: Job, holder, samples: list) -> None:
     """The ranks holding the reference (ranks of its own, else the policy ranks) score balanced shares of the
     batch; every rank gets every sample's reference logprobs."""
-    holders = placement.reference or placement.policy
-    mine = holder.reference_logprobs(samples) if rank in holders else None
-    for entry in rank_life.gather_objects(mine, groups.data):
+    holders = job.placement.reference or job.placement.policy
+    mine = holder.reference_logprobs(samples) if job.rank in holders else None
+    if job.cfg.async_mode:
+        _await_others(job)  # the engines generate while the holders compute
+    for entry in rank_life.gather_objects(mine, job.groups.data):
         for index, values in entry or []:
             samples[index].ref_logprobs = values
 
 
-def _attach_values(placement, groups, critic, samples: list, rank: int) -> None:
+def _attach_values(job: Job, critic, samples: list) -> None:
     """advantage_estimator gae: the ranks holding the critic (ranks of its own, else the policy ranks) score
     balanced shares of the batch; every rank gets every sample's values."""
-    holders = placement.critic or placement.policy
-    mine = critic.values(samples) if rank in holders else None
-    for entry in rank_life.gather_objects(mine, groups.data):
+    holders = job.placement.critic or job.placement.policy
+    mine = critic.values(samples) if job.rank in holders else None
+    if job.cfg.async_mode:
+        _await_others(job)  # the engines generate while the holders compute
+    for entry in rank_life.gather_objects(mine, job.groups.data):
         for index, values in entry or []:
             samples[index].values = values
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -336,7 +337,9 @@ class RolloutEngine:
         self._buffer: torch.Tensor | None = None
         self._announced = False
         self._asleep = False
-        self._requests = 0  # ids of the requests this engine was given
+        self._owners: dict = {}  # request id -> the handler of its final output (pump)
+        self._paused = False
+        self.paused_s = 0.0  # seconds spent pausing (in-flight updates)
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int | list[int], temperature: float,
                  top_p: float, seed: int | None, on_done=None, ignore_eos: bool = False) -> list[list[Completion]]:
@@ -366,31 +369,107 @@ class RolloutEngine:
 
     def _run(self, prompt_ids: list[list[int]], params: list[dict], on_done) -> list:
         """Every request into the engine at once (LLM.enqueue), then its steps until all are finished; each
-        finished request's output goes to on_done(i, completions) at once. Returns the outputs in prompt order."""
+        finished request's output goes to on_done(i, completions) at once. Returns the outputs in prompt order.
+        Requests submitted by others (a continuous rollout's, `submit`) go on meanwhile, their outputs to them."""
         from vllm import SamplingParams, TokensPrompt
 
         ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
                                [SamplingParams(**kwargs, logprobs=0) for kwargs in params],
                                lora_request=self._lora_request, use_tqdm=False)
-        # outputs carry the id the request was given; enqueue returns it with vLLM's unique suffix ("7-1a2b3c4d")
-        where = {key: i for i, rid in enumerate(ids) for key in (rid, rid.rsplit("-", 1)[0])}
         outs: list = [None] * len(prompt_ids)
-        engine = self.llm.llm_engine
+        left = [len(ids)]
+
+        def finished(i: int, out) -> None:
+            outs[i] = out
+            left[0] -= 1
+            if on_done is not None:
+                on_done(i, [_completion(o) for o in out.outputs])
+
+        for i, rid in enumerate(ids):
+            self._own(rid, lambda out, i=i: finished(i, out))
         try:
-            left = len(ids)
-            while left:
-                for out in engine.step():
-                    i = where.get(out.request_id)
-                    if out.finished and i is not None and outs[i] is None:
-                        outs[i] = out
-                        left -= 1
-                        if on_done is not None:
-                            on_done(i, [_completion(o) for o in out.outputs])
+            while left[0]:
+                self.pump(wait=True)
         finally:
-            unfinished = [rid.rsplit("-", 1)[0] for rid, out in zip(ids, outs) if out is None]
-            if unfinished:  # by the ids given (a request of n samples is n requests inside)
-                engine.abort_request(unfinished)
+            unfinished = [rid for rid, out in zip(ids, outs) if out is None]
+            self.abort(unfinished)
         return outs
+
+    # --- continuous generation (async_mode): requests one at a time, their outputs handed to their owners ----------
+
+    def _own(self, rid: str, handler) -> None:
+        """Outputs carry the id a request was given; enqueue returns it with vLLM's unique suffix ("7-1a2b3c4d")."""
+        self._owners[rid] = self._owners[rid.rsplit("-", 1)[0]] = handler
+
+    def submit(self, prompt_ids: list[int], *, max_tokens: int, temperature: float, top_p: float, seed: int | None,
+               on_finish, stop: list[str] | None = None, ignore_eos: bool = False) -> str:
+        """One completion of one prompt, into the running engine; on_finish(Completion) is called by pump() when it
+        has finished. Returns the request's id (for generated_so_far and abort)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        extra = dict(stop=stop, include_stop_str_in_output=True) if stop else {}
+        rid, = self.llm.enqueue([TokensPrompt(prompt_token_ids=prompt_ids)],
+                                [SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                seed=seed if self.seeded else None, ignore_eos=ignore_eos,
+                                                logprobs=0, **extra)],
+                                lora_request=self._lora_request, use_tqdm=False)
+        self._own(rid, lambda out: on_finish(_completion(out.outputs[0])))
+        return rid
+
+    def pump(self, wait: bool) -> None:
+        """Hand the outputs vLLM has sent to their requests' owners. wait: block for the next engine step's outputs
+        (only while requests are in flight and the engine is not paused), else take only what has arrived."""
+        engine = self.llm.llm_engine
+        if not engine.has_unfinished_requests():
+            return
+        if not wait and engine.engine_core.outputs_queue.empty():
+            return
+        if wait and self._paused:
+            raise RuntimeError("pump(wait=True) on a paused engine would wait forever")
+        while True:
+            for out in engine.step():
+                if out.finished:
+                    handler = self._owners.pop(out.request_id, None)
+                    self._owners.pop(out.request_id.rsplit("-", 1)[0], None)
+                    if handler is not None:
+                        handler(out)
+            if engine.engine_core.outputs_queue.empty():
+                return
+
+    def in_flight(self) -> int:
+        """Requests submitted and not finished (the engine's running and waiting ones)."""
+        return self.llm.llm_engine.get_num_unfinished_requests()
+
+    def generated_so_far(self, rid: str) -> int:
+        """Tokens the request has sampled so far, as received (after pause(): every token vLLM has sampled)."""
+        state = self.llm.llm_engine.output_processor.request_states.get(rid)
+        return 0 if state is None else len(state.detokenizer.output_token_ids)
+
+    def abort(self, rids: list[str]) -> None:
+        for rid in rids:
+            self._owners.pop(rid, None)
+            self._owners.pop(rid.rsplit("-", 1)[0], None)
+        if rids:  # enqueue's ids are vLLM's internal ones (with the suffix)
+            self.llm.llm_engine.abort_request(list(rids), internal=True)
+
+    def pause(self) -> None:
+        """Stop the engine between two of its steps, requests kept where they are (vLLM's pause 'keep'), and take
+        every output it sent before stopping: from here to resume() no token is sampled, so the tokens each request
+        has (generated_so_far) are exactly those of the weights before an update."""
+        t0 = time.perf_counter()
+        self.llm.llm_engine.engine_core.call_utility("pause_scheduler", "keep", False)
+        self._paused = True
+        self.pump(wait=False)
+        self.paused_s += time.perf_counter() - t0
+
+    def resume(self, recompute: bool) -> None:
+        """Go on after pause(). recompute: the running requests' KV cache is dropped and recomputed from their
+        tokens by the current weights (AReaL's way); else it is kept (PipelineRL's) and only the prefix cache of
+        finished requests is cleared. Either way no new request reuses a cached prompt of older weights."""
+        engine = self.llm.llm_engine
+        engine.reset_prefix_cache(reset_running_requests=recompute)
+        engine.engine_core.call_utility("resume_scheduler")
+        self._paused = False
 
     def device_used_gib(self) -> float:
         """GPU memory in use on this rank's device by every process (vLLM's included), in GiB; 0 on CPU."""
@@ -453,7 +532,8 @@ class RolloutEngine:
 
             self._adapter_id += 1
             self._lora_request = LoRARequest(f"tgrpo-{self._adapter_id}", self._adapter_id, self.model_dir)
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        if not self._paused:  # paused (an in-flight update): resume() clears it, running requests kept or not
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def use_adapter(self, config: dict) -> None:
         """Syncs from now on bring a LoRA adapter (peft's adapter_config.json as a dict), not the weights."""

@@ -17,6 +17,11 @@ A step, as one batch sees it:
 With max_staleness = k >= 1 (split placement), rollout ranks generate the next k steps' batches while the policy
 trains on this one (between the sample gather and the weight sync), so a step takes about the longer of generation
 and training instead of their sum; samples are then up to k updates old and tis_cap's importance weights correct it.
+
+With async_mode (tgrpo.rollout_stream), a rollout rank's engine generates without a break: it takes the step's share
+of finished groups (stream.take), keeps its engine's outputs moving while it waits at the step's barriers
+(_await_others), and the weights reach the engine in flight (stream.pause_for_update, the sync, stream.updated).
+The collectives are the same, in the same order, as in the other modes.
 """
 from __future__ import annotations
 

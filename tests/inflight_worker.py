@@ -2,12 +2,12 @@
 
 The engine generates long completions; part way, it is paused between two of its steps (RolloutEngine.pause), new
 weights (the model plus noise) are loaded through the trainer's own sync path, and it resumes with the requests in
-flight kept (`keep`: their KV cache from the old weights) or recomputed (`recompute`). Prints one JSON line: for
-every completion, how many tokens the old weights sampled (generated_so_far at the pause), and the largest
+flight recomputed (`recompute`), then again from the old weights with their KV cache kept (`keep`). Prints one
+JSON line, per mode and completion: how many tokens the old weights sampled (generated_so_far at the pause), and the largest
 |vLLM logprob - transformers' logprob| of the tokens before that mark (under the old weights) and after it (under
 the new weights, teacher-forced on the whole sequence).
 
-    python tests/inflight_worker.py keep|recompute
+    python tests/inflight_worker.py     (both modes, one after the other, on one engine)
 """
 import copy
 import json
@@ -27,7 +27,6 @@ def teacher_forced(model, prompt: list[int], completion: list[int], temperature:
 
 
 def main() -> None:
-    mode = sys.argv[1]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tgrpo import checks, data, sync
@@ -47,30 +46,37 @@ def main() -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.detach().float().std().clamp(min=1e-3))
     engine = RolloutEngine(model_dir, dtype="float32", seed=cfg.seed, max_model_len=512, cfg=cfg, tag="inflight",
                            max_num_seqs=8)
+    plan = sync.model_plan(new, 64 << 20)
+    results = {}
     try:
-        done: dict[str, object] = {}
-        rids = [engine.submit(p, max_tokens=192, temperature=cfg.temperature, top_p=1.0, seed=100 + i,
-                              ignore_eos=True, on_finish=lambda out, i=i: done.__setitem__(i, out))
-                for i, p in enumerate(prompts)]
-        while min(engine.generated_so_far(r) for r in rids) < 24:  # part way: every request has tokens
-            engine.pump(wait=True)
-        engine.pause()
-        marks = [engine.generated_so_far(r) for r in rids]
-        sync.load_colocated(new, sync.model_plan(new, 64 << 20), engine, torch.device("cpu"))
-        engine.resume(recompute=mode == "recompute")
-        while len(done) < len(prompts):
-            engine.pump(wait=True)
+        for mode in ("recompute", "keep"):
+            sync.load_colocated(old, plan, engine, torch.device("cpu"))  # each mode starts from the old weights
+            done: dict[int, object] = {}
+            rids = [engine.submit(p, max_tokens=192, temperature=cfg.temperature, top_p=1.0, seed=100 + i,
+                                  ignore_eos=True, on_finish=lambda out, i=i: done.__setitem__(i, out))
+                    for i, p in enumerate(prompts)]
+            while min(engine.generated_so_far(r) for r in rids) < 24:  # part way: every request has tokens
+                engine.pump(wait=True)
+            engine.pause()
+            marks = [engine.generated_so_far(r) for r in rids]
+            sync.load_colocated(new, plan, engine, torch.device("cpu"))
+            engine.resume(recompute=mode == "recompute")
+            while len(done) < len(prompts):
+                engine.pump(wait=True)
+            results[mode] = (done, marks)
     finally:
         engine.shutdown()
-    rows = []
-    for i, prompt in enumerate(prompts):
-        out, mark = done[i], marks[i]
-        before = teacher_forced(old, prompt, out.token_ids, cfg.temperature)
-        after = teacher_forced(new, prompt, out.token_ids, cfg.temperature)
-        rows.append({"tokens": len(out.token_ids), "mark": mark,
-                     "old_diff": max(abs(a - b) for a, b in zip(out.logprobs[:mark], before[:mark])),
-                     "new_diff": max(abs(a - b) for a, b in zip(out.logprobs[mark:], after[mark:])),
-                     "new_vs_old_weights": max(abs(a - b) for a, b in zip(after[mark:], before[mark:]))})
+    rows = {}
+    for mode, (done, marks) in results.items():
+        rows[mode] = []
+        for i, prompt in enumerate(prompts):
+            out, mark = done[i], marks[i]
+            before = teacher_forced(old, prompt, out.token_ids, cfg.temperature)
+            after = teacher_forced(new, prompt, out.token_ids, cfg.temperature)
+            rows[mode].append({"tokens": len(out.token_ids), "mark": mark,
+                               "old_diff": max(abs(a - b) for a, b in zip(out.logprobs[:mark], before[:mark])),
+                               "new_diff": max(abs(a - b) for a, b in zip(out.logprobs[mark:], after[mark:])),
+                               "new_vs_old_weights": max(abs(a - b) for a, b in zip(after[mark:], before[mark:]))})
     print("RESULT " + json.dumps(rows), flush=True)
 
 

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 from tgrpo import algorithm, batch, modeling
 from tgrpo.batch import Sample
 from tgrpo.config import Config
-from tgrpo.policy import micro_loss
+from tgrpo.policy import STATS, micro_loss
 
 
 def _lengths(seed: int, n: int) -> list[int]:
@@ -99,7 +99,7 @@ def test_packed_and_padded_micro_batches_give_the_same_logprobs_loss_and_gradien
     results = {}
     for packed in (True, False):
         model = _model()
-        logps, total, stats = [], 0.0, torch.zeros(8, dtype=torch.float64)
+        logps, total, stats = [], 0.0, torch.zeros(len(STATS), dtype=torch.float64)
         for indices, w in zip(micro[0], weights):
             mb = batch.build([samples[i] for i in indices], torch.device("cpu"), packed=packed, pad_id=0,
                              mask_truncated=True, loss_weights=w)

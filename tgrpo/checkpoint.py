@@ -252,10 +252,9 @@ def save(job, step: int) -> str:
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{rank}.pt"))
     streams = None
     if cfg.async_mode:  # every engine's groups: the next to feed, those owed (in flight or ready) and dropped
-        from tgrpo import rank_life
-
-        streams = [x for x in rank_life.gather_objects(job.stream.state() if job.stream is not None else None,
-                                                        job.groups.data) if x is not None]
+        everyone = [None] * dist.get_world_size(job.groups.data)
+        dist.all_gather_object(everyone, job.stream.state() if job.stream is not None else None, job.groups.data)
+        streams = [x for x in everyone if x is not None]
     dist.barrier(group=job.groups.data)
     if job.is_source:
         if streams is not None:

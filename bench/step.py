@@ -2,8 +2,14 @@
 (generation) and a plain training loop over the same packed micro-batches (training).
 
 One torchrun job starts the engines and models once and runs `--steps` steps strictly on-policy (with --overlap
-also `--steps` steps generating one batch ahead, max_staleness 1, split placement only), the first step of each
-mode a warm-up. Then 1 + `--plain_steps` more steps in which the policy's update is a plain loop: the step's
+also `--steps` steps generating one batch ahead, max_staleness 1, split placement only; with --async also `--steps`
+steps of the fully asynchronous mode, async_mode true, max_staleness --async_staleness, on the same engines and
+models: the continuous rollout (tgrpo.rollout_stream.GroupStream) with in-flight weight updates), the first step of
+each mode a warm-up. Every mode reports tokens trained per second (the batch's prompt and completion tokens over the
+step's seconds), the mean NVML utilisation of the policy's GPU and of the engine's GPU over its timed steps (idle = 1
+- busy; one GPU shared by both with --share_gpu) and the trainer's time/policy_idle_frac; --async adds
+async_over_sync and async_over_one_step_off (the tokens-trained ratios, same job) and the async metrics (staleness,
+dropped groups, the engine's busy fraction). Then 1 + `--plain_steps` more steps in which the policy's update is a plain loop: the step's
 micro-batches through the same DeepSpeed engine with a plain next-token cross-entropy, nothing else (no GRPO loss,
 no statistics, no old-logprob pass), timed in the same place of the step as the GRPO update. Last, the rollout
 ranks stop their engine and time a fresh vLLM engine with vLLM's own defaults on the requests of the first timed
@@ -11,6 +17,13 @@ step. Nothing else is inside a timed span: no checkpoint is written and no evalu
 JSON line.
 
     torchrun --nproc_per_node 3 bench/step.py --config configs/default.yaml --steps 4
+    torchrun --nproc_per_node 3 bench/step.py --config configs/default.yaml --steps 3 --overlap --async \
+        --lengths longtail --max_completion_length 64 --plain_steps 0 --bare_repeats 0
+
+--share_gpu puts every rank of the node on one GPU (split placement on a one-GPU machine): each rank binds GPU 0
+(LOCAL_RANK 0) and the weight-sync groups between policy and engine ranks use gloo (NCCL refuses two ranks of one
+communicator on one GPU); the policy group stays on the configured backend. A benchmark's workaround, not a trainer
+mode: the weights travel through host memory, and the engine and the policy share the GPU's compute.
 
 --random_model 60m|0.5b|1.5b|7b times a Qwen2-shaped model with random weights (built into cache_dir). It never
 answers, so the reward is a fixed pseudo-random score of each completion's text (bench/random_rewards.py; every group
@@ -58,11 +71,17 @@ def main() -> None:
     parser.add_argument("--random_model", default="", help="Time a random model of this shape (tgrpo/tiny.py "
                         "RANDOM_SHAPES: 60m, 0.5b, 1.5b, 7b) instead of --model.")
     parser.add_argument("--overlap", action="store_true", help="Also time max_staleness 1 (split placement).")
+    parser.add_argument("--async", dest="async_", action="store_true", help="Also time async_mode (split placement), "
+                        "after the other modes, on the same engines and models.")
+    parser.add_argument("--async_staleness", type=int, default=1, help="--async: max_staleness (>= 1).")
+    parser.add_argument("--share_gpu", action="store_true", help="Every rank of the node on GPU 0, the weight sync "
+                        "over gloo: split placement on a one-GPU machine.")
     parser.add_argument("--lengths", choices=LENGTHS, default=None, help="Completion lengths, each generated to its "
                         "budget: fixed (default with --random_model), varied or longtail. Without it and without "
                         "--random_model the model stops on its own.")
     parser.add_argument("--plain_steps", type=int, default=3, help="Timed steps with the plain loop as the train "
-                        "phase (after one warm-up); at least 2, so that their spread is measured.")
+                        "phase (after one warm-up); at least 2, so that their spread is measured; 0 skips the plain "
+                        "loop (no train_vs_plain).")
     parser.add_argument("--bare_repeats", type=int, default=2, help="Timed runs of bare vLLM (after a warm-up); 0 "
                         "skips bare vLLM.")
     parser.add_argument("--profile_generation", action="store_true", help="Also time the trainer's engine on the "
@@ -70,9 +89,13 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="The GPU's dense bf16 peak for MFU; 0 "
                         "guesses from its name (H100/H200: 989).")
     ours, rest = parser.parse_known_args()
-    if ours.steps < 2 or ours.plain_steps < 2:
-        sys.exit("error: --steps must be >= 2 (the first step of each mode is a warm-up), --plain_steps >= 2 (the "
-                 "plain loop's ceiling is a spread of steps, not one)")
+    if ours.steps < 2 or ours.plain_steps == 1 or ours.plain_steps < 0:
+        sys.exit("error: --steps must be >= 2 (the first step of each mode is a warm-up), --plain_steps 0 or >= 2 "
+                 "(the plain loop's ceiling is a spread of steps, not one)")
+    if ours.async_staleness < 1:
+        sys.exit("error: --async_staleness must be >= 1")
+    if ours.share_gpu:
+        share_one_gpu()
     ours.lengths = ours.lengths or ("fixed" if ours.random_model else "model")
     from tgrpo import rank_life, trainer
     from tgrpo.config import load_config
@@ -84,10 +107,14 @@ def main() -> None:
             cfg.model = ensure_random_model(cfg.cache_dir, ours.random_model)
             cfg.reward_funcs, cfg.reward_weights = ["bench.random_rewards:reward"], [1.0]
         overlap = ours.overlap and not cfg.colocate
-        cfg.max_steps = (2 if overlap else 1) * ours.steps + ours.plain_steps + 2  # the final save never comes
+        asynchronous = ours.async_ and not cfg.colocate
+        modes = 1 + overlap + asynchronous
+        plain = ours.plain_steps + 1 if ours.plain_steps else 0
+        cfg.max_steps = modes * ours.steps + plain + 2  # the final save never comes
         cfg.save_steps, cfg.eval_steps = 0, 0
-        cfg.max_staleness = 1 if overlap else 0  # validated as the overlapped mode will run
-        cfg.tis_cap = cfg.tis_cap or 2.0  # both modes alike
+        # validated as the overlapped mode will run; async_mode is switched on for its own steps (body)
+        cfg.max_staleness = ours.async_staleness if asynchronous else 1 if overlap else 0
+        cfg.tis_cap = cfg.tis_cap or 2.0  # every mode alike
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-step")
         cfg.overwrite_output_dir, cfg.resume = True, ""  # the benchmark's own folder, written anew by every run
         return cfg
@@ -109,20 +136,42 @@ def main() -> None:
             job.worker.rollout = _keep_last(job.worker.rollout, last_rollout, lengths)
             job.engine.generate = busy["generate"].during(job.engine.generate)
         overlap = ours.overlap and not placement.colocated
-        modes = [("sequential", 0)] + ([("overlap", 1)] if overlap else [])
+        asynchronous = ours.async_ and not placement.colocated  # every rank decides alike (the same placement)
+        modes = ([("sequential", 0)] + ([("overlap", 1)] if overlap else [])
+                 + ([("async", ours.async_staleness)] if asynchronous else []))
         histories, first = {}, 0
+        mine: dict = {}
         for mode, staleness in modes:
+            if mode == "async":  # trainer.setup's async_mode path, from the step the next run_steps starts at
+                cfg.async_mode, cfg.max_staleness = True, staleness
+                if job.worker is not None:
+                    from tgrpo.rollout_stream import GroupStream
+
+                    job.stream = GroupStream(job.worker, cfg, first, None)
+                staleness = 0  # async_mode's steps take the stream's groups, nothing is generated ahead
             warm = trainer.run_steps(job, first, first + 1, staleness)
             for b in busy.values():
                 b.readings.clear()  # the warm-up step's readings do not count
-            histories[mode] = warm + trainer.run_steps(job, first + 1, first + ours.steps, staleness)
+            gpu = Busy()  # this rank's GPU (the engine's on a rollout rank) over the mode's timed steps
+            gpu.start()
+            try:
+                histories[mode] = warm + trainer.run_steps(job, first + 1, first + ours.steps, staleness)
+            finally:
+                gpu.stop()
+            mine[f"gpu_busy_{mode}"] = gpu.fraction()
             first += ours.steps
-        mine = {f"busy_{k}": b.fraction() for k, b in busy.items() if k != "bare"}
+            if mode == "async":  # back to the synchronous path for what follows (every rank alike)
+                if job.stream is not None:
+                    job.stream.close()
+                    job.stream = None
+                cfg.async_mode = False
+        mine.update({f"busy_{k}": b.fraction() for k, b in busy.items() if k != "bare"})
         # the ceiling of the train phase, timed in the same place of the same steps: the policy's update replaced by
         # a plain loop over the same micro-batches
-        if job.policy is not None:
-            job.policy.train_step = plain_train_step(job.policy)
-        histories["plain"] = trainer.run_steps(job, first, first + 1 + ours.plain_steps, 0)
+        if ours.plain_steps:
+            if job.policy is not None:
+                job.policy.train_step = plain_train_step(job.policy)
+            histories["plain"] = trainer.run_steps(job, first, first + 1 + ours.plain_steps, 0)
         if lengths:  # every step's, warm-ups and plain steps included
             mine.update(length_min=min(lengths), length_max=max(lengths), length_count=len(lengths),
                         length_at_limit=sum(n == cfg.max_completion_length for n in lengths))
@@ -147,6 +196,18 @@ def main() -> None:
             report(histories, cfg, placement, everyone, ours)
 
     rank_life.run(lambda: adjusted(load_config(rest)), body)
+
+
+def share_one_gpu() -> None:
+    """--share_gpu: every rank of the node binds GPU 0, and the groups that carry weights from the policy ranks to
+    the engine ranks use gloo (NCCL refuses a communicator with two ranks on one GPU). The policy's own group keeps
+    the configured backend (one GPU each side of it: a one-rank group here)."""
+    from tgrpo import placement
+
+    os.environ["LOCAL_RANK"] = "0"
+    sync_groups, partition_groups = placement.build_sync_groups, placement.build_partition_groups
+    placement.build_sync_groups = lambda p, senders, backend, timeout_s: sync_groups(p, senders, "gloo", timeout_s)
+    placement.build_partition_groups = lambda p, backend, timeout_s: partition_groups(p, "gloo", timeout_s)
 
 
 def _keep_last(rollout, kept: list, lengths: list):
@@ -399,15 +460,18 @@ def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
     # training against the plain loop, and MFU (flops_per_token: 6 N T, with LoRA (4 N_base + 6 N_adapter) T;
     # attention and the extra no-grad passes of num_iterations > 1 or a reference are left out: a lower bound)
     train_steps = [r["batch/tokens"] / r["time/train_s"] for r in seq]
-    plain_steps = [r["batch/tokens"] / r["time/train_s"] for r in timed.pop("plain")]
-    rows.pop("plain")
-    per_s.pop("plain")
-    train_tps, plain_tps = statistics.fmean(train_steps), statistics.fmean(plain_steps)
-    result.update(train_tokens_per_s=train_tps, plain_tokens_per_s=plain_tps, train_vs_plain=train_tps / plain_tps,
-                  plain_timed_steps=len(plain_steps))
+    plain_steps = [r["batch/tokens"] / r["time/train_s"] for r in timed.pop("plain", [])]
+    rows.pop("plain", None)
+    per_s.pop("plain", None)
+    train_tps = statistics.fmean(train_steps)
+    plain_tps = statistics.fmean(plain_steps) if plain_steps else None
+    result.update(train_tokens_per_s=train_tps, plain_timed_steps=len(plain_steps))
+    if plain_tps:
+        result.update(plain_tokens_per_s=plain_tps, train_vs_plain=train_tps / plain_tps)
     for name, steps in (("train", train_steps), ("plain", plain_steps)):  # how far one step strays from the mean
-        result.update({f"{name}_tokens_per_s_min": min(steps), f"{name}_tokens_per_s_max": max(steps),
-                       f"{name}_tokens_per_s_spread": (max(steps) - min(steps)) / statistics.fmean(steps)})
+        if steps:
+            result.update({f"{name}_tokens_per_s_min": min(steps), f"{name}_tokens_per_s_max": max(steps),
+                           f"{name}_tokens_per_s_spread": (max(steps) - min(steps)) / statistics.fmean(steps)})
     if summary("busy_train") is not None:
         result["policy_busy"] = summary("busy_train")
     peak = ours.peak_tflops or _guess_peak_tflops()
@@ -420,12 +484,16 @@ def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
     if peak:
         per_gpu = per_token * cfg.num_iterations / placement.num_policy / 1e12
         result.update(train_tflops_per_gpu=per_gpu * train_tps, train_mfu=per_gpu * train_tps / peak,
-                      plain_mfu=per_token / placement.num_policy / 1e12 * plain_tps / peak, peak_tflops=peak)
+                      peak_tflops=peak)
+        if plain_tps:
+            result["plain_mfu"] = per_token / placement.num_policy / 1e12 * plain_tps / peak
     console.say(f"training: {train_tps:.0f} tok/s ({min(train_steps):.0f}-{max(train_steps):.0f} over {len(seq)} "
-          f"steps), plain loop on the same micro-batches {plain_tps:.0f} tok/s ({min(plain_steps):.0f}-"
-          f"{max(plain_steps):.0f} over {len(plain_steps)}): train_vs_plain {result['train_vs_plain']:.3f}" + (
-              f"; MFU {result['train_mfu']:.3f} (plain {result['plain_mfu']:.3f}) of {peak:.0f} TFLOP/s, counting "
-              f"{formula}" if peak else f"; MFU formula {formula} (no GPU peak known)") + (f"; GPU busy {result['policy_busy']:.2f}" if "policy_busy" in result else ""))
+          f"steps)" + (f", plain loop on the same micro-batches {plain_tps:.0f} tok/s ({min(plain_steps):.0f}-"
+          f"{max(plain_steps):.0f} over {len(plain_steps)}): train_vs_plain {result['train_vs_plain']:.3f}"
+          if plain_tps else ", no plain loop (--plain_steps 0)") + (
+              f"; MFU {result['train_mfu']:.3f}" + (f" (plain {result['plain_mfu']:.3f})" if plain_tps else "")
+              + f" of {peak:.0f} TFLOP/s, counting {formula}" if peak else f"; MFU formula {formula} (no GPU peak "
+              f"known)") + (f"; GPU busy {result['policy_busy']:.2f}" if "policy_busy" in result else ""))
     for key in ("memory/policy_peak_gib", "memory/device_used_gib", "memory/rollout_device_used_gib"):
         if any(key in r for r in seq):
             result[key] = max(r.get(key, 0.0) for steps in timed.values() for r in steps)
@@ -436,7 +504,78 @@ def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
                       overlap_step_over_slower_phase=ovl["step"] / slower)
         console.say(f"overlap: {ovl['step']:.3f} s a step, {result['overlap_speedup']:.3f} x the sequential step, "
               f"{result['overlap_step_over_slower_phase']:.3f} x its slower phase")
+    result["modes"] = mode_summary(timed, placement, everyone, ours)
+    if "async" in result["modes"]:
+        trained = {mode: m["tokens_trained_per_s"] for mode, m in result["modes"].items()}
+        result["async_over_sync"] = trained["async"] / trained["sequential"]
+        if "overlap" in trained:
+            result["async_over_one_step_off"] = trained["async"] / trained["overlap"]
+    say_modes(result, ours)
     console.say(json.dumps(result))
+
+
+ASYNC_KEYS = ("staleness/mean", "staleness/max", "async/dropped_stale", "async/engine_busy_frac",
+              "async/seqs_in_flight_mean", "async/groups_in_flight", "async/time_to_train_s",
+              "async/engine_paused_s", "mismatch/lag0_tokens", "mismatch/lag0_logprob_abs_diff_max")
+
+
+def mode_summary(timed: dict, placement, everyone: list, ours) -> dict:
+    """Per mode over its timed steps: tokens trained per second (every step's prompt and completion tokens over the
+    steps' seconds), the policy's and the engine's GPU busy and idle (NVML, mean over the timed steps; the same GPU
+    with --share_gpu), the trainer's time/policy_idle_frac, and async_mode's own metrics."""
+    out = {}
+    for mode, steps in timed.items():
+        seconds = sum(r["time/step_s"] for r in steps)
+        m = {"timed_steps": len(steps), "step_s": seconds / len(steps),
+             "tokens_per_step": statistics.fmean(r["batch/tokens"] for r in steps),
+             "tokens_trained_per_s": sum(r["batch/tokens"] for r in steps) / seconds,
+             "policy_idle_frac": statistics.fmean(r.get("time/policy_idle_frac", 0.0) for r in steps)}
+        for side, ranks in (("policy", placement.policy), ("engine", placement.engine_ranks)):
+            busy = [everyone[r].get(f"gpu_busy_{mode}") for r in ranks if everyone[r]]
+            busy = [b for b in busy if b is not None]
+            if busy:
+                m[f"{side}_gpu_busy"] = statistics.fmean(busy)
+                m[f"{side}_gpu_idle"] = 1.0 - m[f"{side}_gpu_busy"]
+        if ours.share_gpu:
+            m["gpu_shared"] = True
+        for key in ASYNC_KEYS:
+            values = [r[key] for r in steps if key in r]
+            if values:
+                name = key.replace("/", "_")
+                if key == "staleness/max":
+                    m[name] = max(values)
+                elif key == "async/dropped_stale":
+                    m[name] = sum(values)  # over the timed steps
+                else:
+                    m[name] = statistics.fmean(values)
+        out[mode] = m
+    return out
+
+
+def say_modes(result: dict, ours) -> None:
+    from tgrpo import console
+
+    shared = " (one GPU shared by both)" if ours.share_gpu else ""
+    console.say(f"\nper mode over its timed steps{shared}:")
+    console.say(f"{'mode':<12}{'step_s':>9}{'tokens':>10}{'trained tok/s':>15}{'policy GPU idle':>17}"
+                f"{'engine GPU idle':>17}{'policy_idle_frac':>18}")
+
+    def fmt(v, width, spec):
+        return f"{v:>{width}{spec}}" if v is not None else f"{'-':>{width}}"
+
+    for mode, m in result["modes"].items():
+        console.say(f"{mode:<12}{m['step_s']:>9.2f}{m['tokens_per_step']:>10.0f}{m['tokens_trained_per_s']:>15.0f}"
+                    + fmt(m.get("policy_gpu_idle"), 17, ".3f") + fmt(m.get("engine_gpu_idle"), 17, ".3f")
+                    + f"{m['policy_idle_frac']:>18.3f}")
+    if "async" in result["modes"]:
+        a = result["modes"]["async"]
+        console.say(f"async (max_staleness {ours.async_staleness}): staleness mean {a.get('staleness_mean', 0):.3f} "
+                    f"max {a.get('staleness_max', 0):.0f}, dropped_stale {a.get('async_dropped_stale', 0):.0f}, "
+                    f"engine busy {a.get('async_engine_busy_frac', 0):.3f}, seqs in flight "
+                    f"{a.get('async_seqs_in_flight_mean', 0):.0f}, time to train {a.get('async_time_to_train_s', 0):.2f}"
+                    f" s; async_over_sync {result['async_over_sync']:.3f}"
+                    + (f", async_over_one_step_off {result['async_over_one_step_off']:.3f}"
+                       if "async_over_one_step_off" in result else ""))
 
 
 def _guess_peak_tflops() -> float:

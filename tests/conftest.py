@@ -38,8 +38,8 @@ SECONDS = {
     "test_lora_reaches_a_tensor_parallel_engine": 80,
     "test_tensor_parallel_engine_and_reference_on_its_own_rank": 220,
     "test_options_run_together_and_eval_reaches_tensorboard": 200,
-    # test_async (measured alone: the shared run 63 s, the killed run 75 s, the in-flight worker ~45 s; doubled)
-    "async": 130, "test_a_killed_async_run_resumes_with_no_group_lost_or_trained_twice": 150,
+    # test_async (the shared run, killed and resumed, 125 s in CI; the in-flight worker ~45 s alone, doubled)
+    "async": 150,
     "test_tokens_sampled_after_an_in_flight_update_are_the_new_weights": 90,
     "test_a_rank_killed_by_the_oom_killer_is_named_so": 200,
     "test_node_sh_signals_save_or_stop_the_job_as_meant_and_the_run_resumes": 170,

@@ -76,7 +76,7 @@ class GroupStream:
         self.busy_since = time.perf_counter()  # engine occupancy: time with requests in flight and not paused
         self.busy_s = self.idle_s = 0.0
         self.seq_samples: list[int] = []
-        self.max_tokens = cfg.max_completion_length
+        self.scored = Counter(reward_s=0.0, remote_failures=0)  # scoring since the last take, wherever it ran
 
     # --- feeding and collecting -----------------------------------------------------------------------------------
 
@@ -140,8 +140,8 @@ class GroupStream:
                 self.calling.append((group, seq, query))
                 return
         else:
-            ep.add_turn(out, self.max_tokens + 1, True, versions)
-            ep.finish = "length" if out.finish_reason == "length" else "stop"
+            ep.add_turn(out, self.cfg.max_completion_length, True, versions)
+            ep.finish = "length" if out.finish_reason == "length" else "stop"  # vLLM's word, as synchronously
         if group.running == 0 and not any(c[0] is group for c in self.calling):
             self._score(group)
 
@@ -183,13 +183,13 @@ class GroupStream:
                                   default=self.version)
         group.futures = self.worker.scorer.submit([s.completion_text for s in samples], [s.answer for s in samples])
 
-    def _collect_scored(self, stats: dict) -> None:
+    def _collect_scored(self) -> None:
         for group in [g for g in self.groups.values() if g.futures is not None]:
             if not all(f.done() for fs in group.futures.values() for f in fs):
                 continue
             part = self.worker.score(group.samples, [group.futures])
-            stats["reward_s"] += part["reward_s"]
-            stats["remote_failures"] += part["remote_failures"]
+            self.scored["reward_s"] += part["reward_s"]
+            self.scored["remote_failures"] += part["remote_failures"]
             group.futures = None
             flat = len({s.reward for s in group.samples}) == 1
             if self.cfg.dynamic_sampling and flat and self.counts["dropped_flat"] < self._flat_allowed():
@@ -211,10 +211,9 @@ class GroupStream:
         self.calling = [c for c in self.calling if c[0] is not group]
         self.dropped.append(group.position)
 
-    def pump(self, wait: bool, stats: dict | None = None) -> None:
+    def pump(self, wait: bool) -> None:
         """One round: feed up to the target, hand vLLM's finished requests on (wait: block for the next engine
         step's), answer searches, collect scored groups."""
-        stats = stats if stats is not None else Counter()
         self._feed()
         now = time.perf_counter()
         running = self.engine.in_flight()
@@ -231,13 +230,12 @@ class GroupStream:
             if wait:
                 time.sleep(0.005)  # nothing in flight: the others' work is what is waited for
         self._answer_searches()
-        self._collect_scored(stats)
+        self._collect_scored()
 
     def take(self, step: int) -> tuple[list[Sample], dict]:
         """This engine's share of the step's groups: the oldest ready ones whose tokens are within max_staleness of
         `step`, waiting (generating) until there are enough."""
         t0 = time.perf_counter()
-        stats = Counter(reward_s=0.0, remote_failures=0)
         taken: list[_Group] = []
         while len(taken) < self.share:
             if len(self.ready) > 1:  # the oldest first (in finishing order among equals): fewer become too old
@@ -252,15 +250,15 @@ class GroupStream:
                 taken.append(group)
                 self.taken_now += 1
             if len(taken) < self.share:
-                self.pump(wait=True, stats=stats)
+                self.pump(wait=True)
         self.takes, self.taken_now = self.takes + 1, 0
         self._feed()  # the taken groups' places go back into flight at once, as far as max_staleness allows
         now = time.perf_counter()
         samples = [s for g in taken for s in g.samples]
         seqs = self.seq_samples or [self.engine.in_flight()]
         busy = self.busy_s / max(1e-9, self.busy_s + self.idle_s)
-        metrics = {"generate_s": now - t0, "reward_s": stats["reward_s"],
-                   "remote_failures": stats["remote_failures"], "rounds": 1,
+        metrics = {"generate_s": now - t0, "reward_s": self.scored["reward_s"],
+                   "remote_failures": self.scored["remote_failures"], "rounds": 1,
                    "generated_tokens": sum(s.model_tokens for s in samples),
                    "groups_dropped": self.counts["dropped_flat"], "tool_s": 0.0,
                    "searches": self.counts["searches"], "search_failures": self.counts["search_failures"],
@@ -274,6 +272,7 @@ class GroupStream:
         if self.engine.on_gpu:
             metrics["device_used_gib"] = self.engine.device_used_gib()
         self.counts.clear()
+        self.scored = Counter(reward_s=0.0, remote_failures=0)
         self.seq_samples = []
         self.busy_s = self.idle_s = 0.0
         self.engine.paused_s = 0.0
@@ -285,7 +284,7 @@ class GroupStream:
         """Before the engine receives the weights of `version`: stop it between two steps and mark, in every
         request in flight, how many of its tokens the older weights sampled."""
         self.engine.pause()
-        self._collect_scored(Counter(reward_s=0.0, remote_failures=0))
+        self._collect_scored()
         for group in self.groups.values():
             for seq in group.seqs:
                 if seq.rid is not None:

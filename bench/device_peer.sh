@@ -11,18 +11,23 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 (wheels.txt's list, as prepare.sh does, and
 #   trl==1.14.2) -d W; pip wheel --no-deps deepspeed==0.19.8 -w W; unzip every wheel into S;
 #   rm S/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so S/vllm/_moe_C.abi3.so
-#   tar cf - -C S . | xz -9 -T1 > site.tar.xz; split -b 58m -d site.tar.xz part   -> .gpu/a/part00, .gpu/b/part01, ...
+#   rm S/xgrammar/lib/libxgrammar.a S/mistral_common/data/tekken_*.json; rm -r S/pycountry/locales   (a static
+#     library, Mistral's tokenizer files and country-name translations: nothing this job loads)
+#   tar cf - -C S . | xz -9 -T1 > site.tar.xz (~115 MiB); split -b 60m -d site.tar.xz part -> .gpu/a/part00,
+#   .gpu/c/part01
 # The older commit's tree: git archive b75a40d | tar -x -C .old (with /.old/ in .git/info/exclude).
 # Calls (each at most 64 MiB of tree):
 #   1 (carry .gpu/a .old):  bash bench/device_peer.sh 1   machine facts; part 1 of the stack; random 1.5B built
-#   2 (carry .gpu/b):       bash bench/device_peer.sh 2   part 2
-#   3 (carry .gpu/c):       bash bench/device_peer.sh 3   part 3, the stack unpacked; the real job at .old and HEAD
-#   4 (no carry):           bash bench/device_peer.sh 4   tgrpo's real job beside TRL (bench/trl_peer.py compare)
-# (With fewer parts, carry the last one in call 3 and skip call 2.) STEPS (default 5: one warm-up, 4 timed).
+#   2 (carry .gpu/b):       bash bench/device_peer.sh 2   a middle part, where there are three
+#   3 (carry .gpu/c .old):  bash bench/device_peer.sh 3   the last part, the stack unpacked; the real job at .old,
+#                                                         then at HEAD beside TRL (compare --natural)
+#   4 (no carry):           bash bench/device_peer.sh 4   again with every completion at the limit (ignore_eos in
+#                                                         both: bench/tgrpo_fixed_job.py and TRL's generation_kwargs)
+# STEPS (default 4: one warm-up, 3 timed).
 set -u
 stage=${1:?stage 1, 2, 3 or 4}
 OUT=${OUT:-/tmp/out}
-STEPS=${STEPS:-5}
+STEPS=${STEPS:-4}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=/tmp/site:$PWD
@@ -88,21 +93,25 @@ case $stage in
   unpack || exit 3
   test -f $MODEL/done || { echo "no model in $MODEL: the machine was given back between calls"; exit 3; }
   monitor
-  # the same flags for both trees: ZeRO-2 named (b75a40d's default stage was 3, HEAD's auto picks 2 here), the
-  # token budget per micro-batch 16384 (both defaults) on a card over 100 GB, 8192 on an 80 GB card
-  for run in old head; do
-    tree=$PWD; [ $run = old ] && tree=$PWD/.old
-    timeout 285 python3 bench/trl_peer.py tgrpo --tree "$tree" --name $run --model $MODEL --steps "$STEPS" \
-      --work /tmp/peerwork --logs "$LOGS" --timeout_s 265 --port $([ $run = old ] && echo 29661 || echo 29662) \
-      -- --zero_stage 2 2>&1 | grep -v -E "^\| [0-9]" | tail -3
-    cp "$LOGS/metrics-$run.jsonl" "$OUT/" 2>/dev/null
-  done
-  python3 bench/trl_peer.py summary old=$LOGS/metrics-old.jsonl head=$LOGS/metrics-head.jsonl --warmup 1
-  for run in old head; do
-    echo "== $run: what the engine chose (counts of log lines)"
-    engine_lines "$LOGS/$run.log" /tmp/peerwork/$run/logs/*.log
-  done
+  # part 1: the real job of .old (b75a40d) and of HEAD with the same flags; HEAD's run is also tgrpo's side of part
+  # 4 (compare: TRL next, in the same call). ZeRO-2 named (b75a40d's default stage was 3, HEAD's auto picks 2 here);
+  # the token budget per micro-batch 16384 (both defaults) on a card over 100 GB, 8192 on an 80 GB card. Completions
+  # end where the model stops in all three runs (b75a40d has no ignore_eos; TRL then gets none either).
+  timeout 220 python3 bench/trl_peer.py tgrpo --tree "$PWD/.old" --name old --model $MODEL --steps "$STEPS" \
+    --work /tmp/peerwork --logs "$LOGS" --timeout_s ${OLD_S:-205} --port 29661 -- --zero_stage 2 2>&1 \
+    | grep -v -E "^\| [0-9]" | tail -2 | cut -c1-400
+  cp "$LOGS/metrics-old.jsonl" "$OUT/" 2>/dev/null
+  timeout 345 python3 bench/trl_peer.py compare --natural --model $MODEL --steps "$STEPS" --work /tmp/peerwork \
+    --logs "$LOGS" --timeout_s ${HEAD_S:-160} --trl_timeout_s ${TRL_S:-175} -- --zero_stage 2
+  echo "compare exit $?"
+  cp "$LOGS/metrics-tgrpo.jsonl" "$OUT/metrics-head.jsonl" 2>/dev/null
+  python3 bench/trl_peer.py summary old=$LOGS/metrics-old.jsonl head=$LOGS/metrics-tgrpo.jsonl --warmup 1
+  echo "== old: what the engine chose (counts of log lines)"; engine_lines "$LOGS/old.log" /tmp/peerwork/old/logs/*.log
+  echo "== head"; engine_lines "$LOGS/tgrpo.log" /tmp/peerwork/tgrpo/logs/*.log
+  echo "== TRL"; engine_lines "$LOGS"/trl-*.log
+  grep -h -E "^trl|Traceback|Error|error:" "$LOGS"/trl-*.log | cut -c1-300 | tail -16
   kill $MON $LOAD 2>/dev/null
+  cp /tmp/peerwork/trl-result-*.json "$OUT/" 2>/dev/null
   tar czf "$OUT/logs-stage3.tgz" -C /tmp peerlogs/stage3 $(cd /tmp && ls -d peerwork/*/logs 2>/dev/null) 2>/dev/null
   ;;
 4)

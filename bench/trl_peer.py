@@ -381,14 +381,17 @@ def compare(a, extra: list[str]) -> int:
         rows, wall = run_tgrpo(ROOT, script, tgrpo_flags(a.model, tokens, extra),
                                os.path.join(a.work, "tgrpo"), a.steps, a.timeout_s,
                                os.path.join(a.logs, "tgrpo.log"), 29651)
+        with open(os.path.join(a.logs, "metrics-tgrpo.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         print_steps("tgrpo", rows, a.warmup)
         results["tgrpo"] = {**tgrpo_summary(rows, a.warmup), "wall_s": wall,
                             "max_tokens_per_micro_batch": budget}
     if "trl" in a.runs:
         t_all = time.time()
         while True:
-            trl_result, oom = run_trl(a, batch, a.timeout_s - (time.time() - t_all))
-            left = a.timeout_s - (time.time() - t_all)
+            limit = a.trl_timeout_s or a.timeout_s
+            trl_result, oom = run_trl(a, batch, limit - (time.time() - t_all))
+            left = limit - (time.time() - t_all)
             if trl_result["steps"] or not oom or batch <= 4 or left < 200:
                 break
             print(f"TRL ran out of GPU memory with {batch} sequences a micro-batch: again with {batch // 2}",
@@ -491,6 +494,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare", help="tgrpo's real job, then TRL, on the same card")
     common(c)
     c.add_argument("--runs", default="tgrpo,trl", help="which of the two to run")
+    c.add_argument("--trl_timeout_s", type=float, default=0, help="most seconds for TRL (default: --timeout_s)")
     c.add_argument("--trl_batch", type=int, default=0, help="TRL's sequences per micro-batch (default: as many "
                    "552-token sequences as tgrpo's token budget holds)")
     c.add_argument("--lr", type=float, default=5e-4, help="learning rate of both (configs/default.yaml's)")

@@ -11,10 +11,9 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 (wheels.txt's list, as prepare.sh does, and
 #   trl==1.14.2) -d W; pip wheel --no-deps deepspeed==0.19.8 -w W; unzip every wheel into S;
 #   rm S/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so S/vllm/_moe_C.abi3.so
-#   rm S/xgrammar/lib/libxgrammar.a S/mistral_common/data/tekken_*.json; rm -r S/pycountry/locales   (a static
-#     library, Mistral's tokenizer files and country-name translations: nothing this job loads)
-#   tar cf - -C S . | xz -9 -T1 > site.tar.xz (~115 MiB); split -b 60m -d site.tar.xz part -> .gpu/a/part00,
-#   .gpu/c/part01
+#   tar cf - -C S . | xz -9 -T1 > site.tar.xz (155 MiB); split -b 58m -d site.tar.xz part -> .gpu/a/part00,
+#   .gpu/b/part01, .gpu/c/part02 (dropping xgrammar's static library, Mistral's tokenizer files and pycountry's
+#   translations still left 120+ MiB: three calls either way)
 # The older commit's tree: git archive b75a40d | tar -x -C .old (with /.old/ in .git/info/exclude).
 # Calls (each at most 64 MiB of tree):
 #   1 (carry .gpu/a .old):  bash bench/device_peer.sh 1   machine facts; part 1 of the stack; random 1.5B built
@@ -89,6 +88,7 @@ case $stage in
   mkdir -p /tmp/asm && cp .gpu/b/part* /tmp/asm/ && ls -la /tmp/asm
   ;;
 3)
+  END=$(( $(date +%s) + ${DEADLINE_S:-570} ))  # by then TRL has stopped (what the session's device time allows)
   mkdir -p /tmp/asm && { test ! -d .gpu/c || cp .gpu/c/part* /tmp/asm/; } && ls -la /tmp/asm
   unpack || exit 3
   test -f $MODEL/done || { echo "no model in $MODEL: the machine was given back between calls"; exit 3; }
@@ -101,8 +101,9 @@ case $stage in
     --work /tmp/peerwork --logs "$LOGS" --timeout_s ${OLD_S:-205} --port 29661 -- --zero_stage 2 2>&1 \
     | grep -v -E "^\| [0-9]" | tail -2 | cut -c1-400
   cp "$LOGS/metrics-old.jsonl" "$OUT/" 2>/dev/null
-  timeout 345 python3 bench/trl_peer.py compare --natural --model $MODEL --steps "$STEPS" --work /tmp/peerwork \
-    --logs "$LOGS" --timeout_s ${HEAD_S:-160} --trl_timeout_s ${TRL_S:-175} -- --zero_stage 2
+  timeout $(( END - $(date +%s) + 5 )) python3 bench/trl_peer.py compare --natural --model $MODEL --steps "$STEPS" \
+    --work /tmp/peerwork --logs "$LOGS" --timeout_s ${HEAD_S:-160} --trl_timeout_s ${TRL_S:-175} --deadline $END \
+    -- --zero_stage 2
   echo "compare exit $?"
   cp "$LOGS/metrics-tgrpo.jsonl" "$OUT/metrics-head.jsonl" 2>/dev/null
   python3 bench/trl_peer.py summary old=$LOGS/metrics-old.jsonl head=$LOGS/metrics-tgrpo.jsonl --warmup 1

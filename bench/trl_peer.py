@@ -388,8 +388,12 @@ def compare(a, extra: list[str]) -> int:
                             "max_tokens_per_micro_batch": budget}
     if "trl" in a.runs:
         t_all = time.time()
-        while True:
-            limit = a.trl_timeout_s or a.timeout_s
+        limit = a.trl_timeout_s or a.timeout_s
+        if a.deadline:  # the device call's end: TRL gets what is left of it
+            limit = min(limit, a.deadline - time.time() - 15)
+            print(f"TRL gets {limit:.0f} s (what is left before the call's deadline)", flush=True)
+        trl_result = {"steps": [], "skipped": f"{limit:.0f} s left"}
+        while limit >= 60:
             trl_result, oom = run_trl(a, batch, limit - (time.time() - t_all))
             left = limit - (time.time() - t_all)
             if trl_result["steps"] or not oom or batch <= 4 or left < 200:
@@ -495,6 +499,8 @@ def main(argv=None) -> int:
     common(c)
     c.add_argument("--runs", default="tgrpo,trl", help="which of the two to run")
     c.add_argument("--trl_timeout_s", type=float, default=0, help="most seconds for TRL (default: --timeout_s)")
+    c.add_argument("--deadline", type=float, default=0, help="epoch seconds by which TRL must have stopped (a device "
+                   "call's limit); TRL is skipped when under a minute is left")
     c.add_argument("--trl_batch", type=int, default=0, help="TRL's sequences per micro-batch (default: as many "
                    "552-token sequences as tgrpo's token budget holds)")
     c.add_argument("--lr", type=float, default=5e-4, help="learning rate of both (configs/default.yaml's)")

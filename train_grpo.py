@@ -4,7 +4,7 @@
     bash launch/node.sh 0 127.0.0.1            # the same, from the hostfile
     python train_grpo.py --help                # every option
 """
-from tgrpo.trainer import main
+from tgrpo.job.trainer import main
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned child, which re-imports this file
     main()

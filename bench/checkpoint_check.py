@@ -6,7 +6,7 @@ CHECKPOINT is a folder a run saved (output_dir/checkpoints/step-N: the HF model,
 Times, on this machine, with the files in the page cache (each mode once unmeasured first), or with --cold from the
 disk (the page cache dropped before every repetition: needs root), as a resume after a restart reads them:
   read      every file read in 16 MiB chunks, nothing computed (the ceiling: what any check must pay)
-  content   tgrpo.checkpoint.damage(path): sizes and every file's xxh3-64, as resume does
+  content   tgrpo.job.checkpoint.damage(path): sizes and every file's xxh3-64, as resume does
   sizes     damage(path, content=False): sizes only, as node.sh's pre-flight does
 Prints a table and one JSON line.
 """
@@ -44,7 +44,7 @@ def main() -> None:
     if args.cold and os.geteuid() != 0:
         sys.exit("error: --cold drops the page cache (/proc/sys/vm/drop_caches), which needs root: run as root or "
                  "leave --cold out")
-    from tgrpo import checkpoint
+    from tgrpo.job import checkpoint
 
     if not os.path.isfile(os.path.join(args.checkpoint, checkpoint.MANIFEST)):
         sys.exit(f"error: {args.checkpoint} has no {checkpoint.MANIFEST}: name a checkpoint folder a run saved")

@@ -74,14 +74,14 @@ tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall('/tmp/si
   M7=${M7/--lengths fixed/}
   for extra in "--use_lora true --lora_r 64 $X7" "" "--max_tokens_per_micro_batch 4096 --gradient_checkpointing true"; do
     echo "== pre-flight 7b: ${extra:-full fine-tune}"
-    python3 -m tgrpo.preflight --plan 1 $M7 $extra 2>&1 | grep -v -i warn
+    python3 -m tgrpo.job.preflight --plan 1 $M7 $extra 2>&1 | grep -v -i warn
   done
   echo "== pre-flight check 7b full fine-tune"
-  python3 -m tgrpo.preflight 1 $M7 2>&1 | grep -v -i warn | tail -2
+  python3 -m tgrpo.job.preflight 1 $M7 2>&1 | grep -v -i warn | tail -2
   M14="--model .cache/random-qwen2-v2-14b $C7"
   M14=${M14/--lengths fixed/}
   echo "== pre-flight 14b lora $X14"
-  python3 -m tgrpo.preflight --plan 1 $M14 --use_lora true --lora_r 64 $X14 2>&1 \
+  python3 -m tgrpo.job.preflight --plan 1 $M14 --use_lora true --lora_r 64 $X14 2>&1 \
     | grep -v -i warn
   t0=$(date +%s)
   timeout 480 python3 -m torch.distributed.run --nproc_per_node 1 bench/step.py $C7 --random_model 14b \

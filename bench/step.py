@@ -4,7 +4,7 @@
 One torchrun job starts the engines and models once and runs `--steps` steps strictly on-policy (with --overlap
 also `--steps` steps generating one batch ahead, max_staleness 1, split placement only; with --async also `--steps`
 steps of the fully asynchronous mode, async_mode true, max_staleness --async_staleness, on the same engines and
-models: the continuous rollout (tgrpo.rollout_stream.GroupStream) with in-flight weight updates), the first step of
+models: the continuous rollout (tgrpo.rollout.stream.GroupStream) with in-flight weight updates), the first step of
 each mode a warm-up. Every mode reports tokens trained per second (the batch's prompt and completion tokens over the
 step's seconds), the mean NVML utilisation of the policy's GPU and of the engine's GPU over its timed steps (idle = 1
 - busy; one GPU shared by both with --share_gpu) and the trainer's time/policy_idle_frac; --async adds
@@ -97,7 +97,7 @@ def main() -> None:
     if ours.share_gpu:
         share_one_gpu()
     ours.lengths = ours.lengths or ("fixed" if ours.random_model else "model")
-    from tgrpo import rank_life, trainer
+    from tgrpo.job import rank_life, trainer
     from tgrpo.config import load_config
 
     def adjusted(cfg):
@@ -145,7 +145,7 @@ def main() -> None:
             if mode == "async":  # trainer.setup's async_mode path, from the step the next run_steps starts at
                 cfg.async_mode, cfg.max_staleness = True, staleness
                 if job.worker is not None:
-                    from tgrpo.rollout_stream import GroupStream
+                    from tgrpo.rollout.stream import GroupStream
 
                     job.stream = GroupStream(job.worker, cfg, first, None)
                 staleness = 0  # async_mode's steps take the stream's groups, nothing is generated ahead
@@ -179,7 +179,7 @@ def main() -> None:
         if cfg.use_lora and ours.bare_repeats:  # bare vLLM serves the policy's adapter: written in peft's format
             adapter_dir = os.path.join(cfg.output_dir, "bench-adapter")
             if job.policy is not None:
-                from tgrpo.checkpoint import export_adapter
+                from tgrpo.job.checkpoint import export_adapter
 
                 export_adapter(job.policy.model, job.plan, job.adapter_config, job.model_dir, adapter_dir,
                                is_writer=rank == placement.sync_source)
@@ -202,7 +202,7 @@ def share_one_gpu() -> None:
     """--share_gpu: every rank of the node binds GPU 0, and the groups that carry weights from the policy ranks to
     the engine ranks use gloo (NCCL refuses a communicator with two ranks on one GPU). The policy's own group keeps
     the configured backend (one GPU each side of it: a one-rank group here)."""
-    from tgrpo import placement
+    from tgrpo.job import placement
 
     os.environ["LOCAL_RANK"] = "0"
     sync_groups, partition_groups = placement.build_sync_groups, placement.build_partition_groups
@@ -248,7 +248,7 @@ def plain_train_step(policy):
     plain loop is then a plain peft loop on the same micro-batches."""
     import torch.nn.functional as F
 
-    from tgrpo import modeling
+    from tgrpo.policy import modeling
 
     def train_step(samples: list) -> dict:
         t0 = time.perf_counter()
@@ -299,7 +299,7 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout, adapter_dir: str
         return out
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # colocated: the policy's cached blocks go back to the bare engine
-    from tgrpo.trainer import dtypes
+    from tgrpo.job.trainer import dtypes
 
     runs = bare_generate(job.model_dir, ids, dtype=dtypes(cfg)[0], seed=cfg.seed, max_tokens=budgets,
                          ignore_eos=worker.ignore_eos,
@@ -315,7 +315,7 @@ def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, se
                   max_tokens: list[int], ignore_eos: bool, temperature: float, top_p: float,
                   gpu_memory_utilization: float, repeats: int, during, adapter_dir: str | None = None,
                   lora_r: int = 0) -> list[tuple[int, float]]:
-    """The generation ceiling: a fresh vLLM engine with vLLM's own defaults (tgrpo.vllm_engine.bare_llm), the same
+    """The generation ceiling: a fresh vLLM engine with vLLM's own defaults (tgrpo.rollout.vllm_engine.bare_llm), the same
     requests (budgets and ignore_eos as the trainer's engine had them, so both generate the same number of tokens)
     with sampled-token logprobs (which the trainer needs), after a short warm-up. adapter_dir: the engine serves that
     peft adapter (LoRA on, max_lora_rank the smallest of vLLM's sizes >= lora_r, one adapter), every request with
@@ -323,13 +323,13 @@ def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, se
     busy sampler)."""
     from vllm import SamplingParams, TokensPrompt
 
-    from tgrpo.vllm_engine import bare_llm
+    from tgrpo.rollout.vllm_engine import bare_llm
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
     if adapter_dir:
         from vllm.lora.request import LoRARequest
 
-        from tgrpo.lora import vllm_max_rank
+        from tgrpo.policy.lora import vllm_max_rank
 
         engine = _bare_lora_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                                 max_lora_rank=vllm_max_rank(lora_r))
@@ -353,11 +353,11 @@ def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, se
 
 @contextlib.contextmanager
 def _bare_lora_llm(model_dir: str, *, dtype: str, seed: int, gpu_memory_utilization: float, max_lora_rank: int):
-    """tgrpo.vllm_engine.bare_llm with LoRA on (one adapter of up to max_lora_rank): vLLM's defaults otherwise."""
+    """tgrpo.rollout.vllm_engine.bare_llm with LoRA on (one adapter of up to max_lora_rank): vLLM's defaults otherwise."""
     import torch
     from vllm import LLM
 
-    from tgrpo.vllm_engine import _without_launcher_env
+    from tgrpo.rollout.vllm_engine import _without_launcher_env
 
     on_gpu = torch.cuda.is_available()
     with _without_launcher_env():

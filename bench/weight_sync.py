@@ -44,7 +44,7 @@ def main() -> None:
                         "tgrpo/tiny.py RANDOM_SHAPES: 60m, 0.5b, 1.5b) instead of --model.")
     parser.add_argument("--skip_per_param", action="store_true", help="Leave out the (slow) per-parameter mode.")
     ours, rest = parser.parse_known_args()
-    from tgrpo import rank_life
+    from tgrpo.job import rank_life
     from tgrpo.config import load_config
 
     def adjusted(cfg):
@@ -71,8 +71,10 @@ def body(cfg, placement, rank: int, ours) -> None:
     import torch
     import torch.distributed as dist
 
-    from tgrpo import buckets, console, rank_life, sync, trainer
-    from tgrpo.placement import build_partition_groups, build_sync_groups
+    from tgrpo import console
+    from tgrpo.job import rank_life, trainer
+    from tgrpo.sync import buckets, weights as sync
+    from tgrpo.job.placement import build_partition_groups, build_sync_groups
 
     fanout = min(placement.num_policy, placement.num_engines)
     # the modes' own groups, made while every rank's default group is still the world (before ZeRO-3 starts)
@@ -287,7 +289,8 @@ def full_plans(model, bucket_bytes: int, parts: int):
 
     import torch
 
-    from tgrpo import buckets, deepspeed_engine, lora
+    from tgrpo.policy import deepspeed_engine, lora
+    from tgrpo.sync import buckets
 
     keep_base_layer = torch.cuda.is_available()
 

@@ -36,7 +36,7 @@ source launch/cleanup.sh
 read_hostfile "$NODE_RANK"
 
 # Bad input stops here, in one line, before any process group or engine starts.
-checked=$(TGRPO_NODE_RANK=$NODE_RANK LOCAL_WORLD_SIZE=$NPROC "$PYTHON" -m tgrpo.preflight "$WORLD_SIZE" --config "$CONFIG" "$@") || exit $?
+checked=$(TGRPO_NODE_RANK=$NODE_RANK LOCAL_WORLD_SIZE=$NPROC "$PYTHON" -m tgrpo.job.preflight "$WORLD_SIZE" --config "$CONFIG" "$@") || exit $?
 OUTPUT_DIR=$(printf '%s\n' "$checked" | sed -n 's/^output_dir=//p' | tail -n 1)
 OUTPUT_DIR=${OUTPUT_DIR:-output}
 LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/logs}
@@ -96,7 +96,7 @@ sampler=""
 trap '[ -z "$sampler" ] || kill "$sampler" 2>/dev/null; rm -f "$lowest" "$TGRPO_PREEMPT_FILE" "$pidfile" "$statusfile" "$quiet"' EXIT
 while true; do
   start_byte=$(stat -c %s "$log")
-  oom_before=$("$PYTHON" -m tgrpo.failures --oom-kills 2>/dev/null || true)
+  oom_before=$("$PYTHON" -m tgrpo.job.failures --oom-kills 2>/dev/null || true)
   rm -f "$lowest"
   sample_memory &
   sampler=$!
@@ -140,7 +140,7 @@ while true; do
   fi
   [ "$status" -ne 0 ] || break
   [ "$status" -ne 3 ] || break
-  cause=$("$PYTHON" -m tgrpo.failures "$log" "$start_byte" "${oom_before:-none}" "$(cat "$lowest" 2>/dev/null || echo none)" 2>/dev/null || true)
+  cause=$("$PYTHON" -m tgrpo.job.failures "$log" "$start_byte" "${oom_before:-none}" "$(cat "$lowest" 2>/dev/null || echo none)" 2>/dev/null || true)
   [ -n "$cause" ] && echo "error: ${cause} (log: $log)" | tee -a "$log" >&2
   # a bad config (2) is never retried
   if [ "$status" -eq 2 ] || [ "$restarts" -ge "$MAX_RESTARTS" ]; then break; fi

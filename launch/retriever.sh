@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The BM25 retrieval server of this node (tgrpo/retriever.py), in the background: run it on every node of a
+# The BM25 retrieval server of this node (tgrpo/rollout/retriever.py), in the background: run it on every node of a
 # multi-turn search job, all over the same corpus, so rollout ranks search on their own node.
 #   bash launch/retriever.sh start   # starts it (if not running) and waits until it answers /health
 #   bash launch/retriever.sh stop
@@ -25,7 +25,7 @@ start)
   if running && healthy; then echo "retriever already up: $URL/retrieve (pid $(cat "$PIDFILE"))"; exit 0; fi
   [ -f "$CORPUS" ] || { echo "error: corpus '$CORPUS' not found: set CORPUS to a .jsonl of {id, contents}" >&2; exit 2; }
   log="$LOG_DIR/retriever-$(hostname)-$PORT.log"
-  nohup "$PYTHON" -m tgrpo.retriever --corpus "$CORPUS" --host "$HOST" --port "$PORT" > "$log" 2>&1 &
+  nohup "$PYTHON" -m tgrpo.rollout.retriever --corpus "$CORPUS" --host "$HOST" --port "$PORT" > "$log" 2>&1 &
   echo $! > "$PIDFILE"
   deadline=$((SECONDS + ${START_TIMEOUT_S:-120}))
   until healthy; do

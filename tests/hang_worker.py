@@ -7,8 +7,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from tgrpo import rank_life
-from tgrpo.watchdog import Watchdog
+from tgrpo.job import rank_life
+from tgrpo.job.watchdog import Watchdog
 
 log_dir = sys.argv[1]
 os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")  # as rank_life.run sets it

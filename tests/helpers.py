@@ -14,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check(cfg, world_size: int, local_world_size: int | None = None):
-    """tgrpo.checks.check_job as every rank runs it (the data rows left to the engines), with the default
+    """tgrpo.job.checks.check_job as every rank runs it (the data rows left to the engines), with the default
     output_dir swapped for an empty temporary one: the repo's own output/ may hold a run."""
-    from tgrpo.checks import check_job
+    from tgrpo.job.checks import check_job
 
     with tempfile.TemporaryDirectory() as out:
         if cfg.output_dir == "output":

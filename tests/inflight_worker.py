@@ -29,9 +29,11 @@ def teacher_forced(model, prompt: list[int], completion: list[int], temperature:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tgrpo import checks, data, sync
+    from tgrpo import data
+    from tgrpo.job import checks
+    from tgrpo.sync import weights as sync
     from tgrpo.config import load_config
-    from tgrpo.vllm_engine import RolloutEngine
+    from tgrpo.rollout.vllm_engine import RolloutEngine
 
     cfg = load_config(["--config", "configs/default.yaml", "--dtype", "float32", "--max_completion_length", "192",
                        "--vllm_enable_prefix_caching", "true"])

@@ -4,7 +4,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from tgrpo.rank_life import make_default_group
+from tgrpo.job.rank_life import make_default_group
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank = dist.get_rank()

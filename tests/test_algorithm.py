@@ -115,7 +115,7 @@ def test_batch_scaled_advantages_are_those_of_the_whole_step_whatever_the_engine
     sqrt(16 * 0.375 * 0.625 / 15) = 0.5), as on one engine; each
     engine's own std (0.5345, 0.4629) would move them by up to 0.12."""
     from tgrpo.batch import Sample
-    from tgrpo.rollout import assign_advantages
+    from tgrpo.rollout.worker import assign_advantages
 
     engine0, engine1 = [0, 0, 0, 1, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0, 0, 1]
     two = [Sample([1], [2], [0.0], reward=float(r)) for r in engine0 + engine1]  # gathered: engine 0's, then 1's

@@ -157,7 +157,7 @@ def test_torchrun_bad_row_found_by_rollout_rank_ends_every_rank(tmp_path):
     *((case, BAD_FILES[case]) for case in ("no-tokenizer", "no-weights", "answer-object", "malformed-jsonl")),
 ])
 def test_plain_torchrun_says_bad_input_in_one_line(tmp_path, args, words):
-    """Without node.sh's pre-flight every rank runs the same checks (tgrpo.checks.check_job) before its process
+    """Without node.sh's pre-flight every rank runs the same checks (tgrpo.job.checks.check_job) before its process
     group starts; rank 0's line is printed before torchrun stops the others, and every rank exits 2 (torchrun's
     own status is 1 whenever a rank fails; its summary shows the ranks' 2)."""
     out = str(tmp_path / "out")

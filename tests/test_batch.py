@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tgrpo import algorithm, batch, modeling
+from tgrpo import algorithm, batch
+from tgrpo.policy import modeling
 from tgrpo.batch import Sample
 from tgrpo.config import Config
-from tgrpo.policy import STATS, micro_loss
+from tgrpo.policy.worker import STATS, micro_loss
 
 
 def _lengths(seed: int, n: int) -> list[int]:

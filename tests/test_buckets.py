@@ -1,11 +1,11 @@
 """The weight layouts a sync moves, on real tensors without processes: a plan and its join are inverses. ZeRO-3's
 partitioning is reproduced as DeepSpeed does it (flatten, zero-pad to parts * ceil(numel / parts), rank j holds
 the j-th slice), the senders' segments are laid side by side as the engine's buffer receives them, and
-tgrpo.buckets.unpack_bucket must give back every parameter exactly."""
+tgrpo.sync.buckets.unpack_bucket must give back every parameter exactly."""
 import pytest
 import torch
 
-from tgrpo.buckets import max_bucket_bytes, plan_buckets, plan_shards, shard_size, unpack_bucket
+from tgrpo.sync.buckets import max_bucket_bytes, plan_buckets, plan_shards, shard_size, unpack_bucket
 
 
 def _model(seed: int = 0) -> list[tuple[str, torch.Tensor]]:

@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from tgrpo import checkpoint
+from tgrpo.job import checkpoint
 from helpers import check
 from tgrpo.config import Config, ConfigError
-from tgrpo.placement import Placement
+from tgrpo.job.placement import Placement
 
 
 def _make(root, name, complete=True, step=None):

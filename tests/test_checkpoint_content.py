@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tgrpo import checkpoint
+from tgrpo.job import checkpoint
 from tgrpo.config import Config, ConfigError
 
 

@@ -7,8 +7,8 @@ import torch
 
 from helpers import check
 from tgrpo.config import Config, ConfigError, build_parser, load_config
-from tgrpo.placement import Placement, parse_ranges
-from tgrpo.sync import plan_buckets
+from tgrpo.job.placement import Placement, parse_ranges
+from tgrpo.sync.weights import plan_buckets
 
 
 def test_yaml_then_flags_override(tmp_path):
@@ -175,7 +175,7 @@ def test_tis_cap_with_nucleus_sampling_stops_in_one_line():
 ])
 def test_learning_rate_schedules(kind, warmup, expected):
     """TRL's names over the run's optimizer steps: 5 steps x 2 mini-batches here, warmup counted in steps."""
-    from tgrpo.policy import lr_schedule
+    from tgrpo.policy.worker import lr_schedule
 
     cfg = Config(lr_scheduler_type=kind, max_steps=5, mini_batches=2, learning_rate=1.0, **warmup)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

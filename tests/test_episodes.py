@@ -1,4 +1,4 @@
-"""The multi-turn episode loop (tgrpo.tools.run_episodes) on its own: the real tokenizer of the search example,
+"""The multi-turn episode loop (tgrpo.rollout.tools.run_episodes) on its own: the real tokenizer of the search example,
 the real BM25 retriever over HTTP, and an engine that follows a script per episode through the loop's engine
 contract (tools.TurnEngine), so that every way an episode ends is reached on purpose."""
 import os
@@ -6,9 +6,10 @@ import threading
 
 import pytest
 
-from tgrpo import tools
-from tgrpo.retriever import BM25Index, Retriever, load_corpus, make_server
-from tgrpo.vllm_engine import Completion
+from tgrpo import search_protocol
+from tgrpo.rollout import tools
+from tgrpo.rollout.retriever import BM25Index, Retriever, load_corpus, make_server
+from tgrpo.rollout.vllm_engine import Completion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,7 @@ class ScriptedEngine:
         for ids, budget in zip(prompt_ids, max_tokens):
             text = self.tokenizer.decode(ids)
             script = next(v for k, v in SCRIPTS.items() if k in text)
-            turn_text = script[min(text.count(tools.INFO_OPEN), len(script) - 1)]
+            turn_text = script[min(text.count(search_protocol.INFO_OPEN), len(script) - 1)]
             for s in stop:
                 if s in turn_text:
                     turn_text = turn_text[:turn_text.index(s) + len(s)]
@@ -89,7 +90,7 @@ def test_every_way_an_episode_ends(tokenizer, retriever):
     searched = by_name["search then answer"]
     assert (searched.finish, searched.turns, searched.tool_calls) == ("stop", 2, 1)
     first_turn = tokenizer("I look it up. <search>capital of Asease</search>", add_special_tokens=False)["input_ids"]
-    info = tokenizer(tools.format_information(retriever.search(["capital of Asease"])[0]),
+    info = tokenizer(search_protocol.format_information(retriever.search(["capital of Asease"])[0]),
                      add_special_tokens=False)["input_ids"][:64]
     # the model's tokens, then the real retriever's passages as tool tokens (mask 0), then the model again
     assert searched.ids[:len(first_turn)] == first_turn and searched.mask[:len(first_turn)] == [1] * len(first_turn)
@@ -103,7 +104,7 @@ def test_every_way_an_episode_ends(tokenizer, retriever):
     looping = by_name["search every turn"]
     assert (looping.finish, looping.turns, looping.tool_calls) == ("max_turns", 3, 2)  # no turn left for a third
     empty = by_name["empty query"]
-    assert empty.tool_calls == 1 and tools.EMPTY_QUERY in empty.text and empty.finish == "stop"
+    assert empty.tool_calls == 1 and search_protocol.EMPTY_QUERY in empty.text and empty.finish == "stop"
     long = by_name["talks too long"]
     assert (long.finish, long.turns, len(long.ids), set(long.mask)) == ("length", 1, 400, {1})
     assert long.truncated and not searched.truncated

@@ -62,7 +62,7 @@ Root Cause (first observed failure):
 def test_root_cause_names_the_killed_rank_not_torchruns_sigterm_or_the_survivors():
     """torchrun's summary as it prints it: the rank killed by SIGKILL is the cause, not the ranks torchrun then
     stopped with SIGTERM nor a survivor's connection error; without a signal, the first rank's own error line."""
-    from tgrpo.failures import root_cause
+    from tgrpo.job.failures import root_cause
 
     survivor = "[rank 0 rollout] error: RuntimeError: Connection reset by peer (traceback: x.log)\n"
     assert root_cause(SUMMARY.format(own=survivor, code="-9")) == (

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers import ROOT, JobWatch, alive, finish, free_port, run, shm, start, torchrun
-from tgrpo import checkpoint
+from tgrpo.job import checkpoint
 
 PYTHON = {"PYTHON": sys.executable}
 
@@ -108,7 +108,7 @@ for id in 0 1; do SLURM_NODEID=$id "$@" || exit; done
 # node.sh runs $PYTHON for the pre-flight and the master port check (both pass here) and torchrun (printed here
 # instead of run)
 FAKE_PYTHON = '''#!/usr/bin/env bash
-if [ "$2" = tgrpo.preflight ] || [ "$1" = -c ]; then exit 0; fi
+if [ "$2" = tgrpo.job.preflight ] || [ "$1" = -c ]; then exit 0; fi
 if [ "$1" = launch/tee.py ]; then exec tee -a "$2"; fi  # node.sh's console tee
 echo "PYTHON $*"
 '''

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start, torchrun
-from tgrpo import lora, memory
+from tgrpo.job import memory
+from tgrpo.policy import lora
 from tgrpo.config import Config, ConfigError, load_config
-from tgrpo.placement import Placement
+from tgrpo.job.placement import Placement
 from tgrpo.tiny import ensure_tiny_model
 
 CACHE = os.path.join(ROOT, ".cache")

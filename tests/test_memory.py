@@ -1,4 +1,4 @@
-"""The memory plan (tgrpo/memory.py): the estimate against hand-computed bytes, the parameter count against a real
+"""The memory plan (tgrpo/job/memory.py): the estimate against hand-computed bytes, the parameter count against a real
 model, and a job too large for this host stopped in one line at pre-flight, before any engine starts."""
 import os
 import sys
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers import ROOT, check, run
-from tgrpo import memory
+from tgrpo.job import memory
 from tgrpo.config import Config, ConfigError
-from tgrpo.placement import Placement
+from tgrpo.job.placement import Placement
 
 SHAPE = memory.ModelShape(params=1_000_000_000, hidden=1000, intermediate=4000, layers=10, vocab=50000)
 GB = 1e9

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import ROOT, free_port, run
-from tgrpo import deepspeed_engine
+from tgrpo.policy import deepspeed_engine
 from tgrpo.config import Config
 from tgrpo.tiny import ensure_tiny_model
 
@@ -103,7 +103,8 @@ def test_weights_holding_nan_are_never_saved(world, tmp_path):
     every rank raises JobError naming how many and the newest checkpoint, and nothing of that step is left."""
     from types import SimpleNamespace
 
-    from tgrpo import checkpoint, sync
+    from tgrpo.job import checkpoint
+    from tgrpo.sync import weights as sync
     from tgrpo.errors import JobError
 
     engine = _engine(world, 0)
@@ -130,9 +131,9 @@ def test_a_nan_step_is_said_in_one_line_and_n_in_a_row_stop_the_run(tmp_path):
     step resets the count, the Nth in a row raises JobError naming the step, the count and where to go back."""
     from types import SimpleNamespace
 
-    from tgrpo import checkpoint
+    from tgrpo.job import checkpoint
     from tgrpo.errors import JobError
-    from tgrpo.trainer import _check_finite
+    from tgrpo.job.trainer import _check_finite
 
     lines = []
     job = SimpleNamespace(cfg=Config(output_dir=str(tmp_path), mini_batches=2), nonfinite_in_a_row=0,

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tgrpo.config import Config
-from tgrpo.rewards import RewardError, RewardScorer
+from tgrpo.rollout.rewards import RewardError, RewardScorer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from helpers import ROOT, free_port, run
-from tgrpo.retriever import BM25Index, Retriever, RetrieverError, load_corpus, make_server
+from tgrpo.rollout.retriever import BM25Index, Retriever, RetrieverError, load_corpus, make_server
 
 CORPUS = os.path.join(ROOT, "data", "search_corpus.jsonl")
 

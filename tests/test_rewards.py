@@ -1,13 +1,13 @@
-"""tgrpo.rewards on real answer strings: math-verify equivalence, malformed output, format, threads, and the
+"""tgrpo.rollout.rewards on real answer strings: math-verify equivalence, malformed output, format, threads, and the
 RewardScorer with builtin and user rewards and its config checks (the remote service: test_remote_reward.py)."""
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tgrpo import rewards
+from tgrpo.rollout import rewards
 from tgrpo.config import Config, ConfigError
-from tgrpo.rewards import (REWARD_FUNCS, RewardError, RewardScorer, check_reward_config, extract_answer,
+from tgrpo.rollout.rewards import (REWARD_FUNCS, RewardError, RewardScorer, check_reward_config, extract_answer,
                            format_reward, math_reward)
 
 # (completion, gold answer): equivalent forms that must earn 1.0
@@ -303,6 +303,6 @@ def test_worker_thread_backstop_kills_stuck_subprocess(monkeypatch):
     ("<answer></answer>", "", 0.0),
 ])
 def test_exact_match_reward(completion, answer, expected):
-    from tgrpo.rewards import em_reward
+    from tgrpo.rollout.rewards import em_reward
 
     assert em_reward(completion, answer) == expected

@@ -16,23 +16,23 @@ import requests
 import torch
 
 from helpers import ROOT, free_port, run, torchrun
-from tgrpo import algorithm, batch, tools
+from tgrpo import algorithm, batch, search_protocol
 from tgrpo.batch import Sample
 from helpers import check
 from tgrpo.config import ConfigError, load_config
-from tgrpo.rollout import kl_into_rewards
+from tgrpo.rollout.worker import kl_into_rewards
 
 STEPS = 4
 SLOW_S, TIMEOUT_S = 3.0, 1.0
 
 
 def test_query_extraction_and_information_block():
-    assert tools.extract_query("I should look. <search> capital of Asease </search>") == "capital of Asease"
-    assert tools.extract_query("<search>a</search> then <search>b</search>") == "b"
-    assert tools.extract_query("no call </search>") == ""  # a closed call without an opening: empty query
-    assert tools.extract_query("<search>a</search> and more text") is None  # not a call it ended on
-    assert tools.extract_query("<answer>x</answer>") is None
-    block = tools.format_information(["first passage ", "second"])
+    assert search_protocol.extract_query("I should look. <search> capital of Asease </search>") == "capital of Asease"
+    assert search_protocol.extract_query("<search>a</search> then <search>b</search>") == "b"
+    assert search_protocol.extract_query("no call </search>") == ""  # a closed call without an opening: empty query
+    assert search_protocol.extract_query("<search>a</search> and more text") is None  # not a call it ended on
+    assert search_protocol.extract_query("<answer>x</answer>") is None
+    block = search_protocol.format_information(["first passage ", "second"])
     assert block == "\n\n<information>Doc 1: first passage\nDoc 2: second</information>\n\n"
 
 
@@ -172,7 +172,7 @@ def test_tool_tokens_are_masked_in_the_logged_samples(search_run):
             if source == "tool":  # exactly the information blocks are masked, nothing the model wrote
                 # (the retriever's own text may quote the tag: its reply to an empty query says how to search)
                 assert text == logged and text.startswith("\n\n<information>")
-                assert "<search>" not in text.replace(tools.EMPTY_QUERY, "")
+                assert "<search>" not in text.replace(search_protocol.EMPTY_QUERY, "")
             else:
                 assert "<information>" not in text
         assert sum(1 for _, source in runs if source == "tool") == s["tool_calls"] or s["truncated"]

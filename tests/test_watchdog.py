@@ -10,10 +10,10 @@ import pytest
 import torch.distributed as dist
 
 from helpers import free_port
-from tgrpo import build_locks, watchdog
+from tgrpo.job import build_locks, watchdog
 from tgrpo.config import Config
-from tgrpo.failures import root_cause
-from tgrpo.watchdog import Watchdog
+from tgrpo.job.failures import root_cause
+from tgrpo.job.watchdog import Watchdog
 
 
 def test_by_default_a_frozen_rank_is_named_before_a_collective_times_out():

@@ -4,7 +4,7 @@
 
 The config describes values: defaults, help, types, and the rules between values (`Config.check`). It imports no
 other tgrpo module but the errors. Checks that touch the world (the placement against the ranks launched, files, the
-model, the data rows, a checkpoint to resume, user reward modules) are `tgrpo.checks.check_job`, which node.sh's
+model, the data rows, a checkpoint to resume, user reward modules) are `tgrpo.job.checks.check_job`, which node.sh's
 pre-flight and every rank run before any process group, engine or model starts. A problem is one `ConfigError`
 line that names the field and the fix.
 """
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import yaml
-
 
 from tgrpo.errors import ConfigError
 
@@ -306,7 +305,7 @@ class Config:
     def check(self) -> None:
         """The rules between values (ranges, combinations that contradict each other), raised as one ConfigError
         line naming the field and the fix. Checks that need the world (the placement against the ranks launched,
-        files, the model, the data, a checkpoint, user reward modules) are tgrpo.checks.check_job's."""
+        files, the model, the data, a checkpoint, user reward modules) are tgrpo.job.checks.check_job's."""
         _check(len(self.reward_funcs) == len(self.reward_weights),
                f"reward_funcs has {len(self.reward_funcs)} names but reward_weights has {len(self.reward_weights)}"
                " weights: give one weight per reward")

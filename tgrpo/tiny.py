@@ -20,6 +20,8 @@ import json
 import os
 import random
 
+from tgrpo.search_protocol import SEARCH_CLOSE, SEARCH_OPEN, SEARCH_SYSTEM, format_information
+
 TINY_NAME = "tiny-qwen2-v4"  # a new name for every change of the recipe: caches of the old one are not reused
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -253,15 +255,13 @@ def made_up_value(rng: random.Random, relation: str) -> str:
 def _search_episode(rng: random.Random) -> tuple[list[dict], list[tuple[str, int]]]:
     """A worked episode about a fact made up on the spot: search the question, read the one passage that states
     the fact, answer with it. Segments are (text, 1 model / 0 tool)."""
-    from tgrpo import tools
-
     entity = made_up_name(rng, 2)
     relation, fact, question = rng.choice(RELATIONS)
     value = made_up_value(rng, relation)
     question = question.format(e=entity)
-    prompt = [{"role": "system", "content": tools.SEARCH_SYSTEM}, {"role": "user", "content": question}]
-    return prompt, [(f"{tools.SEARCH_OPEN}{question}{tools.SEARCH_CLOSE}", 1),
-                    (tools.format_information([fact.format(e=entity, v=value)]), 0), (f"<answer>{value}</answer>", 1)]
+    prompt = [{"role": "system", "content": SEARCH_SYSTEM}, {"role": "user", "content": question}]
+    return prompt, [(f"{SEARCH_OPEN}{question}{SEARCH_CLOSE}", 1),
+                    (format_information([fact.format(e=entity, v=value)]), 0), (f"<answer>{value}</answer>", 1)]
 
 
 def _build_search(out: str) -> None:

@@ -22,12 +22,14 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from tgrpo import console, deepspeed_engine, sync
+from tgrpo import console
+from tgrpo.policy import deepspeed_engine
+from tgrpo.sync import weights as sync
 
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"  # every file of the checkpoint and its size, written before STATE
 LATEST = "latest"
-STREAM = "rollout_stream.json"  # async_mode: each engine's groups fed, owed and dropped (tgrpo.rollout_stream)
+STREAM = "rollout_stream.json"  # async_mode: each engine's groups fed, owed and dropped (tgrpo.rollout.stream)
 CRITIC = "deepspeed-critic"  # advantage_estimator gae: the critic's DeepSpeed state
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -371,7 +373,7 @@ def export_adapter(model: torch.nn.Module, plan: list, config: dict, model_dir: 
     gathers); NaN/inf values are counted and nothing written, as there. Returns 0 on other ranks."""
     from transformers import AutoTokenizer
 
-    from tgrpo import lora
+    from tgrpo.policy import lora
 
     state: dict[str, torch.Tensor] = {}
     nonfinite = 0

@@ -1,7 +1,7 @@
 """Every check of a job that touches the world, in one place: `check_job` turns a config and the ranks launched
 into the Placement, or raises one ConfigError line naming the problem and the fix.
 
-node.sh's pre-flight (`python -m tgrpo.preflight`) calls it once per node before torchrun starts; every rank calls
+node.sh's pre-flight (`python -m tgrpo.job.preflight`) calls it once per node before torchrun starts; every rank calls
 it again before its process groups, engines or models start, so plain torchrun, srun and `accelerate launch` get
 the same one-line errors. The trainer leaves the data rows and the retriever to the engine ranks (each reads its
 prompts once when it starts, and every rank learns their verdict); the pre-flight reads them here.
@@ -13,7 +13,7 @@ import os
 
 from tgrpo.config import Config
 from tgrpo.errors import ConfigError
-from tgrpo.placement import Placement
+from tgrpo.job.placement import Placement
 
 
 def check_job(cfg: Config, world_size: int, local_world_size: int | None = None, *, data: bool = True) -> Placement:
@@ -21,7 +21,8 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
     node), the numbers that must divide among the ranks, files (model, DeepSpeed config, data), a checkpoint to
     resume, output_dir, and the model's config and tokenizer; with data=True also the data rows and the retriever.
     Builds the embedded tiny model if it is named and missing."""
-    from tgrpo import checkpoint, rewards
+    from tgrpo.job import checkpoint
+    from tgrpo.rollout import rewards
 
     cfg.check()
     rewards.check_reward_config(cfg)
@@ -67,7 +68,7 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
                   announce=data or (os.environ.get("RANK", "0") == "0" and not os.environ.get("TGRPO_LOG_FILE")))
     if data:
         if cfg.retriever_url and cfg.retriever_on_failure == "fail":
-            from tgrpo.retriever import connect
+            from tgrpo.rollout.retriever import connect
 
             retriever, problem = connect(cfg)
             retriever.close()
@@ -206,11 +207,11 @@ def _safetensors_problem(path: str) -> str | None:
 
 def memory_plan(cfg: Config, placement: Placement, local_world_size: int | None = None, *,
                 prompt_length: int | None = None, activations: bool = True):
-    """This node's memory plan (tgrpo/memory.py) and what it is held against: (plan, one GPU's bytes or None,
+    """This node's memory plan (tgrpo/job/memory.py) and what it is held against: (plan, one GPU's bytes or None,
     this host's total and available bytes); None where transformers cannot build the model's architecture."""
     import torch
 
-    from tgrpo import memory
+    from tgrpo.job import memory
 
     on_gpu = torch.cuda.is_available()
     width = 4 if cfg.dtype == "float32" or (cfg.dtype == "auto" and not on_gpu) else 2
@@ -231,7 +232,8 @@ def _check_memory(cfg: Config, placement: Placement, local_world_size: int | Non
                   activations: bool, announce: bool) -> None:
     """The memory plan against this host's memory and one GPU's: one line naming what does not fit, by how much,
     and what to change; memory_check false turns the stop into a warning (if announce)."""
-    from tgrpo import console, memory
+    from tgrpo import console
+    from tgrpo.job import memory
 
     planned = memory_plan(cfg, placement, local_world_size, prompt_length=prompt_length, activations=activations)
     if planned is None:

@@ -1,7 +1,7 @@
 """The root cause of a failed torchrun job, in one line, from its log (torchrun's failure summary and the ranks'
 own `[rank N role] error:` lines).
 
-    python -m tgrpo.failures LOG [FROM_BYTE [OOM_KILLS_BEFORE [LOWEST_AVAILABLE_KB]]]
+    python -m tgrpo.job.failures LOG [FROM_BYTE [OOM_KILLS_BEFORE [LOWEST_AVAILABLE_KB]]]
 
 A rank the watchdog named as silent (no heartbeat) is the cause: the job hung. Otherwise a rank killed by a signal
 (not torchrun's own SIGTERM to the rest) is named before the survivors whose
@@ -20,7 +20,7 @@ import sys
 
 _ENTRY = re.compile(r"host\s*:\s*(?P<host>\S+)\s+rank\s*:\s*(?P<rank>\d+) \(local_rank: (?P<local>\d+)\)\s+"
                     r"exitcode\s*:\s*(?P<code>-?\d+) \(pid: (?P<pid>\d+)\)")
-# tgrpo/watchdog.py's line when a rank stops sending heartbeats
+# tgrpo/job/watchdog.py's line when a rank stops sending heartbeats
 _HANG = re.compile(r"^error: no heartbeat for over (?P<seconds>\S+) s from rank (?P<rank>\d+) \((?P<what>[^)]*)\)"
                    r".*where every rank waits: (?P<report>\S+)$", re.MULTILINE)
 _RANK_ERROR = re.compile(r"^\[rank (?P<rank>\d+) (?P<role>[\w+]+)\] error: (?P<cause>.*)$", re.MULTILINE)

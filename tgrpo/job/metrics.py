@@ -7,8 +7,7 @@ import os
 import statistics
 
 from tgrpo import console
-from tgrpo.rewards import answer_reward
-
+from tgrpo.rollout.rewards import answer_reward
 
 _SUMMED = {"async/dropped_stale", "async/groups_in_flight", "async/groups_ready", "async/seqs_in_flight_mean"}
 

@@ -1,8 +1,8 @@
-"""Check a job before torchrun starts it: `tgrpo.checks.check_job` with the data rows and the retriever, once per
+"""Check a job before torchrun starts it: `tgrpo.job.checks.check_job` with the data rows and the retriever, once per
 node, so that bad input stops in one line before any rank starts.
 
-    python -m tgrpo.preflight WORLD_SIZE [train_grpo.py arguments]
-    python -m tgrpo.preflight --plan WORLD_SIZE [train_grpo.py arguments]
+    python -m tgrpo.job.preflight WORLD_SIZE [train_grpo.py arguments]
+    python -m tgrpo.job.preflight --plan WORLD_SIZE [train_grpo.py arguments]
 
 Prints one line and exits 2 on bad input; builds the embedded tiny model if it is asked for and missing, so that
 the ranks do not race to build it. Its last line, `output_dir=...`, is read by launch/node.sh. With --plan it prints
@@ -11,10 +11,10 @@ the job's memory plan on this machine instead: each part's bytes and one JSON li
 import os
 import sys
 
-from tgrpo.checks import check_job
 from tgrpo.config import load_config
 from tgrpo.errors import ConfigError
-from tgrpo.rank_life import env_local_world_size
+from tgrpo.job.checks import check_job
+from tgrpo.job.rank_life import env_local_world_size
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     try:
         world_size = int(args[plan])
     except (IndexError, ValueError):
-        sys.exit("usage: python -m tgrpo.preflight [--plan] WORLD_SIZE [train_grpo.py arguments]")
+        sys.exit("usage: python -m tgrpo.job.preflight [--plan] WORLD_SIZE [train_grpo.py arguments]")
     try:
         cfg = load_config(args[plan + 1:])
         if plan:
@@ -38,9 +38,9 @@ def main() -> None:
 def print_plan(cfg, world_size: int) -> None:
     import json
 
-    from tgrpo.checks import memory_plan
-    from tgrpo.memory import GiB
-    from tgrpo.placement import Placement
+    from tgrpo.job.checks import memory_plan
+    from tgrpo.job.memory import GiB
+    from tgrpo.job.placement import Placement
 
     placement = Placement.from_config(cfg, world_size, env_local_world_size())
     planned = memory_plan(cfg, placement, env_local_world_size())

@@ -23,11 +23,11 @@ from tgrpo.errors import ConfigError, JobError
 
 
 def run(make_config, body) -> None:
-    """One rank: make_config() -> Config, the job's checks (tgrpo.checks.check_job), the node log, signal handlers,
+    """One rank: make_config() -> Config, the job's checks (tgrpo.job.checks.check_job), the node log, signal handlers,
     then body(cfg, placement, rank). A ConfigError (from the config, the checks or the body) is printed once by
     rank 0 and every rank exits 2; a JobError likewise with 1; any other failure prints one line per failing rank
     (its traceback in output_dir/logs/error-rankR.log) and exits 1."""
-    from tgrpo.checks import check_job
+    from tgrpo.job.checks import check_job
 
     adopt_slurm_env()
     for stop in (signal.SIGTERM, signal.SIGINT):  # torchrun passes SIGTERM and Ctrl-C on to each rank's group
@@ -35,7 +35,7 @@ def run(make_config, body) -> None:
     # token-budget micro-batches vary in size from one to the next: without expandable segments the CUDA caching
     # allocator fragments and flushes its cache (seen on H200), stalling the GPU; vLLM's engines do without it
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    # NCCL's flight recorder: the last collectives of every NCCL group, for the hang report (tgrpo/watchdog.py)
+    # NCCL's flight recorder: the last collectives of every NCCL group, for the hang report (tgrpo/job/watchdog.py)
     os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     rank, world_size = env_rank(), env_world_size()
     try:

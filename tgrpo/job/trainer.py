@@ -18,7 +18,7 @@ With max_staleness = k >= 1 (split placement), rollout ranks generate the next k
 trains on this one (between the sample gather and the weight sync), so a step takes about the longer of generation
 and training instead of their sum; samples are then up to k updates old and tis_cap's importance weights correct it.
 
-With async_mode (tgrpo.rollout_stream), a rollout rank's engine generates without a break: it takes the step's share
+With async_mode (tgrpo.rollout.stream), a rollout rank's engine generates without a break: it takes the step's share
 of finished groups (stream.take), keeps its engine's outputs moving while it waits at the step's barriers
 (_await_others), and the weights reach the engine in flight (stream.pause_for_update, the sync, stream.updated).
 The collectives are the same, in the same order, as in the other modes.
@@ -33,16 +33,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tgrpo import build_locks, checkpoint, checks, console, lora, rank_life, sync
-from tgrpo.buckets import ShardPlan
+from tgrpo import console
+from tgrpo.algorithm import KLController
 from tgrpo.config import Config, load_config
 from tgrpo.errors import ConfigError, JobError
-from tgrpo.metrics import Metrics, staleness_stats, step_metrics
-from tgrpo.algorithm import KLController
-from tgrpo.placement import CRITIC, POLICY, REFERENCE, Groups, Placement, build_groups
-from tgrpo.rollout import RolloutWorker, assign_advantages, assign_gae, kl_into_rewards, mean_token_kl
-from tgrpo.watchdog import Watchdog, limits as watchdog_limits
-
+from tgrpo.job import build_locks, checkpoint, checks, rank_life
+from tgrpo.job.metrics import Metrics, staleness_stats, step_metrics
+from tgrpo.job.placement import CRITIC, POLICY, REFERENCE, Groups, Placement, build_groups
+from tgrpo.job.watchdog import Watchdog, limits as watchdog_limits
+from tgrpo.policy import lora
+from tgrpo.rollout.worker import RolloutWorker, assign_advantages, assign_gae, kl_into_rewards, mean_token_kl
+from tgrpo.sync import weights as sync
+from tgrpo.sync.buckets import ShardPlan
 
 BF16_MEAN_ATOL = 0.05  # sync check in bfloat16: largest mean |logprob difference| per token
 
@@ -86,7 +88,7 @@ class Job:
     stopped_at: int | None = None  # the step after which a preemption request stopped the run (saved there)
     nonfinite_in_a_row: int = 0  # steps in a row with an update skipped for NaN/inf (max_nonfinite_in_a_row stops)
     adapter_config: dict | None = None  # use_lora: the adapter's peft config (adapter_config.json)
-    stream: object = None  # async_mode, on rollout ranks: the continuous rollout (tgrpo.rollout_stream.GroupStream)
+    stream: object = None  # async_mode, on rollout ranks: the continuous rollout (tgrpo.rollout.stream.GroupStream)
 
     @property
     def engine(self):
@@ -136,9 +138,14 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
     # Pre-flight: engine ranks read and check the data before any engine starts; every rank learns the verdict.
     worker, problem = None, None
     starting("reading and checking the data")
+
+    def engine_died(message: str) -> None:  # from the engine watcher's thread: one line naming this rank, then exit
+        rank_life.report_error_and_exit(rank, placement.role_name(rank), RuntimeError(message),
+                                        os.path.join(cfg.output_dir, "logs"))
+
     if rank in placement.engine_ranks:
         try:
-            worker = RolloutWorker(cfg, placement, rank, model_dir)
+            worker = RolloutWorker(cfg, placement, rank, model_dir, on_engine_death=engine_died)
         except ConfigError as e:
             problem = str(e)
     verdicts = rank_life.gather_objects(problem, groups.data)
@@ -171,13 +178,13 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
     if roles & {POLICY, REFERENCE, CRITIC}:  # DeepSpeed may build its ops: a killed build's lock would stall it
         build_locks.wait_for_build_locks(lambda line: console.warn_once(f"[rank {rank}] {line}"), starting)
     if POLICY in roles:
-        from tgrpo.policy import PolicyWorker
+        from tgrpo.policy.worker import PolicyWorker
 
         rank_life.make_default_group(groups.policy)
         starting("loading the policy into DeepSpeed, which may build its ops")
         policy = PolicyWorker(cfg, placement, groups, rank, model_dir, device, dtype)
     elif REFERENCE in roles:
-        from tgrpo.policy import ReferenceWorker
+        from tgrpo.policy.worker import ReferenceWorker
 
         rank_life.make_default_group(groups.reference)
         starting("loading the reference into DeepSpeed")
@@ -185,7 +192,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
     elif CRITIC in roles:
         rank_life.make_default_group(groups.critic)
     if cfg.advantage_estimator == "gae" and (CRITIC in roles or (POLICY in roles and not placement.critic)):
-        from tgrpo.critic import CriticWorker
+        from tgrpo.policy.critic import CriticWorker
 
         holders = placement.critic or placement.policy
         starting("loading the critic into DeepSpeed")
@@ -233,7 +240,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         states = rank_life.broadcast_object(checkpoint.read_stream(resume) if resume and job.is_source else None,
                                             groups.data, placement.sync_source)
         if worker is not None:
-            from tgrpo.rollout_stream import GroupStream
+            from tgrpo.rollout.stream import GroupStream
 
             mine = next((x for x in states or [] if x["index"] == worker.index), None)
             job.stream = GroupStream(worker, cfg, job.start_step, mine)

@@ -15,8 +15,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from tgrpo import algorithm, batch, deepspeed_engine, modeling
+from tgrpo import algorithm, batch
 from tgrpo.batch import MicroBatch, Sample
+from tgrpo.policy import deepspeed_engine, modeling
 
 STATS = ("loss", "clipped", "tokens", "values", "returns", "returns_sq", "errors", "errors_sq")
 

@@ -73,7 +73,7 @@ def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainab
     """A DeepSpeed engine of the model; trainable: with AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded)
     and lr_schedule(optimizer), a scheduler that engine.step() steps and checkpoints save and restore. value_head:
     the model's body with a new scalar head instead of its LM head (a critic: AutoModelForTokenClassification with
-    one label, no dropout). adapter: a function that wraps the loaded model in a LoRA adapter (tgrpo.lora.wrap); the
+    one label, no dropout). adapter: a function that wraps the loaded model in a LoRA adapter (tgrpo.policy.lora.wrap); the
     optimizer then holds the adapter's parameters alone and the frozen base gets no gradients."""
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification

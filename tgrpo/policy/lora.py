@@ -3,7 +3,7 @@ under the names of peft's file format, which PeftModel.from_pretrained and vLLM'
 
 The policy is peft's model around the frozen base: only the adapter has gradients and
 optimizer state. The engines keep the base they loaded at start and get the adapter's tensors each sync (no file),
-from which vLLM builds a new adapter (tgrpo.vllm_engine.WeightReceiver); checkpoints hold adapter_config.json and
+from which vLLM builds a new adapter (tgrpo.rollout.vllm_engine.WeightReceiver); checkpoints hold adapter_config.json and
 adapter_model.safetensors.
 """
 from __future__ import annotations

@@ -13,8 +13,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from tgrpo import algorithm, batch, deepspeed_engine, lora, modeling
+from tgrpo import algorithm, batch
 from tgrpo.batch import MicroBatch, Sample
+from tgrpo.policy import deepspeed_engine, lora, modeling
 
 # token-weighted sums per step; the first pass over the batch counts every statistic, later passes
 # (num_iterations > 1) only the first EVERY_PASS, those of the update itself

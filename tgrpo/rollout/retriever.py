@@ -7,7 +7,7 @@ The API is Search-R1's, so its retrieval servers (dense or BM25) work as they ar
 
 Start one per node, each over the same corpus (`bash launch/retriever.sh start`), so that rollout ranks never
 cross the network for a search:
-    python -m tgrpo.retriever --corpus data/search_corpus.jsonl --port 8321
+    python -m tgrpo.rollout.retriever --corpus data/search_corpus.jsonl --port 8321
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tgrpo.http_client import JsonService
+from tgrpo.rollout.http_client import JsonService
 
 _WORD = re.compile(r"\w+")
 MAX_TOPK = 100

@@ -16,10 +16,10 @@ import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from tgrpo.http_client import JsonService
-
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
+
+from tgrpo.rollout.http_client import JsonService
 
 TIMEOUT_S = 3  # math-verify's limit per parse and per comparison
 HARD_TIMEOUT_S = 30.0  # calls off the main thread: wall limit on one whole check in a worker interpreter

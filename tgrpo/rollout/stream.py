@@ -27,8 +27,9 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from tgrpo import tools
 from tgrpo.batch import Sample
+from tgrpo.rollout import tools
+from tgrpo.search_protocol import EMPTY_QUERY, SEARCH_CLOSE
 
 
 @dataclass
@@ -118,7 +119,7 @@ class GroupStream:
         seq.first, seq.marks = self.version, []
         seq.rid = self.engine.submit(
             ep.prompt_ids + ep.ids, max_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
-            seed=None if seq.seed is None else seq.seed + ep.turns, stop=[tools.SEARCH_CLOSE] if multi else None,
+            seed=None if seq.seed is None else seq.seed + ep.turns, stop=[SEARCH_CLOSE] if multi else None,
             ignore_eos=self.worker.ignore_eos, on_finish=lambda out: self._turn_done(group, seq, out))
         group.running += 1
 
@@ -158,7 +159,7 @@ class GroupStream:
         self.counts["search_failures"] += retriever.failures - before
         found = dict(zip((id(s) for _, s, _ in asked), results))
         for group, seq, _ in calling:
-            seq.episode.add_reply(found.get(id(seq), [tools.EMPTY_QUERY]), self.worker.tokenizer,
+            seq.episode.add_reply(found.get(id(seq), [EMPTY_QUERY]), self.worker.tokenizer,
                                   self.cfg.max_tool_response_length, self.cfg.max_completion_length, self.version)
         for group, seq, _ in calling:
             if not seq.episode.finish and group.position in self.groups:

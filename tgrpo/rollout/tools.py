@@ -14,28 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tgrpo.vllm_engine import Completion
-
-SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
-INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
-SEARCH_SYSTEM = ("Look facts up with <search>query</search>; results come in <information></information>. "
-                 "Answer inside <answer></answer>.")
-EMPTY_QUERY = "(empty query: write <search>your query</search>)"
-
-
-def format_information(passages: list[str]) -> str:
-    """The tool's reply as the model sees it (Search-R1's layout): numbered passages in an information block."""
-    docs = "\n".join(f"Doc {i}: {p.strip()}" for i, p in enumerate(passages, 1))
-    return f"\n\n{INFO_OPEN}{docs}{INFO_CLOSE}\n\n"
-
-
-def extract_query(text: str) -> str | None:
-    """The query of the search call `text` ends with, or None if it does not end with one."""
-    end = text.rfind(SEARCH_CLOSE)
-    if end < 0 or text[end + len(SEARCH_CLOSE):].strip():
-        return None
-    start = text.rfind(SEARCH_OPEN, 0, end)
-    return text[start + len(SEARCH_OPEN):end].strip() if start >= 0 else ""
+from tgrpo.rollout.vllm_engine import Completion
+from tgrpo.search_protocol import EMPTY_QUERY, SEARCH_CLOSE, extract_query, format_information
 
 
 @dataclass
@@ -98,7 +78,7 @@ class Episode:
 
 
 class TurnEngine(Protocol):
-    """What the episode loop needs from an engine (tgrpo.vllm_engine.RolloutEngine): one completion per prompt,
+    """What the episode loop needs from an engine (tgrpo.rollout.vllm_engine.RolloutEngine): one completion per prompt,
     each with its own token budget and seed, ending at a stop string (kept in the text) or the end of turn."""
 
     def generate_each(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int | None],
@@ -106,7 +86,7 @@ class TurnEngine(Protocol):
 
 
 class Searcher(Protocol):
-    """What the episode loop needs from a retriever (tgrpo.retriever.Retriever): passages per query, in order, and
+    """What the episode loop needs from a retriever (tgrpo.rollout.retriever.Retriever): passages per query, in order, and
     a running count of the searches that failed."""
     failures: int
 

@@ -101,10 +101,10 @@ class WeightReceiver:
         # waits for finalize), and the next bucket overwrites the buffer: it gets copies. The direct loaders copy
         # into the parameters at once and get views. parts > 1: the buffer holds `parts` shard segments of
         # `segment` elements; a parameter is the concatenation of its slice of each (ZeRO-3's layout), cut to size.
-        from tgrpo.buckets import unpack_bucket
+        from tgrpo.sync.buckets import unpack_bucket
 
         if self._tgrpo_adapter is not None:  # copies: the next bucket overwrites the buffer
-            from tgrpo.lora import file_name
+            from tgrpo.policy.lora import file_name
 
             for name, tensor in unpack_bucket(flat, metas, parts, segment):
                 self._tgrpo_tensors[file_name(name)] = tensor.detach().to("cpu", copy=True)
@@ -323,7 +323,7 @@ class RolloutEngine:
                 model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
                 logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size,
-                enable_sleep_mode=self.sleep_mode, worker_extension_cls="tgrpo.vllm_engine.WeightReceiver",
+                enable_sleep_mode=self.sleep_mode, worker_extension_cls="tgrpo.rollout.vllm_engine.WeightReceiver",
                 **engine_settings(cfg, on_gpu, max_num_seqs), **lora_args,
             )
         self.model_dir = model_dir
@@ -519,7 +519,7 @@ class RolloutEngine:
 
     def load_bucket(self, numel: int, dtype: torch.dtype, metas: list, parts: int = 1, segment: int = 0) -> None:
         """Load the bucket just written into weight_buffer(numel, dtype); metas: (name, shape, offset, numel), and
-        with parts > 1 the buffer holds that many ZeRO-3 shard segments of `segment` elements (tgrpo.buckets)."""
+        with parts > 1 the buffer holds that many ZeRO-3 shard segments of `segment` elements (tgrpo.sync.buckets)."""
         if self.on_gpu:
             torch.cuda.current_stream().synchronize()  # the receive (NCCL) or copy has landed before vLLM reads
         self.llm.collective_rpc("tgrpo_load_bucket",

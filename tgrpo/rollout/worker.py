@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 import torch
 
-from tgrpo import algorithm, console, data, lora, rewards, tools
+from tgrpo import algorithm, console, data
 from tgrpo.batch import Sample
-from tgrpo.vllm_engine import RolloutEngine
+from tgrpo.policy import lora
+from tgrpo.rollout import rewards, tools
+from tgrpo.rollout.vllm_engine import RolloutEngine
 
 
 class RolloutWorker:
-    def __init__(self, cfg, placement, rank: int, model_dir: str):
+    def __init__(self, cfg, placement, rank: int, model_dir: str, on_engine_death: Callable[[str], None]):
+        """on_engine_death(message): called from the engine watcher's thread when the engine process dies; the job
+        says so in one line naming this rank and exits (the rollout side never decides a rank's life)."""
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -33,6 +38,7 @@ class RolloutWorker:
         self.scorer = rewards.RewardScorer(cfg)
         self.model_dir = model_dir
         self.rank = rank
+        self.on_engine_death = on_engine_death
         self.engine: RolloutEngine | None = None
         self.retriever = self._connect_retriever() if cfg.retriever_url else None
         # each prompt's token budget, and whether completions run to it past the end of turn: the benchmarks set
@@ -46,7 +52,7 @@ class RolloutWorker:
         """Pre-flight, before any engine starts: one search must get an answer, or the run stops with one line
         (retriever_on_failure=fail) or says once that it goes on without results (empty)."""
         from tgrpo.errors import ConfigError
-        from tgrpo.retriever import connect
+        from tgrpo.rollout.retriever import connect
 
         retriever, problem = connect(self.cfg)
         if problem and self.cfg.retriever_on_failure == "fail":
@@ -62,7 +68,7 @@ class RolloutWorker:
         self.engine = RolloutEngine(self.model_dir, dtype=dtype, seed=cfg.seed + self.index,
                                     max_model_len=cfg.max_prompt_length + cfg.max_completion_length, cfg=cfg,
                                     tag=f"rank{self.rank}", tensor_parallel_size=self.placement.tensor_parallel,
-                                    sleep_mode=self.placement.colocated, on_engine_death=self._engine_died,
+                                    sleep_mode=self.placement.colocated, on_engine_death=self.on_engine_death,
                                     max_num_seqs=self.groups_in_flight() * cfg.num_generations,
                                     lora_rank=lora.vllm_max_rank(cfg.lora_r) if cfg.use_lora else None)
 
@@ -70,15 +76,6 @@ class RolloutWorker:
         """The most groups the engine has at once: a step's share, or async_mode's groups in flight."""
         share = self.cfg.prompts_per_step // self.num_engines
         return (self.cfg.async_groups_in_flight or 2 * share) if self.cfg.async_mode else share
-
-    def _engine_died(self, message: str) -> None:
-        """From the engine watcher's thread: one line naming this rank, then exit; torchrun stops the rest."""
-        import os
-
-        from tgrpo.rank_life import report_error_and_exit
-
-        report_error_and_exit(self.rank, self.placement.role_name(self.rank), RuntimeError(message),
-                              os.path.join(self.cfg.output_dir, "logs"))
 
     def step_prompts(self, step: int, sampling_round: int = 0) -> list[data.Prompt]:
         """This engine's prompts of a step. Extra rounds (dynamic sampling) draw from a stream of their own, so

@@ -6,7 +6,7 @@ what an engine must offer to receive them. Pure: tensors and plans, no collectiv
   [j * s, (j + 1) * s) of every flattened parameter, s = ceil(numel / P) (the last one zero-padded). A bucket is a
   segment of `length` elements of each rank's shards; the engine receives the P segments side by side, and
   `join_shards` rebuilds each parameter from its P slices: the plan and its inverse, here together.
-- WeightSink: the engine's side of a weight update, as the weight path (tgrpo/sync.py) calls it.
+- WeightSink: the engine's side of a weight update, as the weight path (tgrpo/sync/weights.py) calls it.
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def unpack_bucket(flat: torch.Tensor, metas: list, parts: int = 1, segment: int 
 
 
 class WeightSink(Protocol):
-    """An engine's side of a weight update (tgrpo.vllm_engine.RolloutEngine): begin, then per bucket write
+    """An engine's side of a weight update (tgrpo.rollout.vllm_engine.RolloutEngine): begin, then per bucket write
     weight_buffer(...) (a broadcast or a copy lands there) and load_bucket(...), then finish. ensure_buffer makes the
     receive buffer without starting an update (transport-only timing)."""
 

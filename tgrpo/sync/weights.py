@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tgrpo import deepspeed_engine, lora
-from tgrpo.buckets import Bucket, ShardPlan, WeightSink, max_bucket_bytes, plan_buckets, plan_shards, shard_size
+from tgrpo.policy import deepspeed_engine, lora
+from tgrpo.sync.buckets import Bucket, ShardPlan, WeightSink, max_bucket_bytes, plan_buckets, plan_shards, shard_size
 
 
 def synced(model: torch.nn.Module, adapter_only: bool = False) -> list[tuple[str, torch.nn.Parameter]]:
@@ -72,7 +72,7 @@ def shard_layout(model: torch.nn.Module) -> list[int] | None:
 
 def shard_plan(model: torch.nn.Module, bucket_bytes: int, parts: int, zero_copy: bool,
                adapter_only: bool = False) -> ShardPlan:
-    """The model's ShardPlan (tgrpo.buckets.plan_shards, where the engine's join lives too). zero_copy (every policy
+    """The model's ShardPlan (tgrpo.sync.buckets.plan_shards, where the engine's join lives too). zero_copy (every policy
     rank's shards sit at the same offsets of one flat buffer): segments are ranges of that buffer, in its order; else
     shards are packed in model order into a staging buffer. adapter_only (use_lora): the adapter's shards alone,
     packed."""
@@ -133,7 +133,7 @@ def send_shards(model: torch.nn.Module, plan: ShardPlan, group, group_src: int, 
 def receive_shards(engine: WeightSink, plan: ShardPlan, part_groups: list[tuple]) -> None:
     """sync_mode partitions, engine side: the policy ranks' segments of each bucket land side by side in the
     engine's buffer (one broadcast per policy rank's group), then vLLM loads the bucket from there, joining each
-    parameter's slices (tgrpo.buckets.unpack_bucket)."""
+    parameter's slices (tgrpo.sync.buckets.unpack_bucket)."""
     parts = plan.parts
     engine.begin_update(plan.max_bytes())
     for bucket in plan.buckets:

@@ -179,18 +179,22 @@ def test_a_model_holding_nan_stops_after_max_nonfinite_in_a_row_steps_unsaved(tm
     weights["model.norm.weight"][:] = float("nan")
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
-    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                  str(free_port()), "train_grpo.py", "--config", "configs/default.yaml", "--model", str(model),
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--model", str(model),
                   "--rollout_ranks", "0-0", "--policy_ranks", "1-1", "--max_steps", "4", "--prompts_per_step", "4",
                   "--num_generations", "4", "--micro_batch_size", "16", "--dist_timeout_s", "120",
-                  "--output_dir", str(out)], timeout=600)
+                  "--output_dir", str(out)], timeout=600,
+                 env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "HOSTFILE": str(tmp_path / "hostfile")})
     said = result.stdout + result.stderr
     assert result.returncode == 1, said[-4000:]
-    ours = [line.strip() for line in said.splitlines() if "NaN/inf" in line]
+    ours = [line.strip() for line in result.stdout.splitlines() if "NaN/inf" in line]  # the job's lines
     assert [line[:line.index(":")] for line in ours] == ["step 1", "step 2", "error"], said[-4000:]
     assert ours[2].startswith("error: step 3: the loss or gradient norm was NaN/inf: 1 of 1 updates skipped, the "
                               "weights unchanged; 3 steps in a row (max_nonfinite_in_a_row 3): the run stops"), ours
     assert "no checkpoint to go back to" in ours[2]
+    # node.sh's last word names that stop, not a rank that torchrun then stopped (it read 'rank 1 (local rank 1 on
+    # localhost) exited with status 143')
+    assert result.stderr.strip().splitlines()[-1] == f"{ours[2]} (log: {out}/logs/node0.log)", result.stderr
     assert "done" not in said
     checkpoints = out / "checkpoints"
     assert not checkpoints.exists() or not os.listdir(checkpoints)

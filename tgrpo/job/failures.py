@@ -4,8 +4,10 @@ own `[rank N role] error:` lines).
     python -m tgrpo.job.failures LOG [FROM_BYTE [OOM_KILLS_BEFORE [LOWEST_AVAILABLE_KB]]]
 
 A rank the watchdog named as silent (no heartbeat) is the cause: the job hung. Otherwise a rank killed by a signal
-(not torchrun's own SIGTERM to the rest) is named before the survivors whose
-collectives then failed; otherwise the first rank that reported an error of its own, else torchrun's root cause.
+(not torchrun's own SIGTERM to the rest) is named before the survivors whose collectives then failed; otherwise the
+first rank that reported an error of its own (`[rank N role] error: ...`), else the job's own one-line error that
+every rank met alike (rank 0's `error: ...`: bad input found late, a NaN stop), else torchrun's root cause (its
+first observed failure; never a rank that torchrun itself stopped, whose status is 143 or 130).
 A rank killed by SIGKILL is named as the kernel's OOM killer's when the evidence says so: the kernel log names its
 pid, the memory cgroup's OOM-kill count grew during the job (node.sh passes the count it started with), or the
 host's memory was nearly full at its lowest during the job (node.sh samples it). Prints nothing when the log holds
@@ -24,6 +26,10 @@ _ENTRY = re.compile(r"host\s*:\s*(?P<host>\S+)\s+rank\s*:\s*(?P<rank>\d+) \(loca
 _HANG = re.compile(r"^error: no heartbeat for over (?P<seconds>\S+) s from rank (?P<rank>\d+) \((?P<what>[^)]*)\)"
                    r".*where every rank waits: (?P<report>\S+)$", re.MULTILINE)
 _RANK_ERROR = re.compile(r"^\[rank (?P<rank>\d+) (?P<role>[\w+]+)\] error: (?P<cause>.*)$", re.MULTILINE)
+# rank_life.fail_once: an error every rank met alike, said once by rank 0 (node.sh's own lines end with "(log: ...)")
+_JOB_ERROR = re.compile(r"^error: (?!no heartbeat for over )(?P<cause>[^\r\n]*)", re.MULTILINE)
+_NODE_SH = re.compile(r"\(log: [^()]*\)$")
+_STOPPED = {128 + signal.SIGTERM, 128 + signal.SIGINT}  # a rank's status after torchrun's SIGTERM (or a Ctrl-C)
 
 
 NEARLY_FULL = 0.05  # the host's available memory at its lowest, as a share of the whole, that points at the OOM killer
@@ -129,8 +135,15 @@ def root_cause(text: str, kills_before: int | None = None, lowest_available_kb: 
     if own:
         first = own[0]
         return f"rank {first['rank']} {first['role']} failed: {first['cause']}"
-    if entries:
-        e = entries[0]
+    summary = min((i for i in (text.find("Failures:"), text.find("Root Cause")) if i >= 0), default=len(text))
+    said = [m["cause"] for m in _JOB_ERROR.finditer(text, 0, summary) if not _NODE_SH.search(m["cause"])]
+    if said and entries:
+        return said[-1]
+    root = text.rfind("Root Cause")
+    first = [e.groupdict() for e in _ENTRY.finditer(text, root)] if root >= 0 else []
+    candidates = [e for e in first + entries if int(e["code"]) not in _STOPPED and int(e["code"]) > 0]
+    if candidates or entries:
+        e = (candidates or entries)[0]
         return f"rank {e['rank']} (local rank {e['local']} on {e['host']}) exited with status {e['code']}"
     return None
 

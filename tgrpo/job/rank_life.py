@@ -85,7 +85,7 @@ def _stopped_by_signal(signum: int, _frame) -> None:
     _drop_empty_fatal_logs()
     if env_rank() == 0:  # under plain torchrun, the one line about it (node.sh says its own)
         name = "Ctrl-C/SIGINT" if signum == signal.SIGINT else signal.Signals(signum).name
-        console.error(f"\nstopped by {name}: steps after the newest checkpoint are not kept; continue with "
+        console.error(f"stopped by {name}: steps after the newest checkpoint are not kept; continue with "
                       "--resume auto")
     sys.stdout.flush()
     os._exit(128 + signum)
@@ -97,7 +97,10 @@ def fail_once(rank: int, error: Exception, status: int) -> None:
     if rank == 0:
         console.error(f"error: {error}")
     else:
-        time.sleep(3)  # torchrun stops every rank when one exits: rank 0's line first
+        # torchrun stops every rank when one exits: rank 0's line first. Rank 0 exits as soon as it has said it, and
+        # torchrun then stops this rank: the wait ends early unless rank 0 is slow to get here (a loaded host; 3 s
+        # were seen to be too few, and rank 0 was stopped before its line)
+        time.sleep(30)
     sys.stdout.flush()
     os._exit(status)
 
@@ -229,8 +232,6 @@ def report_error_and_exit(rank: int, role: str, exc: BaseException, log_dir: str
     with open(path, "w") as f:
         traceback.print_exception(exc, file=f)
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    # rank 0's progress bar leaves its line open: start a new one so the error stands alone
-    console.error(("\n" if rank == 0 else "") + f"[rank {rank} {role}] error: {type(exc).__name__}: {cause} "
-                  f"(traceback: {path})")
+    console.error(f"[rank {rank} {role}] error: {type(exc).__name__}: {cause} (traceback: {path})")
     sys.stdout.flush()
     os._exit(1)

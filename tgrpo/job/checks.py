@@ -39,6 +39,16 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
         # read once, by the rank that resumes the run (checkpoint.resume_path)
         _check(problem is None, f"checkpoint '{cfg.resume}' is damaged ({problem}): name an older one or use "
                "'auto', which skips damaged checkpoints")
+    # the checkpoint's mode and placement, from its trainer_state.json alone: a run that cannot continue it stops
+    # here (node.sh's pre-flight: exit 2, never retried), not after its engines started
+    resumed = (cfg.resume if cfg.resume not in ("", "auto") else
+               checkpoint.newest(cfg.output_dir) if cfg.resume == "auto" and not cfg.overwrite_output_dir else None)
+    if resumed:
+        try:
+            checkpoint.check_resumable(resumed, placement, critic_expected=cfg.advantage_estimator == "gae",
+                                       use_lora=cfg.use_lora)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     checkpoint.check_output_dir(cfg)
     if "wandb" in cfg.report_to:
         try:
@@ -60,7 +70,15 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
     if data:
         from tgrpo import data as prompts
 
-        longest = max((len(p.prompt_ids) for p in prompts.load_prompts(cfg, tokenizer)[0]), default=None)
+        rows = prompts.load_prompts(cfg, tokenizer)[0]
+        longest = max((len(p.prompt_ids) for p in rows), default=None)
+        if rewards.REMOTE in cfg.reward_funcs and cfg.reward_on_failure == "fail" and rows:
+            service = rewards.RemoteReward(cfg)
+            try:
+                problem = service.check(rows[0].prompt_text, rows[0].answer)
+            finally:
+                service.close()
+            _check(not problem, problem)
     # with the data read (pre-flight), the plan sizes activations by its longest prompt; every rank (data=False)
     # checks what does not depend on the sequences, so no launcher starts a job whose states cannot fit. A warning
     # (memory_check false) comes from node.sh's pre-flight, or from rank 0 under other launchers.

@@ -12,6 +12,22 @@
 # preemption); SIGTERM (kill) stops it now (143); Ctrl-C or SIGINT likewise (130). Never restarted.
 # NCCL_*/GLOO_* variables (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE, ...) pass through to every rank.
 set -euo pipefail
+# A script's background job (`bash launch/node.sh ... &` in a non-interactive shell, as wrappers and schedulers start
+# it) inherits SIGINT ignored, and bash can neither trap nor reset a signal ignored on entry: Ctrl-C would never
+# reach the handlers below. Start again with SIGINT, SIGTERM and SIGUSR1 at their defaults (exec keeps the pid).
+ignored=$(sed -n 's/^SigIgn:[[:space:]]*//p' "/proc/$$/status" 2>/dev/null || true)
+if [ -n "$ignored" ] && (( (16#$ignored >> 1 & 1) | (16#$ignored >> 9 & 1) | (16#$ignored >> 14 & 1) )); then
+  if [ -z "${TGRPO_NODE_SIGNALS_RESET:-}" ]; then
+    export TGRPO_NODE_SIGNALS_RESET=1
+    if env --default-signal=INT true 2>/dev/null; then exec env --default-signal=INT,TERM,USR1 bash "$0" "$@"; fi
+    exec "${PYTHON:-python3}" -c 'import os, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1): signal.signal(s, signal.SIG_DFL)
+os.execvp("bash", ["bash", *sys.argv[1:]])' "$0" "$@"
+  fi
+  echo "warning: node.sh started with SIGINT, SIGTERM or SIGUSR1 ignored and could not restore them: those signals" \
+    "will not stop or save the job (start node.sh from a shell that does not ignore them)" >&2
+fi
+unset TGRPO_NODE_SIGNALS_RESET
 cd "$(dirname "$0")/.."
 
 usage="usage: bash launch/node.sh NODE_RANK MASTER_ADDR [-- train_grpo.py arguments]"
@@ -61,6 +77,13 @@ rm -f "$TGRPO_PREEMPT_FILE"
 pidfile="$LOG_DIR/.torchrun-node$NODE_RANK.pid" statusfile="$LOG_DIR/.torchrun-node$NODE_RANK.status"
 quiet="$LOG_DIR/.stopped-node$NODE_RANK"
 rm -f "$quiet"
+openline="$LOG_DIR/.console-open-node$NODE_RANK"  # launch/tee.py: 1 while rank 0's progress bar holds the line open
+# node.sh's own lines, on the console (stderr) and in the log, never glued to the progress bar
+say() {
+  local nl=""
+  [ "$(cat "$openline" 2>/dev/null)" != 1 ] || { nl=$'\n'; echo 0 > "$openline"; }
+  printf '%s%s\n' "$nl" "$*" | tee -a "$log" >&2
+}
 stopped=""  # the signal that stopped the job: it is never restarted
 job=""
 # torchrun runs in a session of its own (as its ranks do), so that Ctrl-C and signals reach node.sh alone, which
@@ -72,13 +95,13 @@ stop_job() {
     return
   fi
   stopped=$1
-  echo "$1: stopping the job (again to kill it at once)" | tee -a "$log" >&2
+  say "$1: stopping the job (again to kill it at once)"
   touch "$quiet"  # torchrun's traceback about the signal: the log's, not the console's
   [ -z "$job" ] || kill -TERM "$job" 2>/dev/null || true
 }
 trap 'stop_job SIGINT' INT
 trap 'stop_job SIGTERM' TERM
-trap 'echo "SIGUSR1: the job saves at the end of its step and stops" | tee -a "$log" >&2; touch "$TGRPO_PREEMPT_FILE"' USR1
+trap 'say "SIGUSR1: the job saves at the end of its step and stops"; touch "$TGRPO_PREEMPT_FILE"' USR1
 restarts=0
 args=("$@")
 started=$(date +%s)
@@ -93,7 +116,7 @@ sample_memory() {
   done
 }
 sampler=""
-trap '[ -z "$sampler" ] || kill "$sampler" 2>/dev/null; rm -f "$lowest" "$TGRPO_PREEMPT_FILE" "$pidfile" "$statusfile" "$quiet"' EXIT
+trap '[ -z "$sampler" ] || kill "$sampler" 2>/dev/null; rm -f "$lowest" "$TGRPO_PREEMPT_FILE" "$pidfile" "$statusfile" "$quiet" "$openline"' EXIT
 while true; do
   start_byte=$(stat -c %s "$log")
   oom_before=$("$PYTHON" -m tgrpo.job.failures --oom-kills 2>/dev/null || true)
@@ -110,7 +133,7 @@ while true; do
     echo $! > "$pidfile"
     wait $!
     echo $? > "$statusfile"
-  } | "$PYTHON" launch/tee.py "$log" "$quiet" &
+  } | "$PYTHON" launch/tee.py "$log" "$quiet" "$openline" &
   pipeline=$!
   until [ -s "$pidfile" ] || ! kill -0 "$pipeline" 2>/dev/null; do sleep 0.1; done
   job=$(cat "$pidfile" 2>/dev/null || true)
@@ -123,15 +146,16 @@ while true; do
   status=$(cat "$statusfile" 2>/dev/null || echo 1)
   rm -f "$pidfile" "$statusfile"
   set -e
+  # no `wait` for the sampler: once bash has reaped it, `wait PID` could block on another child, such as the tee of
+  # a process substitution that node.sh's output goes through and that lives as long as node.sh (bash reaps it)
   kill "$sampler" 2>/dev/null || true
-  wait "$sampler" 2>/dev/null || true
   sampler=""
   sweep_shm "$started"  # shared memory of killed ranks and engines
   find "$OUTPUT_DIR/logs" -maxdepth 1 -name 'fatal-rank*.log' -empty -delete 2>/dev/null || true  # ranks stopped by a signal
   if [ -n "$stopped" ]; then
     if [ "$stopped" = SIGINT ]; then status=130; what="interrupted (Ctrl-C/SIGINT)"; else status=143; what="stopped by SIGTERM"; fi
-    echo "$what: the job was stopped, not failed; steps after its newest checkpoint are not kept: continue with" \
-      "--resume auto (log: $log)" | tee -a "$log" >&2
+    say "$what: the job was stopped, not failed; steps after its newest checkpoint are not kept: continue with" \
+      "--resume auto (log: $log)"
     break
   fi
   if [ "$status" -eq 0 ] && [ -e "$OUTPUT_DIR/logs/preempted" ]; then
@@ -141,11 +165,11 @@ while true; do
   [ "$status" -ne 0 ] || break
   [ "$status" -ne 3 ] || break
   cause=$("$PYTHON" -m tgrpo.job.failures "$log" "$start_byte" "${oom_before:-none}" "$(cat "$lowest" 2>/dev/null || echo none)" 2>/dev/null || true)
-  [ -n "$cause" ] && echo "error: ${cause} (log: $log)" | tee -a "$log" >&2
+  [ -z "$cause" ] || say "error: ${cause} (log: $log)"
   # a bad config (2) is never retried
   if [ "$status" -eq 2 ] || [ "$restarts" -ge "$MAX_RESTARTS" ]; then break; fi
   restarts=$((restarts + 1))
-  echo "restart $restarts/$MAX_RESTARTS after exit status $status: resuming from the newest checkpoint" | tee -a "$log" >&2
+  say "restart $restarts/$MAX_RESTARTS after exit status $status: resuming from the newest checkpoint"
   args=("$@" --overwrite_output_dir false --resume auto)
 done
 if [ "$status" -ne 0 ] && grep -q "clients joined\|waiting for clients\|Timed out after .* seconds" "$log"; then

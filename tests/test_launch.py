@@ -360,6 +360,16 @@ def test_node_sh_signals_save_or_stop_the_job_as_meant_and_the_run_resumes(tmp_p
     assert checkpoint.find_latest(str(out)).endswith(f"step-{stopped}")
     first_log = log.read_text()
 
+    # a resume that changes use_lora is refused by the pre-flight (exit 2, never retried, no engine started); it
+    # started the engines, failed with exit 1, and MAX_RESTARTS retried the same refusal
+    refused = run([*cmd, "--resume", "auto", "--use_lora", "true"], timeout=300,
+                  env={**env, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "2"})
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [
+        f"error: checkpoint {out}/checkpoints/step-{stopped} was written by a run training every weight (use_lora "
+        "false): resume it with use_lora false, or start over"], refused.stderr
+    assert "EngineCore" not in refused.stdout + refused.stderr
+
     proc = start([*cmd, "--resume", "auto"], env={**env, "MASTER_PORT": str(free_port())},
                  log=str(tmp_path / "second.out"))
     with JobWatch(proc) as watch:
@@ -377,6 +387,57 @@ def test_node_sh_signals_save_or_stop_the_job_as_meant_and_the_run_resumes(tmp_p
     # is test_train.py's killed-rank test)
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")][:stopped + 1] == \
         list(range(1, stopped + 2))
+
+
+def test_node_sh_tee_puts_lines_said_beside_the_progress_bar_on_their_own(tmp_path):
+    """launch/tee.py copies the job's output to the log and the console. A line another rank prints while rank 0's
+    progress bar holds the line open (a stale build lock, the NaN guard, an error) starts on a new line instead of
+    being glued to the bar; the bar's own redraws are left alone; the flag node.sh reads says whether the line is
+    open, so that its own lines (`SIGTERM: ...`, its last word) start on a new line too."""
+    log, flag = tmp_path / "log", tmp_path / "open"
+    chunks = [b"starting\n", b"\rgrpo:  20%|##  | 1/5", b"\rgrpo:  40%|####  | 2/5", b"warning: a line\n",
+              b"\rgrpo:  60%|######  | 3/5"]
+    proc = subprocess.Popen([sys.executable, "launch/tee.py", str(log), str(tmp_path / "quiet"), str(flag)],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    for chunk in chunks:
+        proc.stdin.write(chunk)
+        proc.stdin.flush()
+        time.sleep(0.2)  # one read each, as the job's writes come
+    assert flag.read_text() == "1"
+    out, _ = proc.communicate(timeout=30)
+    assert out == log.read_bytes() == b"".join(chunks[:3]) + b"\n" + b"".join(chunks[3:])
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_node_sh_started_as_a_scripts_background_job(tmp_path):
+    """Wrappers and schedulers start node.sh as a script's background job (`bash launch/node.sh ... &`), which
+    inherits SIGINT ignored, and bash can neither trap nor reset a signal ignored on entry: Ctrl-C was never acted on
+    and the run went on to `done`, exit 0. Its output goes through a process substitution here too (`> >(tee ...)`),
+    with which node.sh could wait forever after Ctrl-C in `wait "$sampler"`. Ctrl-C to the whole group now stops
+    the job: node.sh exits 130 with its line, and nothing of the job is left."""
+    out = tmp_path / "out"
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(  # the wrapper ignores Ctrl-C itself, so that it outlives it and reports node.sh's status
+        "trap '' INT\n"
+        f"bash launch/node.sh 0 127.0.0.1 -- --max_steps 60 --prompts_per_step 8 --micro_batch_size 8 "
+        f"--save_steps 0 --output_dir {out} > >(tee {tmp_path / 'console.txt'}) 2>&1 &\n"
+        "wait $!\necho \"node.sh exited $?\"\n")
+    shm_before = shm()
+    proc = start(["bash", str(wrapper)], env={**PYTHON, "MASTER_PORT": str(free_port())},
+                 log=str(tmp_path / "wrapper.out"))
+    with JobWatch(proc) as watch:
+        deadline = time.time() + 600
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "console.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        everything = watch.sample() - {proc.pid}
+        os.killpg(proc.pid, signal.SIGINT)
+        finish(proc, 180)
+    console = (tmp_path / "console.txt").read_text()
+    assert (tmp_path / "wrapper.out").read_text().strip().splitlines()[-1] == "node.sh exited 130", console[-3000:]
+    assert "interrupted (Ctrl-C/SIGINT): the job was stopped, not failed" in console, console[-3000:]
+    assert "done: " not in console and "Traceback" not in console, console[-3000:]
+    _assert_nothing_left(everything, shm_before, watch)
 
 
 def _assert_nothing_left(processes: set[int], shm_before: set[str], watch: JobWatch) -> None:

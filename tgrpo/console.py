@@ -21,6 +21,14 @@ _log_path: str | None = None
 _teed = False  # the console already reaches the log file (launch/node.sh tees it there)
 _out = None  # the terminal once fds 1 and 2 are diverted; before that, sys.stdout and sys.stderr as they are now
 _err = None
+_bar_open = False  # rank 0's progress bar is drawn: it holds the console's line open until it is closed
+
+
+def bar_drawn(drawn: bool) -> None:
+    """metrics: the progress bar is drawn (True) or closed (False); a line said while it is drawn starts on a new
+    line, never glued to the bar."""
+    global _bar_open
+    _bar_open = drawn
 
 
 def stdout():
@@ -63,12 +71,16 @@ def copy_to_log() -> bool:
 
 def say(text: str) -> None:
     """A line for people: on the console, and in the log file when the console is diverted."""
+    if _bar_open and not text.startswith("\n"):
+        text = "\n" + text
     print(text, file=stdout(), flush=True)
     if copy_to_log():
         print(text, file=sys.stdout, flush=True)
 
 
 def error(text: str) -> None:
+    if _bar_open and not text.startswith("\n"):
+        text = "\n" + text
     print(text, file=stderr(), flush=True)
     if copy_to_log():
         print(text, file=sys.stderr, flush=True)

@@ -9,6 +9,13 @@ read_hostfile() {
     echo "error: $HOSTFILE: every non-comment line must read 'host slots=N' (found $NODES lines, ${#SLOTS[@]} valid)" >&2
     exit 2
   fi
+  for s in "${!SLOTS[@]}"; do
+    if [ "${SLOTS[$s]}" -eq 0 ]; then
+      echo "error: $HOSTFILE: node $s has slots=0: every node runs at least one process (slots = its GPUs, or its" \
+        "processes on a CPU machine); remove the line of a node that takes no part" >&2
+      exit 2
+    fi
+  done
   if ! [[ "$node_rank" =~ ^[0-9]+$ ]] || [ "$node_rank" -ge "$NODES" ]; then
     echo "error: NODE_RANK '$node_rank' is not one of the $NODES nodes of $HOSTFILE (0-$((NODES - 1)))" >&2
     exit 2

@@ -71,6 +71,8 @@ def _bad_file(tmp_path, case: str) -> list[str]:
     ("corrupt-model", "cannot be loaded"),
     ("previous-run", "holds a previous run (metrics.jsonl): continue it with --resume auto"),
     ("no-prompt", "holds no prompt"),
+    ("empty-data", "bad.json' is empty (no rows)"),
+    ("remote-reward-down", "check reward_url and reward_timeout_s, or set reward_on_failure=zero"),
     *BAD_FILES.items(),
 ])
 def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
@@ -91,6 +93,12 @@ def test_node_sh_rejects_bad_input_in_one_line(tmp_path, args, words):
         args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": GOOD["messages"], "answer": ""}])]
     elif args == "no-prompt":
         args = ["--train_data", _rows(tmp_path, [GOOD] * 20 + [{"messages": [], "answer": "3"}])]
+    elif args == "empty-data":  # datasets said only 'StopIteration'
+        (tmp_path / "bad.json").write_text("")
+        args = ["--train_data", str(tmp_path / "bad.json")]
+    elif args == "remote-reward-down":  # nothing listens there: found by the pre-flight, not after the engines start
+        args = ["--reward_funcs", "remote", "--reward_weights", "1", "--reward_retries", "0",
+                "--reward_url", f"http://127.0.0.1:{free_port()}/score"]
     # the run's own output_dir (a case may name another: the last one counts), never the repo's output/, which may
     # hold a run; and a port of its own, never node.sh's default, should a case get past the pre-flight
     result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out"), *args],
@@ -133,6 +141,11 @@ def test_bad_hostfile_and_node_rank(tmp_path):
     assert result.returncode == 2 and "host slots=N" in result.stderr
     result = run(["bash", "launch/node.sh", "3", "127.0.0.1"], timeout=30)
     assert result.returncode == 2 and "NODE_RANK '3'" in result.stderr
+    hostfile.write_text("node-a slots=2\nnode-b slots=0\n")  # it read 'ranks [0, 1, 2] are beyond the world size'
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1"], timeout=30, env={"HOSTFILE": str(hostfile)})
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: {hostfile}: node 1 has slots=0: every node runs at least one process (slots = its GPUs, or its "
+        "processes on a CPU machine); remove the line of a node that takes no part"), result.stderr
 
 
 @pytest.mark.slow

@@ -71,12 +71,24 @@ def _read(path: str, label: str):
     ext = os.path.splitext(path)[1].lower()
     if ext not in _BUILDERS:
         raise ConfigError(f"{label} '{path}' has an unknown extension '{ext}': give {FORMATS}")
+    if _holds_no_rows(path, _BUILDERS[ext]):
+        raise ConfigError(f"{label} '{path}' is empty (no rows): put the prompts there, as {FORMATS}")
     try:
         with _quiet_datasets():
             return datasets.load_dataset(_BUILDERS[ext], data_files=path, split="train")
     except Exception as e:  # datasets wraps parse errors in several types; the innermost says what broke
         problem = (_bad_json(path) if _BUILDERS[ext] == "json" else None) or f"as {ext} rows: {_first_line(e)}"
         raise ConfigError(f"{label} '{path}' could not be read {problem}") from None
+
+
+def _holds_no_rows(path: str, builder: str) -> bool:
+    """An empty file, or JSON that holds nothing (`[]`, blank lines): datasets says only 'StopIteration'."""
+    if os.path.getsize(path) == 0:
+        return True
+    if builder != "json" or os.path.getsize(path) > 1 << 16:
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read().removeprefix("\ufeff").strip() in ("", "[]")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import statistics
 from tgrpo import console
 from tgrpo.rollout.rewards import answer_reward
 
+FLAT_STEPS = 3  # steps in a row whose every group's rewards are equal before the run says it learns nothing
 _SUMMED = {"async/dropped_stale", "async/groups_in_flight", "async/groups_ready", "async/seqs_in_flight_mean"}
 
 
@@ -159,6 +160,9 @@ class Metrics:
         self.samples_file = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
         self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True,
                         file=console.stdout())
+        console.bar_drawn(True)
+        self.flat: list[int] = []  # the latest steps in a row whose every group's rewards were all equal
+        self.said_flat = False
 
     def log(self, step: int, samples: list, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -193,6 +197,23 @@ class Metrics:
         self.bar.set_postfix(reward=f"{scalars['reward/mean']:.3f}", step_s=f"{scalars['time/step_s']:.1f}",
                              refresh=False)
         self.bar.update(1)  # one redraw a step
+        self._say_if_flat(step, samples, scalars["reward/mean"])
+
+    def _say_if_flat(self, step: int, samples: list, reward: float) -> None:
+        """Once a run: FLAT_STEPS steps in a row in which every group's completions got the same reward. Their
+        advantages, loss and gradient are zero, so the run learns nothing, yet it would end 'done' without a word."""
+        n = self.cfg.num_generations
+        groups = [samples[i:i + n] for i in range(0, len(samples), n)]
+        flat = bool(groups) and all(len({s.reward for s in group}) == 1 for group in groups)
+        self.flat = self.flat + [step] if flat else []
+        if len(self.flat) == FLAT_STEPS and not self.said_flat:
+            self.said_flat = True
+            self.message(f"warning: steps {self.flat[0]}-{self.flat[-1]}: every group's completions got the same "
+                         f"reward (mean {reward:.3f}): the reward gives no signal to learn from (GRPO's advantages "
+                         "and updates are zero). "
+                         "The reward may have collapsed to a constant (a learning_rate too high? see policy/loss and "
+                         "policy/grad_norm in metrics.jsonl) or the task gives this model no signal (check the reward "
+                         "functions on samples.jsonl)")
 
     def reward_trend(self) -> str:
         """The run's first and last steps' mean reward ('' on other ranks, or before any step)."""
@@ -207,6 +228,7 @@ class Metrics:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
+            console.bar_drawn(False)
             if self.writer is not None:
                 self.writer.close()
             if self.wandb is not None:

@@ -375,11 +375,10 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         watch(step + 1, "gather metrics")
         critic_source = (placement.critic or placement.policy)[0]
         shared = rank_life.gather_objects(
-            (train_metrics if job.is_source else None, critic_metrics if rank == critic_source else None, sync_s,
-             rank_life.preemption_requested()), groups.data)
+            (train_metrics if job.is_source else None, critic_metrics if rank == critic_source else None, sync_s),
+            groups.data)
         train_metrics = {**shared[placement.sync_source][0], **(shared[critic_source][1] or {}), **step_stats,
-                         "sync_s": max(s for _, _, s, _ in shared)}
-        preempted = any(p for *_, p in shared)  # every rank decides alike, at the same step
+                         "sync_s": max(s for _, _, s in shared)}
         _check_finite(job, step + 1, train_metrics)
         if cfg.sync_check and not train_metrics["sync_check/passed"]:
             raise JobError(f"sync check failed after step {step + 1}: vLLM's greedy tokens or logprobs differ from "
@@ -396,6 +395,9 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
             t_eval = time.perf_counter()
             scalars.update(_evaluate(cfg, placement, groups, worker, job.log, done))
             scalars["time/eval_s"] = time.perf_counter() - t_eval
+        # a save-and-stop request is agreed on as late in the step as it can be (every rank alike, at the same
+        # step): one that came during this step's sync, sync check or evaluation stops the run after this step
+        preempted = any(rank_life.gather_objects(rank_life.preemption_requested(), groups.data))
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps or preempted:
             watch(step + 1, "save")
             t_save = time.perf_counter()

@@ -268,6 +268,16 @@ class RemoteReward:
     def retried(self) -> int:
         return self.service.retried
 
+    def check(self, prompt: str, answer: str) -> str:
+        """'' if the service scores one completion (the empty one of a real prompt), else one line naming the cause
+        and the fix: node.sh's pre-flight asks, so that a service that is down stops the run before any engine."""
+        (_, cause), = self.service.map([{"prompts": [prompt], "completions": [""], "answers": [answer]}],
+                                       _parse_scores)
+        if not cause:
+            return ""
+        return (f"remote reward {self.url} {cause}: start the service, check reward_url and reward_timeout_s, or set "
+                "reward_on_failure=zero to train with failed chunks scored 0")
+
     def score(self, prompts: list[str], completions: list[str], answers: list[str]) -> tuple[list[float], int]:
         """Scores of every completion, and how many were scored 0.0 because the service stayed down."""
         starts = range(0, len(completions), self.batch_size)

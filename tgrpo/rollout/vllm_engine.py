@@ -286,6 +286,29 @@ def remove_stale_buffers() -> list[str]:
     return removed
 
 
+def _names_a_dead_engine(method):
+    """A call into the engine that fails because an engine process died raises one error naming that process, not
+    vLLM's EngineDeadError ('see stack trace above'), which often comes before the watcher's poll notices."""
+    import functools
+    import time
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            dead = self.dead_engine()
+            waited = time.monotonic()
+            while dead is None and type(e).__name__ == "EngineDeadError" and time.monotonic() - waited < 5:
+                time.sleep(0.1)  # vLLM saw its engine go before /proc did
+                dead = self.dead_engine()
+            if dead is None:
+                raise
+            raise RuntimeError(dead) from e
+
+    return call
+
+
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
                  tensor_parallel_size: int = 1, sleep_mode: bool = False, on_engine_death=None,
@@ -331,7 +354,8 @@ class RolloutEngine:
         self._adapter_id = 0  # vLLM's id of the adapter of the latest sync (0: none yet, the base alone)
         self._lora_request = None
         self._closing = False
-        self._watch_engine({pid for pid in set(_children()) - before if _is_engine(pid)}, on_engine_death)
+        self._engine_pids = {pid for pid in set(_children()) - before if _is_engine(pid)}
+        self._watch_engine(self._engine_pids, on_engine_death)
         remove_stale_buffers()
         self._shm_path = os.path.join(SHM_DIR, f"tgrpo-{tag}-{os.getpid()}.bin")
         self._buffer: torch.Tensor | None = None
@@ -341,6 +365,7 @@ class RolloutEngine:
         self._paused = False
         self.paused_s = 0.0  # seconds spent pausing (in-flight updates)
 
+    @_names_a_dead_engine
     def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int | list[int], temperature: float,
                  top_p: float, seed: int | None, on_done=None, ignore_eos: bool = False) -> list[list[Completion]]:
         """n completions per prompt, each with the logprob of every sampled token. max_tokens: one budget for all
@@ -358,6 +383,7 @@ class RolloutEngine:
                                            ignore_eos=ignore_eos) for m, s in zip(budgets, seeds)], on_done)
         return [[_completion(o) for o in out.outputs] for out in outs]
 
+    @_names_a_dead_engine
     def generate_each(self, prompt_ids: list[list[int]], *, max_tokens: list[int], seeds: list[int | None],
                       temperature: float, top_p: float, stop: list[str]) -> list[Completion]:
         """One completion per prompt, each with its own token budget and seed, ending at any of the `stop` strings
@@ -401,6 +427,7 @@ class RolloutEngine:
         """Outputs carry the id a request was given; enqueue returns it with vLLM's unique suffix ("7-1a2b3c4d")."""
         self._owners[rid] = self._owners[rid.rsplit("-", 1)[0]] = handler
 
+    @_names_a_dead_engine
     def submit(self, prompt_ids: list[int], *, max_tokens: int, temperature: float, top_p: float, seed: int | None,
                on_finish, stop: list[str] | None = None, ignore_eos: bool = False) -> str:
         """One completion of one prompt, into the running engine; on_finish(Completion) is called by pump() when it
@@ -416,6 +443,7 @@ class RolloutEngine:
         self._own(rid, lambda out: on_finish(_completion(out.outputs[0])))
         return rid
 
+    @_names_a_dead_engine
     def pump(self, wait: bool) -> None:
         """Hand the outputs vLLM has sent to their requests' owners. wait: block for the next engine step's outputs
         (only while requests are in flight and the engine is not paused), else take only what has arrived."""
@@ -445,6 +473,7 @@ class RolloutEngine:
         state = self.llm.llm_engine.output_processor.request_states.get(rid)
         return 0 if state is None else len(state.detokenizer.output_token_ids)
 
+    @_names_a_dead_engine
     def abort(self, rids: list[str]) -> None:
         for rid in rids:
             self._owners.pop(rid, None)
@@ -452,6 +481,7 @@ class RolloutEngine:
         if rids:  # enqueue's ids are vLLM's internal ones (with the suffix)
             self.llm.llm_engine.abort_request(list(rids), internal=True)
 
+    @_names_a_dead_engine
     def pause(self) -> None:
         """Stop the engine between two of its steps, requests kept where they are (vLLM's pause 'keep'), and take
         every output it sent before stopping: from here to resume() no token is sampled, so the tokens each request
@@ -462,6 +492,7 @@ class RolloutEngine:
         self.pump(wait=False)
         self.paused_s += time.perf_counter() - t0
 
+    @_names_a_dead_engine
     def resume(self, recompute: bool) -> None:
         """Go on after pause(). recompute: the running requests' KV cache is dropped and recomputed from their
         tokens by the current weights (AReaL's way); else it is kept (PipelineRL's) and only the prefix cache of
@@ -490,6 +521,7 @@ class RolloutEngine:
             self._buffer = torch.from_file(self._shm_path, shared=True, size=max_bytes, dtype=torch.uint8)
         self._announced = False
 
+    @_names_a_dead_engine
     def begin_update(self, max_bytes: int) -> None:
         """Start a weight update whose largest bucket has max_bytes; a new receive buffer is announced to the
         workers here."""
@@ -517,6 +549,7 @@ class RolloutEngine:
         which the engine's workers read in place."""
         return self._buffer[:numel * dtype.itemsize].view(dtype)
 
+    @_names_a_dead_engine
     def load_bucket(self, numel: int, dtype: torch.dtype, metas: list, parts: int = 1, segment: int = 0) -> None:
         """Load the bucket just written into weight_buffer(numel, dtype); metas: (name, shape, offset, numel), and
         with parts > 1 the buffer holds that many ZeRO-3 shard segments of `segment` elements (tgrpo.sync.buckets)."""
@@ -525,6 +558,7 @@ class RolloutEngine:
         self.llm.collective_rpc("tgrpo_load_bucket",
                                 args=(numel, str(dtype).removeprefix("torch."), metas, parts, segment))
 
+    @_names_a_dead_engine
     def finish_update(self) -> None:
         self.llm.collective_rpc("tgrpo_finish_update")
         if self._adapter_config is not None:  # requests name the new adapter: a new id, never a stale cached one
@@ -539,10 +573,12 @@ class RolloutEngine:
         """Syncs from now on bring a LoRA adapter (peft's adapter_config.json as a dict), not the weights."""
         self._adapter_config = config
 
+    @_names_a_dead_engine
     def adapters(self) -> list[int]:
         """The LoRA adapter ids each of the engine's workers holds (after a sync: the latest one alone)."""
         return self.llm.collective_rpc("tgrpo_adapters")
 
+    @_names_a_dead_engine
     def sleep(self) -> None:
         """Colocated on GPU: free the KV cache and the weights for the policy's training step (level 1 keeps a copy
         of the weights in CPU memory; level 2 does not, since the next sync overwrites every weight)."""
@@ -550,10 +586,18 @@ class RolloutEngine:
             self.llm.sleep(level=self.sleep_level)
             self._asleep = True
 
+    @_names_a_dead_engine
     def wake_up(self) -> None:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+    def dead_engine(self) -> str | None:
+        """One line naming an engine process that is gone, or None while they all live (or the engine is closing)."""
+        gone = sorted(pid for pid in self._engine_pids if not _alive(pid))
+        if not gone or self._closing:
+            return None
+        return (f"the vLLM engine process {gone[0]} died (killed, or out of memory: see this rank's log and dmesg)")
 
     def _watch_engine(self, pids: set[int], on_engine_death) -> None:
         """vLLM's client can wait forever on an engine process that was killed (a weight-load call has no
@@ -566,11 +610,10 @@ class RolloutEngine:
 
         def watch() -> None:
             while not self._closing:
-                for pid in pids:
-                    if not _alive(pid) and not self._closing:
-                        on_engine_death(f"the vLLM engine process {pid} died (killed, or out of memory: see this "
-                                        "rank's log and dmesg)")
-                        return
+                dead = self.dead_engine()
+                if dead is not None:
+                    on_engine_death(dead)
+                    return
                 time.sleep(1.0)
 
         threading.Thread(target=watch, name="tgrpo-engine-watch", daemon=True).start()

@@ -27,3 +27,25 @@ def raising_reward(completion: str, answer: str) -> float:
 
 def text_reward(completion: str, answer: str) -> str:
     return "1.0"  # a bug: a string, not a float
+
+
+# Written for TRL's GRPOTrainer, as its users write them (a batch, every dataset column by name, None where a reward
+# does not apply): tgrpo runs them unchanged.
+def trl_answer_in_completion(prompts, completions, answer, **kwargs):
+    """1.0 if the reference answer is in the completion; None (does not apply) for prompts whose last turn is longer
+    than 40 characters."""
+    return [None if len(prompt[-1]["content"]) > 40 else float(ref in completion[0]["content"])
+            for prompt, completion, ref in zip(prompts, completions, answer)]
+
+
+async def trl_async_length(completions, completion_ids, **kwargs):
+    return [len(ids) / 100 for ids in completion_ids]
+
+
+def trl_level_reward(prompts, completions, level, **kwargs):
+    """Uses a dataset column of its own ('level'), as TRL hands it over."""
+    return [float(n) for n in level]
+
+
+def trl_wrong_length(completions, **kwargs):
+    return [1.0] * (len(completions) + 1)  # a bug: one score too many

@@ -1,13 +1,16 @@
 """tgrpo.rollout.rewards on real answer strings: math-verify equivalence, malformed output, format, threads, and the
 RewardScorer with builtin and user rewards and its config checks (the remote service: test_remote_reward.py)."""
+import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from helpers import ROOT
 from tgrpo.rollout import rewards
 from tgrpo.config import Config, ConfigError
-from tgrpo.rollout.rewards import (REWARD_FUNCS, RewardError, RewardScorer, check_reward_config, extract_answer,
+from tgrpo.rollout.rewards import (REWARD_FUNCS, RewardError, RewardScorer, Row, check_reward_config, extract_answer,
                            format_reward, math_reward)
 
 # (completion, gold answer): equivalent forms that must earn 1.0
@@ -157,6 +160,60 @@ def test_format_reward(completion, expected):
 
 def _cfg(**overrides) -> Config:
     return Config(**{"reward_workers": 2, **overrides})
+
+
+def test_reward_functions_written_for_trl_run_unchanged_with_every_column(tmp_path):
+    """TRL's signature (prompts, completions, completion_ids, **columns) is recognised and called on a batch as TRL
+    calls it: chat prompts as message lists, completions as assistant message lists, every other column of the row
+    by name (read from the data file, `level` here), async functions awaited. A None is 'does not apply': NaN in the
+    raw values, left out of the weighted total; tgrpo's f(completion, answer) beside them is unchanged."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tgrpo.data import load_prompts
+    from tgrpo.rollout.rewards import trl_style
+    from tgrpo.tiny import ensure_tiny_model
+    import reward_fixtures as fx
+
+    assert trl_style(fx.trl_answer_in_completion) and trl_style(fx.trl_async_length)
+    assert not trl_style(fx.contains_answer) and not trl_style(len)
+    data = tmp_path / "rows.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "What is 3 + 4?"}], "answer": "7", "level": 1},
+            {"messages": [{"role": "user", "content": "What is 30 + 40? Think it over and answer with care."}],
+             "answer": "70", "level": 2}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = _cfg(train_data=str(data), prompts_per_step=1,
+               reward_funcs=["reward_fixtures:trl_answer_in_completion", "reward_fixtures:trl_async_length",
+                             "reward_fixtures:trl_level_reward", "reward_fixtures:contains_answer"],
+               reward_weights=[1.0, 1.0, 0.5, 2.0])
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(os.path.join(ROOT, ".cache")))
+    prompts, _ = load_prompts(cfg, tokenizer, keep_columns=True)
+    assert prompts[0].prompt[-1] == rows[0]["messages"][0] and prompts[1].columns == {"answer": "70", "level": 2}
+    assert load_prompts(cfg, tokenizer)[0][0].columns is None  # only kept when a TRL-style function needs them
+    completions, ids = ["it is 7", "70!"], [[5, 6, 7], [8, 9]]
+    with RewardScorer(cfg) as scorer:
+        assert scorer.wants_rows
+        rows_in = [Row(p.prompt, i, p.columns) for p, i in zip(prompts, ids)]
+        totals, raw, _ = scorer.score([p.prompt_text for p in prompts], completions, ["7", "70"], rows=rows_in)
+        # the same rows handed over group by group while generating
+        submitted = [scorer.submit(completions[i:i + 1], [["7", "70"][i]], rows_in[i:i + 1]) for i in range(2)]
+        assert scorer.score([p.prompt_text for p in prompts], completions, ["7", "70"], submitted=submitted)[0] == \
+            totals
+    assert raw["reward_fixtures:trl_answer_in_completion"][0] == 1.0
+    assert math.isnan(raw["reward_fixtures:trl_answer_in_completion"][1])  # its prompt is over 40 characters: None
+    assert raw["reward_fixtures:trl_async_length"] == [0.03, 0.02]
+    assert raw["reward_fixtures:trl_level_reward"] == [1.0, 2.0]
+    assert raw["reward_fixtures:contains_answer"] == [1.0, 1.0]
+    assert totals == pytest.approx([1.0 + 0.03 + 0.5 + 2.0, 0.02 + 1.0 + 2.0])
+
+
+def test_a_trl_style_function_returning_the_wrong_count_is_named():
+    with RewardScorer(_cfg(reward_funcs=["reward_fixtures:trl_wrong_length"], reward_weights=[1.0])) as scorer:
+        rows = [Row("p", [1], {"answer": "1"}), Row("p", [2], {"answer": "2"})]
+        with pytest.raises(RewardError, match="trl_wrong_length' returned \\[1.0, 1.0\\] for 1 completions: it must "
+                                              "return a list of one float"):
+            scorer.score(["p", "p"], ["a", "b"], ["1", "2"], rows=rows)
 
 
 def test_scorer_weights_and_raw_values():

@@ -36,6 +36,10 @@ class Prompt:
     prompt_ids: list[int]
     prompt_text: str
     answer: str
+    # with keep_columns (reward functions written for TRL): the prompt as the dataset gave it (chat messages, the
+    # system prompt added; a plain string stays a string) and every other column of its row, by name
+    prompt: list[dict] | str | None = None
+    columns: dict | None = None
 
 
 def _first_line(e: BaseException) -> str:
@@ -197,12 +201,14 @@ def _label(cfg, path: str | None) -> str:
 
 
 def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None = None,
-                 need: int | None = None) -> tuple[list[Prompt], int]:
+                 need: int | None = None, keep_columns: bool = False) -> tuple[list[Prompt], int]:
     """The usable prompts of `path` (default cfg.train_data) and the number dropped for being longer than
     max_prompt_length.
 
     limit: stop after this many usable prompts (the first ones; later rows are not read). need: fewest usable
     prompts, else ConfigError (default cfg.prompts_per_step). Every row read is checked; a bad one is a ConfigError.
+    keep_columns: each Prompt also holds its prompt as the dataset gave it and its row's other columns (the reward
+    functions written for TRL get them by name).
     """
     label = _label(cfg, path)
     path = cfg.train_data if path is None else path
@@ -215,15 +221,17 @@ def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None =
         if column not in columns:
             raise ConfigError(f"{label} '{path}' has no column '{column}' (columns: {columns}): set --prompt_column "
                               "/ --answer_column")
-    rows = rows.select_columns(list(dict.fromkeys([prompt_column, cfg.answer_column])))
+    if not keep_columns:
+        rows = rows.select_columns(list(dict.fromkeys([prompt_column, cfg.answer_column])))
     if limit is not None and limit <= 0:
         rows = rows.select([])
     prompts: list[Prompt] = []
     dropped = 0
     row = 0
+    others = [c for c in rows.column_names if c != prompt_column] if keep_columns else []
     for batch in _chunks(rows, label, path):
-        texts, answers = [], []
-        for value, raw_answer in zip(batch[prompt_column], batch[cfg.answer_column]):
+        texts, answers, extras = [], [], []
+        for j, (value, raw_answer) in enumerate(zip(batch[prompt_column], batch[cfg.answer_column])):
             messages = _messages(value, row, prompt_column, label)
             answer = _answer(raw_answer, row, cfg.answer_column, label)
             if answer is None:
@@ -232,12 +240,15 @@ def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None =
                 messages = [{"role": "system", "content": cfg.system_prompt}] + messages
             texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
             answers.append(answer)
+            extras.append((value if isinstance(value, str) else messages, {c: batch[c][j] for c in others})
+                          if keep_columns else (None, None))
             row += 1
-        for text, ids, answer in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], answers):
+        for text, ids, answer, (given, columns) in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"],
+                                                       answers, extras):
             if len(ids) > cfg.max_prompt_length:
                 dropped += 1
                 continue
-            prompts.append(Prompt(list(ids), text, answer))
+            prompts.append(Prompt(list(ids), text, answer, given, columns))
             if limit is not None and len(prompts) >= limit:
                 break
         if limit is not None and len(prompts) >= limit:

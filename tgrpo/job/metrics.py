@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 
@@ -40,8 +41,10 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
         "batch/tokens": sum(len(s.prompt_ids) for s in samples) + sum(lengths),
         "completion/truncated_fraction": statistics.fmean(float(s.truncated) for s in samples),
     }
-    for name in samples[0].reward_parts:
-        out[f"reward/{name}"] = statistics.fmean(s.reward_parts[name] for s in samples)
+    for name in samples[0].reward_parts:  # its mean and spread over the samples it applies to (TRL's None: NaN)
+        values = [v for v in (s.reward_parts[name] for s in samples) if not math.isnan(v)]
+        out[f"reward/{name}"] = statistics.fmean(values) if values else math.nan
+        out[f"reward/{name}/std"] = statistics.pstdev(values) if values else math.nan
     checker = answer_reward(samples[0].reward_parts)
     if checker:  # the answer-checking reward says which completions are correct
         out["accuracy"] = statistics.fmean(float(s.reward_parts[checker] >= 1.0) for s in samples)

@@ -1,7 +1,9 @@
 """Rewards for GRPO: answer extraction, math-verify correctness, output format, user functions, a remote service."""
+import asyncio
 import atexit
 import functools
 import importlib
+import inspect
 import itertools
 import json
 import math
@@ -15,6 +17,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
@@ -161,6 +164,25 @@ def _line(text: object, limit: int = 300) -> str:  # errors are shown as one lin
     return " ".join(str(text).split())[:limit]
 
 
+@dataclass
+class Row:
+    """What a reward function written for TRL gets besides a completion's text: its prompt as the dataset gave it
+    (chat messages, or a string), its token ids, and every other column of its row by name."""
+    prompt: list[dict] | str
+    completion_ids: list[int]
+    columns: dict
+
+
+def trl_style(func: Callable) -> bool:
+    """A function written for TRL's GRPOTrainer, `f(prompts, completions, completion_ids, **columns)` on a batch:
+    its signature names `prompts` or `completions`. Otherwise tgrpo's `f(completion, answer) -> float`."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return "completions" in params or "prompts" in params
+
+
 def _load(name: str) -> Callable[[str, str], float]:
     """The function behind a builtin or 'module:function' name; ConfigError (one line) if there is none."""
     from tgrpo.errors import ConfigError  # here, not on top: math worker interpreters run this file without tgrpo
@@ -233,13 +255,45 @@ def _as_score(value: object) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def _awaited(value):
+    """An async reward function's result (its coroutine run to the end in this pool thread), else the value."""
+    return asyncio.run(value) if inspect.isawaitable(value) else value
+
+
+def _run_trl(name: str, func: Callable, completions: list[str], rows: list[Row]) -> list[float]:
+    """A TRL-style function on a batch, called as TRL calls it: prompts, completions (for chat prompts each one an
+    assistant message list, as TRL gives them), completion_ids and every other dataset column by name. A None in
+    what it returns means 'does not apply' (NaN here: left out of the weighted sum, as TRL leaves it out)."""
+    chat = bool(rows) and not isinstance(rows[0].prompt, str)
+    kwargs = {key: [r.columns[key] for r in rows] for key in (rows[0].columns if rows else {})}
+    kwargs.update(prompts=[r.prompt for r in rows], completion_ids=[r.completion_ids for r in rows],
+                  completions=[[{"role": "assistant", "content": c}] for c in completions] if chat else completions)
+    try:
+        values = _awaited(func(**kwargs))
+    except Exception as e:  # a crash in a user reward is a bug to fix, not a zero to train on
+        called = ", ".join(["prompts", "completions", "completion_ids", *(rows[0].columns if rows else {})])
+        raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {_line(e)} on a batch of "
+                          f"{len(completions)} completions (called as TRL calls it, with {called}): fix it") from e
+    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+        raise RewardError(f"reward function '{name}' returned {_line(repr(values), 80)} for {len(completions)} "
+                          "completions: it must return a list of one float (or None) per completion")
+    out = []
+    for value, completion in zip(values, completions):
+        score = math.nan if value is None else _as_score(value)
+        if score is None:
+            raise RewardError(f"reward function '{name}' returned {_line(repr(value), 80)} for completion "
+                              f"{completion[:60]!r}: it must return a finite float, or None where it does not apply")
+        out.append(score)
+    return out
+
+
 def _run_local(name: str, func: Callable[[str, str], float], completions: list[str],
                answers: list[str]) -> list[float]:
     out = []
     for completion, answer in zip(completions, answers):
         where = lambda: f"on completion {completion[:60]!r} with answer {str(answer)[:60]!r}"  # noqa: E731
         try:
-            value = func(completion, answer)
+            value = _awaited(func(completion, answer))
         except Exception as e:  # a crash in a user reward is a bug to fix, not a zero to train on
             raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {_line(e)} {where()}: fix it; "
                               "a reward must return a float for every completion") from e
@@ -322,29 +376,41 @@ class RewardScorer:
         check_reward_config(cfg)
         self.names, self.weights = list(cfg.reward_funcs), [float(w) for w in cfg.reward_weights]
         self.local = {name: _load(name) for name in self.names if name != REMOTE}
+        self.batched = {name for name, func in self.local.items() if trl_style(func)}
         self.workers = cfg.reward_workers
         self.pool = ThreadPoolExecutor(cfg.reward_workers, thread_name_prefix="reward")
         self.remote = RemoteReward(cfg) if REMOTE in self.names else None
 
-    def submit(self, completions: list[str], answers: list[str]) -> dict[str, list[Future]]:
+    @property
+    def wants_rows(self) -> bool:
+        """Whether a reward function written for TRL is configured: submit() and score() then need `rows`."""
+        return bool(self.batched)
+
+    def submit(self, completions: list[str], answers: list[str], rows: list[Row] | None = None,
+               ) -> dict[str, list[Future]]:
         """Start scoring the local rewards of these completions on the pool; score() collects them. Completions
-        handed over as they finish are scored while generation goes on."""
+        handed over as they finish are scored while generation goes on. rows: one per completion, if wants_rows."""
+        if self.batched and (rows is None or len(rows) != len(completions)):
+            raise ValueError("a reward function written for TRL needs one Row per completion")
         # several chunks per worker, so one slow check holds up only its own small chunk
         size = max(1, math.ceil(len(completions) / (4 * self.workers)))
         starts = range(0, len(completions), size)
-        return {name: [self.pool.submit(_run_local, name, func, completions[i:i + size], answers[i:i + size])
+        return {name: [self.pool.submit(_run_trl, name, func, completions[i:i + size], rows[i:i + size])
+                       if name in self.batched else
+                       self.pool.submit(_run_local, name, func, completions[i:i + size], answers[i:i + size])
                        for i in starts] for name, func in self.local.items()}
 
     def score(self, prompts: list[str], completions: list[str], answers: list[str],
-              submitted: list[dict[str, list[Future]]] | None = None,
+              submitted: list[dict[str, list[Future]]] | None = None, rows: list[Row] | None = None,
               ) -> tuple[list[float], dict[str, list[float]], dict[str, float]]:
         """(weighted total per completion, raw values per configured name, stats: remote_failures, reward_s...).
-        submitted: what submit() returned for consecutive runs of these completions, in order (else scored now)."""
+        submitted: what submit() returned for consecutive runs of these completions, in order (else scored now).
+        A raw value is NaN where a TRL-style function returned None: it is left out of that completion's total."""
         if not len(prompts) == len(completions) == len(answers):
             raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions and {len(answers)} "
                              "answers: give one prompt and one answer per completion")
         t0 = time.perf_counter()
-        parts = submitted if submitted is not None else [self.submit(completions, answers)]
+        parts = submitted if submitted is not None else [self.submit(completions, answers, rows)]
         futures = {name: [f for part in parts for f in part[name]] for name in self.local}
         stats = {"remote_failures": 0.0}
         try:
@@ -362,7 +428,8 @@ class RewardScorer:
                 for f in chunks:
                     f.cancel()
         raw = {name: raw[name] for name in self.names}
-        totals = [float(sum(w * raw[n][i] for n, w in zip(self.names, self.weights))) for i in range(len(completions))]
+        totals = [float(sum(w * raw[n][i] for n, w in zip(self.names, self.weights) if not math.isnan(raw[n][i])))
+                  for i in range(len(completions))]
         stats["reward_s"] = time.perf_counter() - t0
         return totals, raw, stats
 

@@ -182,7 +182,8 @@ class GroupStream:
         group.samples = samples
         group.first_version = min((v for s in samples for v, m in zip(s.versions, s.model_mask) if m),
                                   default=self.version)
-        group.futures = self.worker.scorer.submit([s.completion_text for s in samples], [s.answer for s in samples])
+        group.futures = self.worker.scorer.submit([s.completion_text for s in samples], [s.answer for s in samples],
+                                                  self.worker.rows(samples, [p] * len(samples)))
 
     def _collect_scored(self) -> None:
         for group in [g for g in self.groups.values() if g.futures is not None]:

@@ -30,12 +30,14 @@ class RolloutWorker:
         self.num_engines = placement.num_engines
         self.placement = placement
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.prompts, self.dropped = data.load_prompts(cfg, self.tokenizer)
+        self.scorer = rewards.RewardScorer(cfg)
+        rows = self.scorer.wants_rows  # a reward function written for TRL gets every column of the row
+        self.prompts, self.dropped = data.load_prompts(cfg, self.tokenizer, keep_columns=rows)
         self.eval_prompts: list[data.Prompt] = []
         if cfg.eval_data:
-            everything, _ = data.load_prompts(cfg, self.tokenizer, cfg.eval_data, limit=cfg.eval_max_prompts, need=1)
+            everything, _ = data.load_prompts(cfg, self.tokenizer, cfg.eval_data, limit=cfg.eval_max_prompts, need=1,
+                                              keep_columns=rows)
             self.eval_prompts = everything[self.index::self.num_engines]
-        self.scorer = rewards.RewardScorer(cfg)
         self.model_dir = model_dir
         self.rank = rank
         self.on_engine_death = on_engine_death
@@ -154,24 +156,33 @@ class RolloutWorker:
         submitted: dict[int, dict] = {}
 
         def score_group(i: int, group: list[Sample]) -> None:
-            submitted[i] = self.scorer.submit([s.completion_text for s in group], [s.answer for s in group])
+            submitted[i] = self.scorer.submit([s.completion_text for s in group], [s.answer for s in group],
+                                              self.rows(group, [prompts[i]] * len(group)))
 
         samples, stats = self._complete(prompts, n, cfg.temperature, _seed(cfg.seed, step, self.index, sampling_round),
                                         on_done=score_group if self.score_while_generating else None)
         reward_stats = self.score(samples, [submitted[i] for i in range(len(prompts))]
-                                  if len(submitted) == len(prompts) else None)
+                                  if len(submitted) == len(prompts) else None, [p for p in prompts for _ in range(n)])
         stats = {**stats, **reward_stats, "generated_tokens": sum(s.model_tokens for s in samples)}
         return [samples[i:i + n] for i in range(0, len(samples), n)], stats
 
-    def score(self, samples: list[Sample], submitted: list | None = None) -> dict[str, float]:
+    def rows(self, samples: list[Sample], prompts: list[data.Prompt]) -> list[rewards.Row] | None:
+        """What a reward function written for TRL gets of each sample besides its text (None: no such function)."""
+        if not self.scorer.wants_rows:
+            return None
+        return [rewards.Row(p.prompt, s.completion_ids, p.columns) for s, p in zip(samples, prompts)]
+
+    def score(self, samples: list[Sample], submitted: list | None = None,
+              prompts: list[data.Prompt] | None = None) -> dict[str, float]:
         """Every sample's reward (the weighted rewards and the overlong penalty) and its parts. submitted: the
-        scorer's futures of these samples' local rewards, started while generating (else scored now). Returns
-        reward_s (what scoring adds after generation) and remote_failures."""
+        scorer's futures of these samples' local rewards, started while generating (else scored now). prompts: each
+        sample's (for reward functions written for TRL). Returns reward_s (what scoring adds after generation) and
+        remote_failures."""
         cfg = self.cfg
         t1 = time.perf_counter()
         scores, parts, reward_stats = self.scorer.score(
             [s.prompt_text for s in samples], [s.completion_text for s in samples], [s.answer for s in samples],
-            submitted=submitted)
+            submitted=submitted, rows=None if submitted is not None else self.rows(samples, prompts or []))
         if cfg.overlong_buffer_length > 0:
             parts["overlong"] = [overlong_penalty(len(s.completion_ids), cfg) for s in samples]
             scores = [r + p for r, p in zip(scores, parts["overlong"])]
@@ -189,9 +200,11 @@ class RolloutWorker:
         sampled, _ = self._complete(self.eval_prompts, cfg.eval_k, cfg.temperature,
                                     _seed(cfg.seed, -1, self.index, 0))
         g_scores, g_parts, _ = self.scorer.score([s.prompt_text for s in greedy], [s.completion_text for s in greedy],
-                                                 [s.answer for s in greedy])
+                                                 [s.answer for s in greedy], rows=self.rows(greedy, self.eval_prompts))
         s_scores, s_parts, _ = self.scorer.score([s.prompt_text for s in sampled],
-                                                 [s.completion_text for s in sampled], [s.answer for s in sampled])
+                                                 [s.completion_text for s in sampled], [s.answer for s in sampled],
+                                                 rows=self.rows(sampled, [p for p in self.eval_prompts
+                                                                          for _ in range(cfg.eval_k)]))
         return {"prompts": len(self.eval_prompts), "greedy_correct": sum(_correct(g_scores, g_parts)),
                 "sampled_correct": sum(_correct(s_scores, s_parts)) / cfg.eval_k, "greedy_reward": sum(g_scores)}
 

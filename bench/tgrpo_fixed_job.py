@@ -17,9 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker_classes():
-    """tgrpo's RolloutWorker wherever the package keeps it (tgrpo.rollout today; a layout change may move it)."""
+    """tgrpo's RolloutWorker wherever the package keeps it (tgrpo.rollout.worker; tgrpo.rollout in older trees)."""
     try:
-        from tgrpo.rollout import RolloutWorker
+        from tgrpo.rollout.worker import RolloutWorker
         return [RolloutWorker]
     except ImportError:
         pass

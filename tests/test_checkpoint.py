@@ -64,6 +64,26 @@ def test_resume_with_another_placement_names_the_difference(tmp_path):
         checkpoint.check_resumable(str(path), other)
 
 
+def test_every_rank_refuses_a_checkpoint_this_run_cannot_continue_before_anything_starts(tmp_path):
+    """The checks (node.sh's pre-flight and every rank's) read the checkpoint a run would resume, by its
+    trainer_state.json alone: a use_lora change or another placement is one ConfigError before any engine starts.
+    With 'auto' that is the newest checkpoint whose files have the sizes its manifest lists; one whose state file
+    does not parse is left to resume's own checks."""
+    state = {"step": 10, "world_size": 3, "rollout": [0], "policy": [1, 2], "reference": [], "colocated": False,
+             "use_lora": True}
+    older, newer = _make(tmp_path, "step-10"), _make(tmp_path, "step-20")
+    (older / checkpoint.STATE).write_text(json.dumps(state))
+    (newer / checkpoint.STATE).write_text(json.dumps({**state, "step": 20}))
+    with pytest.raises(ConfigError, match="step-20 was written by a run training a LoRA adapter .use_lora true.: "
+                                          "resume it with use_lora true"):
+        check(Config(output_dir=str(tmp_path), resume="auto"), 3)
+    with pytest.raises(ConfigError, match="step-10 was written with world_size=3, this run has 4"):
+        check(Config(resume=str(older), use_lora=True, rollout_ranks="0-1", policy_ranks="2-3"), 4)
+    check(Config(output_dir=str(tmp_path), resume="auto", use_lora=True), 3)
+    (newer / checkpoint.STATE).write_text('{"step": 2')  # a state file that does not parse: not refused here
+    check(Config(output_dir=str(tmp_path), resume="auto"), 3)
+
+
 def test_a_fresh_run_never_writes_over_a_previous_one(tmp_path):
     """A run into an output_dir holding metrics or checkpoints stops in one line, unless it resumes (a restart
     before any checkpoint included) or is told to start over, which clears the previous run's outputs."""

@@ -121,6 +121,13 @@ def newest(output_dir: str) -> str | None:
     return next((path for path in _candidates(output_dir) if is_complete(path)), None)
 
 
+def newest_by_size(output_dir: str) -> str | None:
+    """The newest complete checkpoint whose files have the sizes its manifest lists (no content read: cheap enough
+    for every rank's checks): the one `--resume auto` takes unless a file's content turns out damaged."""
+    return next((path for path in _candidates(output_dir)
+                 if is_complete(path) and damage(path, content=False) is None), None)
+
+
 def nonfinite_advice(output_dir: str) -> str:
     """What to do about NaN/inf in the weights or gradients, the end of the line that stops such a run."""
     back = newest(output_dir)

@@ -42,11 +42,13 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
     # the checkpoint's mode and placement, from its trainer_state.json alone: a run that cannot continue it stops
     # here (node.sh's pre-flight: exit 2, never retried), not after its engines started
     resumed = (cfg.resume if cfg.resume not in ("", "auto") else
-               checkpoint.newest(cfg.output_dir) if cfg.resume == "auto" and not cfg.overwrite_output_dir else None)
+               checkpoint.newest_by_size(cfg.output_dir) if cfg.resume == "auto" else None)
     if resumed:
         try:
             checkpoint.check_resumable(resumed, placement, critic_expected=cfg.advantage_estimator == "gae",
                                        use_lora=cfg.use_lora)
+        except json.JSONDecodeError:  # a damaged state file: resume's own check names it ('auto' skips it)
+            pass
         except ValueError as e:
             raise ConfigError(str(e)) from None
     checkpoint.check_output_dir(cfg)

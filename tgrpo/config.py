@@ -34,7 +34,8 @@ def _f(default, help: str):
 class Config:
     # --- model -----------------------------------------------------------------------------------------------
     model: str = _f("tiny", "Local Hugging Face model folder (config.json, weights, tokenizer), or 'tiny' for the "
-                    "embedded tiny Qwen2 model ('tiny-search': the one of the multi-turn search example), built "
+                    "embedded tiny Qwen2 model ('tiny-search': the one of the multi-turn search example; 'tiny-vl': "
+                    "the tiny Qwen2-VL of the vision-language example), built "
                     "into cache_dir on first use.")
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "Weights dtype for the policy, reference and vLLM. auto: bfloat16 on GPU, float32 on CPU.")
@@ -51,7 +52,16 @@ class Config:
     answer_column: str = _f("answer", "Column holding the reference answer the rewards compare against.")
     system_prompt: str = _f("Solve the problem. Put only the final answer inside <answer></answer>.",
                             "System message put before each prompt that has none; empty string for none.")
-    max_prompt_length: int = _f(256, "Prompts longer than this many tokens are dropped (with a count).")
+    max_prompt_length: int = _f(256, "Prompts longer than this many tokens are dropped (with a count); a prompt "
+                                "whose image tokens alone exceed it is refused, naming the row.")
+    image_column: str = _f("images", "Vision-language models: the column holding each row's images (a list, or one "
+                           "image): paths relative to the data file or absolute, image bytes, or datasets.Image "
+                           "values; <image> in the prompt's text marks where each goes. A missing 'images' falls "
+                           "back to 'image'. Images inside OpenAI-style content lists need no column.")
+    min_pixels: int = _f(0, "Vision-language models: the fewest pixels an image is resized to (Qwen2-VL's "
+                         "min_pixels, e.g. 3136 = 56*56); 0: the processor's own setting.")
+    max_pixels: int = _f(0, "Vision-language models: the most pixels an image is resized to (Qwen2-VL's "
+                         "max_pixels, e.g. 200704 = 448*448); 0: the processor's own setting.")
 
     # --- placement -------------------------------------------------------------------------------------------
     rollout_ranks: str = _f("0-0", "Closed range(s) of global ranks whose GPUs hold vLLM engines, e.g. '0-1', "
@@ -202,6 +212,8 @@ class Config:
     padding_free: bool = _f(True, "Concatenate a micro-batch's sequences into one row, positions restarting per "
                             "sequence and attention never crossing one (flash varlen attention on GPU). false: "
                             "right-pad them into a [B, L] batch (models with sliding-window attention).")
+    freeze_vision_tower: bool = _f(False, "Vision-language models: keep the vision tower (encoder and merger) "
+                                   "frozen, out of the optimizer and out of every weight sync (verl's option).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower: use it "
                                       "only when a micro-batch's activations do not fit).")
     zero_stage: Literal["auto", 0, 1, 2, 3] = _f(
@@ -318,6 +330,10 @@ class Config:
         _check(self.vllm_sleep_level in (1, 2), f"vllm_sleep_level must be 1 or 2, got {self.vllm_sleep_level}")
         _check(self.vllm_max_num_seqs >= 0 and self.vllm_max_num_batched_tokens >= 0,
                "vllm_max_num_seqs and vllm_max_num_batched_tokens must be >= 0 (0: automatic)")
+        _check(self.min_pixels >= 0 and self.max_pixels >= 0, f"min_pixels and max_pixels must be >= 0 (0: the "
+               f"processor's own), got {self.min_pixels}, {self.max_pixels}")
+        _check(not (self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels),
+               f"min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels}): swap them")
         for name in ("prompts_per_step", "num_generations", "max_completion_length", "micro_batch_size",
                      "max_steps", "max_prompt_length", "sync_bucket_mb", "dist_timeout_s",
                      "rollout_tensor_parallel_size", "num_iterations", "mini_batches", "eval_k",

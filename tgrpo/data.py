@@ -8,6 +8,16 @@ is cut off (the model generates the answer, which is in `answer_column`). An ans
 JSON object or a list there is refused, naming the row. Blank lines of a JSON lines file are skipped (as datasets
 skips them) and rows are counted without them; a line that is not JSON is named by its line number in the file.
 
+Images (vision-language models, given `vision`): a message's content may be a list of items, {"type": "text",
+"text": ...} and {"type": "image"} (TRL), or items carrying their image, {"type": "image", "image": ...} and
+{"type": "image_url", "image_url": {"url": ...}} (OpenAI); `<image>` in a message's text marks where an image goes
+(verl, EasyR1, LLaVA). Images without one of their own are taken from `image_column` ('images', else 'image'; a list
+or one image) in order; a row whose messages mark no place for them has them at the start of its first user
+message (as TRL does). An image is a path (relative to the data file's folder, else to the working directory, as
+verl and TRL read them), a file:// or data: URI, its bytes, or datasets.Image's {bytes, path}; http(s) URLs are
+refused. Each image's header is read here (that it is an image, and its size), its pixels only by the ranks that
+use it; prompt_ids hold as many image tokens per image as the processor gives it.
+
 The order is a deterministic shuffle per epoch, so the prompts of step s depend only on (seed, s): a resumed run
 continues with the same prompts, and rollout rank i takes the i-th slice of the step's prompts.
 """
@@ -18,9 +28,11 @@ import json
 import math
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tgrpo.errors import ConfigError
+from tgrpo.vision import ImageRef, VisionProcessor, image_ref
 
 FORMATS = ("a .json file (JSON list or JSON lines), a .jsonl file, a .parquet file, or a folder written by "
            "datasets' save_to_disk")
@@ -29,6 +41,9 @@ _FALLBACK_PROMPT_COLUMN = "conversations"  # used when the default 'messages' co
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
 _CHUNK = 512  # rows put through the chat template and tokenized at once
+_FALLBACK_IMAGE_COLUMN = "image"  # used when the default 'images' column is missing
+PLACEHOLDER = "<image>"
+_HEADER_READERS = 8  # image headers read at once (a network filesystem's latency, not the CPU, is their cost)
 
 
 @dataclass
@@ -40,6 +55,9 @@ class Prompt:
     # system prompt added; a plain string stays a string) and every other column of its row, by name
     prompt: list[dict] | str | None = None
     columns: dict | None = None
+    # vision-language rows: the images in the order of their tokens in prompt_ids (prompt_text holds one
+    # <|image_pad|> for each, prompt_ids as many as the processor gives the image)
+    images: list[ImageRef] | None = None
 
 
 def _first_line(e: BaseException) -> str:
@@ -135,7 +153,9 @@ def _bad_json(path: str) -> str | None:
 
 
 def _message(m, row: int, column: str, label: str) -> dict:
-    """One message as {role, content}, from chatml {role, content} or ShareGPT {from, value}."""
+    """One message as {role, content}, from chatml {role, content} or ShareGPT {from, value}; a content list is
+    a string again when it holds text items only, else a list of {"type": "text", "text"} and {"type": "image",
+    "image": the image value, or None where the image column gives it}."""
     if not isinstance(m, dict):
         raise ConfigError(f"{label} row {row}: '{column}' holds no prompt (a message is {type(m).__name__}, want "
                           "{role, content} or {from, value}): fix the row or set --prompt_column")
@@ -148,10 +168,77 @@ def _message(m, row: int, column: str, label: str) -> dict:
                               f"must be one of {sorted(_SHAREGPT_ROLES)}")
     if content is None:
         content = m.get("value")
-    if not role or not isinstance(content, str):
+    if isinstance(content, (list, tuple)):
+        content = _items(content, row, column, label)
+    if not role or not isinstance(content, (str, list)):
         raise ConfigError(f"{label} row {row}: '{column}' holds no prompt (want a list of {{role, content}} or "
                           "{from, value} messages or a string): fix the row or set --prompt_column")
     return {"role": str(role), "content": content}
+
+
+def _items(items, row: int, column: str, label: str) -> str | list[dict]:
+    """A content list's items (TRL's and OpenAI's shapes); keys Arrow added as null to unify the rows are ignored."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append({"type": "text", "text": item})
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"{label} row {row}: '{column}' holds a content item that is {type(item).__name__}: "
+                              "give {\"type\": \"text\", \"text\": ...} or {\"type\": \"image\"} items")
+        item = {k: v for k, v in item.items() if v is not None}
+        kind = item.get("type") or next((k for k in ("text", "image", "image_url") if k in item), None)
+        if kind == "text":
+            out.append({"type": "text", "text": str(item.get("text", ""))})
+        elif kind == "image":
+            out.append({"type": "image", "image": item.get("image")})
+        elif kind == "image_url":
+            url = item.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if url is None:
+                raise ConfigError(f"{label} row {row}: '{column}' holds an image_url item without a url: give "
+                                  "{\"type\": \"image_url\", \"image_url\": {\"url\": path or data: URI}}")
+            out.append({"type": "image", "image": url})
+        else:
+            raise ConfigError(f"{label} row {row}: '{column}' holds a content item of type '{kind}': only text and "
+                              "image items are taken")
+    if all(i["type"] == "text" for i in out):
+        return "".join(i["text"] for i in out)
+    return out
+
+
+def _place_images(messages: list[dict], given: list, where: str, column: str | None) -> tuple[list[dict], list]:
+    """The messages as the chat template takes them ({"type": "image"} where each image goes) and the image values
+    in that order: items carrying their image keep it; <image> in the text and bare image items take the images of
+    the image column in order; with neither, those go before the first user message's text."""
+    slots = 0
+    for m in messages:
+        if isinstance(m["content"], str) and PLACEHOLDER in m["content"]:
+            pieces = m["content"].split(PLACEHOLDER)
+            m["content"] = [item for k, piece in enumerate(pieces) for item in
+                            ([{"type": "image", "image": None}] if k else []) +
+                            ([{"type": "text", "text": piece}] if piece else [])]
+        if isinstance(m["content"], list):
+            slots += sum(i["type"] == "image" and i["image"] is None for i in m["content"])
+    if given and not slots:
+        first = (next((m for m in messages if m["role"] == "user"), None)
+                 or next(m for m in messages if m["role"] != "system"))
+        text = first["content"]
+        first["content"] = [{"type": "image", "image": None} for _ in given] + (
+            text if isinstance(text, list) else [{"type": "text", "text": text}] if text else [])
+        slots = len(given)
+    if slots != len(given):
+        marks = f"{slots} place{'s' * (slots != 1)} for an image (<image> in the text, or {{\"type\": \"image\"}})"
+        held = (f"'{column}' holds {len(given)}" if column else "there is no image column (--image_column)")
+        raise ConfigError(f"{where}: its messages mark {marks} but {held}: give one image per place, in order")
+    images, column_images = [], iter(given)
+    for m in messages:
+        if isinstance(m["content"], list):
+            for item in m["content"]:
+                if item["type"] == "image":
+                    value = item.pop("image")
+                    images.append(next(column_images) if value is None else value)
+    return messages, images
 
 
 def _messages(value, row: int, column: str, label: str) -> list[dict]:
@@ -201,14 +288,16 @@ def _label(cfg, path: str | None) -> str:
 
 
 def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None = None,
-                 need: int | None = None, keep_columns: bool = False) -> tuple[list[Prompt], int]:
+                 need: int | None = None, keep_columns: bool = False,
+                 vision: VisionProcessor | None = None) -> tuple[list[Prompt], int]:
     """The usable prompts of `path` (default cfg.train_data) and the number dropped for being longer than
     max_prompt_length.
 
     limit: stop after this many usable prompts (the first ones; later rows are not read). need: fewest usable
     prompts, else ConfigError (default cfg.prompts_per_step). Every row read is checked; a bad one is a ConfigError.
     keep_columns: each Prompt also holds its prompt as the dataset gave it and its row's other columns (the reward
-    functions written for TRL get them by name).
+    functions written for TRL get them by name). vision: the model's processor (VisionProcessor.load); None for a
+    text-only model, which refuses rows that hold images.
     """
     label = _label(cfg, path)
     path = cfg.train_data if path is None else path
@@ -221,34 +310,55 @@ def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None =
         if column not in columns:
             raise ConfigError(f"{label} '{path}' has no column '{column}' (columns: {columns}): set --prompt_column "
                               "/ --answer_column")
+    image_column = _image_column(cfg, columns, label, path)
     if not keep_columns:
-        rows = rows.select_columns(list(dict.fromkeys([prompt_column, cfg.answer_column])))
+        rows = rows.select_columns(list(dict.fromkeys([prompt_column, cfg.answer_column,
+                                                       *([image_column] if image_column else [])])))
+    if image_column:
+        rows = _undecoded(rows, image_column)
     if limit is not None and limit <= 0:
         rows = rows.select([])
+    base_dir = os.path.dirname(os.path.abspath(path))
     prompts: list[Prompt] = []
     dropped = 0
     row = 0
     others = [c for c in rows.column_names if c != prompt_column] if keep_columns else []
     for batch in _chunks(rows, label, path):
-        texts, answers, extras = [], [], []
+        texts, answers, extras, found = [], [], [], []
         for j, (value, raw_answer) in enumerate(zip(batch[prompt_column], batch[cfg.answer_column])):
             messages = _messages(value, row, prompt_column, label)
             answer = _answer(raw_answer, row, cfg.answer_column, label)
             if answer is None:
                 raise ConfigError(f"{label} row {row}: no answer in '{cfg.answer_column}': every row needs one")
+            given = _as_list(batch[image_column][j]) if image_column else []
+            if vision is not None:
+                messages, images = _place_images(messages, given, f"{label} row {row}", image_column)
+            elif given or any(isinstance(m["content"], list) for m in messages):  # lists hold images (_items)
+                raise ConfigError(f"{label} row {row} holds images, but model '{cfg.model}' has no vision tower: "
+                                  "take a vision-language model (Qwen2-VL, Qwen2.5-VL), or data without images")
+            else:
+                images = []
             if cfg.system_prompt and not any(m["role"] == "system" for m in messages):
                 messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            texts.append(tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False,
+                **({"chat_template": vision.chat_template} if vision is not None and vision.chat_template else {})))
             answers.append(answer)
+            found.append([(image, f"{label} row {row} image {k + 1} of {len(images)}")
+                          for k, image in enumerate(images)])
             extras.append((value if isinstance(value, str) else messages, {c: batch[c][j] for c in others})
                           if keep_columns else (None, None))
             row += 1
-        for text, ids, answer, (given, columns) in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"],
-                                                       answers, extras):
+        refs = _image_refs(found, base_dir)
+        first_row = row - len(texts)
+        for k, (text, ids, answer, (given, columns), images) in enumerate(zip(
+                texts, tokenizer(texts, add_special_tokens=False)["input_ids"], answers, extras, refs)):
+            if images:
+                ids = _expanded(ids, images, vision, cfg, f"{label} row {first_row + k}")
             if len(ids) > cfg.max_prompt_length:
                 dropped += 1
                 continue
-            prompts.append(Prompt(list(ids), text, answer, given, columns))
+            prompts.append(Prompt(list(ids), text, answer, given, columns, images or None))
             if limit is not None and len(prompts) >= limit:
                 break
         if limit is not None and len(prompts) >= limit:
@@ -259,6 +369,72 @@ def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None =
         raise ConfigError(f"{label} has {len(prompts)} usable prompts ({dropped} longer than max_prompt_length="
                           f"{cfg.max_prompt_length}), fewer than {wanted}")
     return prompts, dropped
+
+
+def _image_column(cfg, columns: list[str], label: str, path: str) -> str | None:
+    """The column of the rows' images: image_column, or 'image' for a missing default 'images'; None if neither
+    (images may still be in the messages)."""
+    if cfg.image_column in columns:
+        return cfg.image_column
+    if cfg.image_column == "images":
+        return _FALLBACK_IMAGE_COLUMN if _FALLBACK_IMAGE_COLUMN in columns else None
+    raise ConfigError(f"{label} '{path}' has no column '{cfg.image_column}' (columns: {columns}): set "
+                      "--image_column")
+
+
+def _undecoded(rows, column: str):
+    """The rows with a datasets.Image column (or a list of them) left as {bytes, path}: the images' pixels are
+    decoded by the ranks that use them, not all at load time."""
+    import datasets
+
+    feature = rows.features[column]
+    if isinstance(feature, datasets.Image):
+        return rows.cast_column(column, datasets.Image(decode=False))
+    if isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(feature.feature, datasets.Image):
+        return rows.cast_column(column, type(feature)(datasets.Image(decode=False)))
+    return rows
+
+
+def _as_list(value) -> list:
+    """A row's images: a list, one image, or none."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _image_refs(found: list[list[tuple]], base_dir: str) -> list[list[ImageRef]]:
+    """Each row's (image value, where) as ImageRefs, their headers read a few at a time; the first bad one in row
+    order is the ConfigError."""
+    flat = [item for images in found for item in images]
+    if not flat:
+        return [[] for _ in found]
+    with ThreadPoolExecutor(min(_HEADER_READERS, len(flat))) as pool:
+        refs = iter(list(pool.map(lambda item: image_ref(item[0], item[1], base_dir), flat)))
+    return [[next(refs) for _ in images] for images in found]
+
+
+def _expanded(ids: list[int], images: list[ImageRef], vision: VisionProcessor, cfg, where: str) -> list[int]:
+    """The prompt's ids with each image's tokens, as the processor expands them; a ConfigError for a prompt whose
+    image tokens alone are more than max_prompt_length, or whose text holds image tokens of its own."""
+    tokens = []
+    for image in images:
+        try:
+            tokens.append(vision.tokens_for(*image.size))
+        except ValueError as e:
+            raise ConfigError(f"{where}: image '{image.label}' is {image.size[0]}x{image.size[1]}, which the "
+                              f"processor refuses ({_first_line(e)}): crop or pad it") from None
+    if sum(tokens) > cfg.max_prompt_length:
+        sizes = ", ".join(f"{w}x{h}" for w, h in (image.size for image in images))
+        raise ConfigError(f"{where}: its {len(images)} image{'s' * (len(images) != 1)} ({sizes}) alone take "
+                          f"{sum(tokens)} tokens, more than max_prompt_length={cfg.max_prompt_length}: lower max_pixels "
+                          f"(now {vision.max_pixels}: up to {vision.max_pixels // vision.pixels_per_token} tokens an "
+                          "image) or raise max_prompt_length")
+    held = sum(t == vision.image_token_id for t in ids)
+    if held != len(images):
+        raise ConfigError(f"{where}: its templated text holds {held} image tokens for {len(images)} images (the "
+                          "text spells the image token itself, or the chat template leaves images out): remove "
+                          "<|image_pad|> from the text, or check the model's chat template")
+    return vision.expand(ids, tokens)
 
 
 def _chunks(rows, label: str, path: str):

@@ -424,7 +424,7 @@ def _expanded(ids: list[int], images: list[ImageRef], vision: VisionProcessor, c
             raise ConfigError(f"{where}: image '{image.label}' is {image.size[0]}x{image.size[1]}, which the "
                               f"processor refuses ({_first_line(e)}): crop or pad it") from None
     if sum(tokens) > cfg.max_prompt_length:
-        sizes = ", ".join(f"{w}x{h}" for w, h in (image.size for image in images))
+        sizes = ", ".join(f"{w}x{h}" for w, h in (image.size for image in images[:3])) + ", ..." * (len(images) > 3)
         raise ConfigError(f"{where}: its {len(images)} image{'s' * (len(images) != 1)} ({sizes}) alone take "
                           f"{sum(tokens)} tokens, more than max_prompt_length={cfg.max_prompt_length}: lower max_pixels "
                           f"(now {vision.max_pixels}: up to {vision.max_pixels // vision.pixels_per_token} tokens an "

@@ -19,7 +19,7 @@ from tgrpo.job.placement import Placement
 def check_job(cfg: Config, world_size: int, local_world_size: int | None = None, *, data: bool = True) -> Placement:
     """The config's own rules, user reward modules, the placement against `world_size` ranks (local_world_size per
     node), the numbers that must divide among the ranks, files (model, DeepSpeed config, data), a checkpoint to
-    resume, output_dir, and the model's config and tokenizer; with data=True also the data rows and the retriever.
+    resume, output_dir, the model's config and tokenizer (and a vision-language model's processor); with data=True also the data rows and the retriever.
     Builds the embedded tiny model if it is named and missing."""
     from tgrpo.job import checkpoint
     from tgrpo.rollout import rewards
@@ -59,6 +59,7 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
             raise ConfigError("report_to wandb needs the wandb package: WITH_WANDB=1 bash launch/setup.sh (or pip "
                               "install wandb); WANDB_MODE=offline logs without network") from None
     tokenizer = _check_model(cfg)
+    vision = _check_vision(cfg)
     _check_lora(cfg)
     if cfg.critic_model:
         from tgrpo.tiny import EMBEDDED
@@ -72,7 +73,7 @@ def check_job(cfg: Config, world_size: int, local_world_size: int | None = None,
     if data:
         from tgrpo import data as prompts
 
-        rows = prompts.load_prompts(cfg, tokenizer)[0]
+        rows = prompts.load_prompts(cfg, tokenizer, vision=vision)[0]
         longest = max((len(p.prompt_ids) for p in rows), default=None)
         if rewards.REMOTE in cfg.reward_funcs and cfg.reward_on_failure == "fail" and rows:
             service = rewards.RemoteReward(cfg)
@@ -141,6 +142,18 @@ def _check_model(cfg: Config):
            "a template to its tokenizer_config.json")
     _check_weights(f"model '{cfg.model}'", folder)
     return tokenizer
+
+
+def _check_vision(cfg: Config):
+    """A vision-language model's processor loads (with min_pixels/max_pixels), and the job uses nothing that does
+    not take images yet; returns the VisionProcessor, or None for a text-only model."""
+    from tgrpo.vision import VisionProcessor
+
+    vision = VisionProcessor.load(model_dir(cfg), cfg.min_pixels, cfg.max_pixels)
+    _check(vision is None or not cfg.retriever_url, f"model '{cfg.model}' is a vision-language model, and "
+           "multi-turn tool episodes (retriever_url) do not take images yet: leave retriever_url empty, or take a "
+           "text model")
+    return vision
 
 
 def _check_lora(cfg: Config) -> None:

@@ -7,6 +7,12 @@ tensors are flat over the completion tokens of the micro-batch ([N]), whatever t
   each sequence, and the bounds of each sequence (cu_seqlens) for attention that never crosses a sequence;
 - padded: right-padded rows [B, L] with a causal mask over the real tokens.
 The model then returns logits only at the N positions that predict a completion token.
+
+Vision-language samples carry their prompt's images as the processor made them (`Images`: pixel patches and each
+image's grid), shared by the samples of a group; a micro-batch concatenates them in sample order, which is the order
+of the image tokens in its input, and its position ids are the model's multimodal (mRoPE) ones, made per sample by
+the model's own rule (`build(..., vision=...)`). Only a prompt's image tokens take image features: the same token
+sampled in a completion is text, as it is to vLLM.
 """
 from __future__ import annotations
 
@@ -16,6 +22,19 @@ from dataclasses import dataclass, field
 import torch
 
 from tgrpo import algorithm
+
+
+@dataclass
+class Images:
+    """A prompt's images as the model's processor made them: pixel patches [P, D] (every image's, in order) and
+    each image's (t, h, w) patch grid [n, 3]; its image tokens in the prompt are t*h*w / merge**2 per image."""
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    refs: list | None = None  # JSON-able references of the images (remote rewards, samples.jsonl)
+
+    @property
+    def count(self) -> int:
+        return int(self.grid_thw.shape[0])
 
 
 @dataclass
@@ -46,6 +65,7 @@ class Sample:
     versions: list[int] | None = None
     group: tuple[int, int] | None = None
     fresh_mask: list[int] | None = None  # async_mode: 1 on the model's tokens sampled by the weights being trained
+    images: Images | None = None  # vision-language: the prompt's images (one object shared by the group)
 
     @property
     def model_mask(self) -> list[int]:
@@ -159,12 +179,22 @@ class MicroBatch:
     old_values: torch.Tensor | None = None  # [N] the critic's values before its update (gae), when every sample has
     returns: torch.Tensor | None = None  # [N] the critic's targets (gae)
     fresh_mask: torch.Tensor | None = None  # [N] async_mode: 1 on tokens of the weights being trained (lag 0)
+    # vision-language: the micro-batch's images in the order of their tokens (None: none in it), and the position
+    # ids are the model's multimodal ones: packed [4, 1, T] (the text positions first, then mRoPE's three rows),
+    # padded [3, B, L]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    image_mask: torch.Tensor | None = None  # the input's shape: True where an image's features go
+    vision: bool = False
 
 
 def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: int, mask_truncated: bool = False,
-          loss_weights: list[float] | None = None) -> MicroBatch:
+          loss_weights: list[float] | None = None, vision=None) -> MicroBatch:
     """The tensors of one micro-batch, made on the host in one pass and copied to the device once each.
-    loss_weights: per-sample normaliser of each counted token (default 1)."""
+    loss_weights: per-sample normaliser of each counted token (default 1). vision (vision-language models):
+    `vision.image_token_id`, and `vision.positions(prompt_ids, completion_ids, grid_thw)` -> [3, length], a
+    sequence's multimodal position ids by the model's rule (grid_thw: its images' grids, or None); the micro-batch
+    then carries its samples' images."""
     targets, rollout, adv, loss_mask, model_mask, weights, ref = [], [], [], [], [], [], []
     values, returns, fresh = [], [], []
     have_fresh = any(s.fresh_mask is not None for s in samples)
@@ -196,6 +226,10 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
         longest = max(b - a for a, b in zip(bounds, bounds[1:]))
         input_ids = torch.tensor([ids], dtype=torch.long)
         position_ids = torch.tensor([positions], dtype=torch.long)
+        if vision is not None:  # [4, 1, T]: the text positions (where sequences start), then each sample's mRoPE
+            rows = torch.cat([vision.positions(s.prompt_ids, s.completion_ids, _grid(s)) for s in samples], dim=1)
+            position_ids = torch.cat([position_ids, rows.to(torch.long)], dim=0)[:, None]
+            image_mask = torch.tensor([[x for s in samples for x in _image_slots(s, vision.image_token_id)]])
         cu = torch.tensor(bounds, dtype=torch.int32)
         model_kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
     else:
@@ -209,6 +243,12 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
             real[b, :p + c] = True
             index += range(b * width + p - 1, b * width + p + c - 1)
         position_ids = torch.arange(width).expand(len(samples), width).contiguous()
+        if vision is not None:  # [3, B, L], padding at 0
+            position_ids = torch.zeros((3, len(samples), width), dtype=torch.long)
+            image_mask = torch.zeros((len(samples), width), dtype=torch.bool)
+            for b, s in enumerate(samples):
+                position_ids[:, b, :s.length] = vision.positions(s.prompt_ids, s.completion_ids, _grid(s))
+                image_mask[b, :s.length] = torch.tensor(_image_slots(s, vision.image_token_id))
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         mask = causal[None] & real[:, None, :]  # [B, L(query), L(key)]: earlier real tokens only
         model_kwargs = {"attention_mask": mask[:, None]}
@@ -222,10 +262,27 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
             "loss_weight": floats(weights), "ref_logp": floats(ref) if have_ref else None,
             "old_values": floats(values) if have_values else None, "returns": floats(returns) if have_values else None,
             "fresh_mask": floats(fresh) if have_fresh else None}
+    with_images = [s.images for s in samples if s.images is not None]
+    if vision is not None:
+        host["image_mask"] = image_mask
+    if with_images:
+        host["pixel_values"] = torch.cat([i.pixel_values for i in with_images])
+        host["image_grid_thw"] = torch.cat([i.grid_thw for i in with_images])
     on_device = {k: _to(v, device) for k, v in host.items()}
     model_kwargs = {k: _to(v, device) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
     return MicroBatch(**on_device, model_kwargs=model_kwargs, lengths=[len(s.completion_ids) for s in samples],
-                      packed=packed)
+                      packed=packed, vision=vision is not None)
+
+
+def _grid(s: Sample) -> torch.Tensor | None:
+    return s.images.grid_thw if s.images is not None else None
+
+
+def _image_slots(s: Sample, image_token_id: int) -> list[bool]:
+    """Where a sequence's image features go: its prompt's image tokens (none without images)."""
+    if s.images is None:
+        return [False] * s.length
+    return [t == image_token_id for t in s.prompt_ids] + [False] * len(s.completion_ids)
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

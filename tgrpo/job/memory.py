@@ -70,11 +70,13 @@ def model_shape(model_dir: str) -> ModelShape:
     """The model's parameter count (an empty model built on the meta device from config.json: exact for any
     architecture transformers knows, no weights read) and the widths that size its activations."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from tgrpo.policy import modeling
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = modeling.load_kwargs(config, "sdpa")[0].from_config(config)  # a vision tower counted too
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     text = getattr(config, "text_config", None) or config
     return ModelShape(params=params, hidden=text.hidden_size,

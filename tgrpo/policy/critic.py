@@ -48,6 +48,7 @@ class CriticWorker:
             model_dir, ds, dtype, trainable=True, attention=modeling.register(), lr=cfg.critic_learning_rate,
             weight_decay=cfg.weight_decay, gradient_checkpointing=cfg.gradient_checkpointing,
             lr_schedule=lambda opt: value_schedule(opt, cfg), value_head=True)
+        self.vision = modeling.vision_inputs(self.engine)  # vision-language models: images and mRoPE (None: text)
         from transformers import AutoTokenizer
 
         self.pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
@@ -63,7 +64,7 @@ class CriticWorker:
         chosen, parts = [], []
         for indices in self._plan(samples, 1).rank(self.index)[0]:
             mb = batch.build([samples[i] for i in indices] or [batch.filler(self.pad_id)], self.device,
-                             packed=self.cfg.padding_free, pad_id=self.pad_id)
+                             packed=self.cfg.padding_free, pad_id=self.pad_id, vision=self.vision)
             v = values_at_targets(self.engine, mb)
             if indices:
                 parts.append(v)
@@ -84,7 +85,8 @@ class CriticWorker:
                                          max_completion_length=cfg.max_completion_length)[self.index]
             micro.append([batch.build([samples[i] for i in indices] or [batch.filler(self.pad_id)], self.device,
                                       packed=cfg.padding_free, pad_id=self.pad_id,
-                                      mask_truncated=cfg.mask_truncated_completions, loss_weights=w or [0.0])
+                                      mask_truncated=cfg.mask_truncated_completions, loss_weights=w or [0.0],
+                                      vision=self.vision)
                           for indices, w in zip(mini[self.index], weights)])
         self.engine.train()
         sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
@@ -121,4 +123,4 @@ class CriticWorker:
 def _hidden_size(model_dir: str) -> int:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir).hidden_size
+    return AutoConfig.from_pretrained(model_dir).get_text_config().hidden_size

@@ -69,29 +69,36 @@ def load_config(path: str, cfg, *, zero_stage: int, bf16: bool, dp_size: int, hi
 
 def build_engine(model_dir: str, ds_config: dict, dtype: torch.dtype, *, trainable: bool, attention: str,
                  lr: float = 0.0, weight_decay: float = 0.0, gradient_checkpointing: bool = False,
-                 lr_schedule=None, value_head: bool = False, adapter=None):
+                 lr_schedule=None, value_head: bool = False, adapter=None, freeze_vision_tower: bool = False):
     """A DeepSpeed engine of the model; trainable: with AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded)
     and lr_schedule(optimizer), a scheduler that engine.step() steps and checkpoints save and restore. value_head:
     the model's body with a new scalar head instead of its LM head (a critic: AutoModelForTokenClassification with
     one label, no dropout). adapter: a function that wraps the loaded model in a LoRA adapter (tgrpo.policy.lora.wrap); the
-    optimizer then holds the adapter's parameters alone and the frozen base gets no gradients."""
+    optimizer then holds the adapter's parameters alone and the frozen base gets no gradients. A vision-language
+    model loads as modeling.load_kwargs says; freeze_vision_tower keeps its tower out of the optimizer."""
     import deepspeed
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForTokenClassification
     from transformers.integrations import HfDeepSpeedConfig
+
+    from tgrpo.policy import modeling
 
     # Binds deepspeed.comm to the torch.distributed state we made; its world is then the policy group.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     _hf_ds_configs.append(HfDeepSpeedConfig(ds_config))
     with _launcher_world_is_default_group():
-        if value_head:
-            from transformers import AutoConfig
-
+        vision = modeling.is_vision(AutoConfig.from_pretrained(model_dir))
+        if value_head and not vision:
             config = AutoConfig.from_pretrained(model_dir, num_labels=1, classifier_dropout=0.0)
             model = AutoModelForTokenClassification.from_pretrained(model_dir, config=config, dtype=dtype,
                                                                     attn_implementation=attention)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
+            auto, kwargs = modeling.load_kwargs(AutoConfig.from_pretrained(model_dir), attention)
+            model = auto.from_pretrained(model_dir, dtype=dtype, **kwargs)
+            if value_head:  # transformers has no token classifier of a vision-language model: its LM head swapped
+                modeling.value_head(model)
         model.config.use_cache = False
+        if freeze_vision_tower and modeling.vision_tower(model) is not None:
+            modeling.vision_tower(model).requires_grad_(False)
         if adapter is not None:
             model = adapter(model)
         if not trainable:

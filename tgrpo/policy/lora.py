@@ -19,13 +19,15 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices
 
 
-def peft_config(cfg):
-    """peft's LoraConfig from our options."""
+def peft_config(cfg, vision: bool = False):
+    """peft's LoraConfig from our options. vision (a vision-language model): the adapter on the language model
+    alone, never on the vision tower (the engines serve adapters on the language model)."""
     from peft import LoraConfig
 
     targets = cfg.lora_target_modules
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules="all-linear" if targets == ["all-linear"] else targets)
+                      task_type="CAUSAL_LM", target_modules="all-linear" if targets == ["all-linear"] else targets,
+                      exclude_modules=r".*\bvisual\b.*" if vision else None)
 
 
 def wrap(model: torch.nn.Module, cfg) -> torch.nn.Module:
@@ -36,7 +38,7 @@ def wrap(model: torch.nn.Module, cfg) -> torch.nn.Module:
     # adapter (torch's default generator is seeded at random in every process)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return get_peft_model(model, peft_config(cfg))
+        return get_peft_model(model, peft_config(cfg, vision=getattr(model.config, "vision_config", None) is not None))
 
 
 def is_adapter(name: str, param: torch.nn.Parameter) -> bool:
@@ -78,9 +80,11 @@ def save_merged(adapter_dir: str, base_dir: str, dest: str, dtype: torch.dtype) 
     """The base with the adapter of adapter_dir merged in, as a plain Hugging Face model in dest (on the CPU). One
     rank calls it alone: under ZeRO-3, wrap it in deepspeed_engine.without_zero_init()."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    from tgrpo.policy import modeling
+
+    base = modeling.load_kwargs(AutoConfig.from_pretrained(base_dir), "sdpa")[0].from_pretrained(base_dir, dtype=dtype)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(dest)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(dest)

@@ -6,6 +6,13 @@ kernel (torch.nn.attention.varlen, FlashAttention-2 in torch itself), elsewhere 
 padded rows for one scaled-dot-product call. On a padded micro-batch it is transformers' SDPA with the batch's mask. The model computes logits only at
 the positions that predict a completion token, and the log-softmax runs a chunk of rows at a time in float32
 (algorithm.token_logprobs): no full-vocabulary float32 logits of the micro-batch are made.
+
+Vision-language models (Qwen2-VL, Qwen2.5-VL: a `vision_config` in the model's config) are loaded as image-text
+models, the language model with ATTENTION and the vision tower with SDPA (its attention is over each image, not
+causal). Their input embeddings are made here: the tower's features of the micro-batch's images put in place of its
+image tokens, then the language model runs on the embeddings with the multimodal position ids batch.build made.
+Every forward runs the tower, on a blank image when the micro-batch has none, its output added times zero: ZeRO-3
+gathers the tower's weights with collectives, so every rank must run it whatever its samples hold.
 """
 from __future__ import annotations
 
@@ -94,20 +101,122 @@ def register() -> str:
     return ATTENTION
 
 
+def is_vision(config) -> bool:
+    """A vision-language model (an image-text model with a vision tower), by its transformers config."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_kwargs(config, attention: str) -> tuple[type, dict]:
+    """The transformers auto class and from_pretrained arguments of a policy-side model: a causal LM, or a
+    vision-language model with its tower on SDPA."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if is_vision(config):
+        return AutoModelForImageTextToText, {"attn_implementation": {"": attention, "text_config": attention,
+                                                                     "vision_config": "sdpa"}}
+    return AutoModelForCausalLM, {"attn_implementation": attention}
+
+
+def value_head(model) -> None:
+    """A vision-language critic: the LM head replaced by a scalar head, drawn as transformers draws a token
+    classifier's (normal, the config's initializer_range; zero bias), the same on every rank."""
+    text = model.config.get_text_config()
+    weight = model.lm_head.weight
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(text.hidden_size, 1, dtype=weight.dtype)
+        torch.nn.init.normal_(head.weight, std=getattr(text, "initializer_range", 0.02))
+        torch.nn.init.zeros_(head.bias)
+    model.lm_head = head
+    model.config.tie_word_embeddings = False
+
+
+def hf_model(model) -> torch.nn.Module:
+    """The transformers model inside a DeepSpeed engine and a peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def vision_tower(model) -> torch.nn.Module | None:
+    """A vision-language model's vision tower (encoder and merger), None for a text model."""
+    inner = getattr(hf_model(model), "model", None)
+    return getattr(inner, "visual", None)
+
+
+class VisionInputs:
+    """What batch.build needs of a vision-language model: its image token, and a sequence's multimodal (mRoPE)
+    position ids by the model's own rule (get_rope_index), the prompt's image tokens counted as images and the
+    completion's tokens as text (a sampled image token included, as vLLM reads it)."""
+
+    def __init__(self, model):
+        hf = hf_model(model)
+        self.image_token_id = hf.config.image_token_id
+        self._rope_index = hf.model.get_rope_index
+
+    def positions(self, prompt_ids: list[int], completion_ids: list[int],
+                  grid_thw: torch.Tensor | None) -> torch.Tensor:
+        length = len(prompt_ids) + len(completion_ids)
+        if grid_thw is None:
+            return torch.arange(length).expand(3, -1)
+        row = torch.tensor([prompt_ids + completion_ids])
+        types = torch.tensor([[int(t == self.image_token_id) for t in prompt_ids] + [0] * len(completion_ids)])
+        positions, _ = self._rope_index(row, types, image_grid_thw=grid_thw)
+        return positions[:, 0]
+
+
+def vision_inputs(model) -> VisionInputs | None:
+    """batch.build's `vision` for this model; None for a text model."""
+    return VisionInputs(model) if is_vision(hf_model(model).config) else None
+
+
+def _blank_image(config, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest image the tower takes: one merged token's patches, all zero."""
+    vc = config.vision_config
+    merge = vc.spatial_merge_size
+    patches = merge * merge
+    dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    return (torch.zeros(patches, dim, device=device, dtype=dtype),
+            torch.tensor([[1, merge, merge]], device=device, dtype=torch.long))
+
+
+def _vision_embeds(model, mb: MicroBatch) -> torch.Tensor:
+    """The micro-batch's input embeddings with its images' features in place of their tokens (see the module)."""
+    hf = hf_model(model)
+    embeds = hf.get_input_embeddings()(mb.input_ids)
+    pixels, grid = mb.pixel_values, mb.image_grid_thw
+    if pixels is None:
+        pixels, grid = _blank_image(hf.config, embeds.device, embeds.dtype)
+    features = hf.model.get_image_features(pixels.to(embeds.dtype), grid, return_dict=True).pooler_output
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    if mb.pixel_values is None:
+        return embeds + 0.0 * features.sum().to(embeds.dtype)
+    slots = mb.image_mask
+    if int(slots.sum()) != features.shape[0]:
+        raise ValueError(f"a micro-batch has {int(slots.sum())} image tokens but its images make {features.shape[0]} "
+                         "features: the prompts' image tokens and their images drifted apart")
+    return embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds), features.to(embeds.dtype))
+
+
+def _inputs(model, mb: MicroBatch) -> dict:
+    if mb.vision:
+        return {"inputs_embeds": _vision_embeds(model, mb)}
+    return {"input_ids": mb.input_ids}
+
+
 def logits_at_targets(model, mb: MicroBatch) -> torch.Tensor:
     """The model's logits at the positions predicting each completion token, [N, V] (the model's dtype)."""
     if mb.packed:
-        out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, logits_to_keep=mb.logits_index,
+        out = model(**_inputs(model, mb), position_ids=mb.position_ids, logits_to_keep=mb.logits_index,
                     use_cache=False, **mb.model_kwargs)
         return out.logits[0]
-    out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **mb.model_kwargs)
+    out = model(**_inputs(model, mb), position_ids=mb.position_ids, use_cache=False, **mb.model_kwargs)
     return out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, mb.logits_index)
 
 
 def head_at_targets(model, mb: MicroBatch) -> torch.Tensor:
     """A model's per-position outputs (a value head's [.., 1]) at the positions predicting each completion token,
     [N, C]: the whole row is computed (a narrow head costs nothing), then indexed."""
-    out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **mb.model_kwargs)
+    out = model(**_inputs(model, mb), position_ids=mb.position_ids, use_cache=False, **mb.model_kwargs)
     return out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, mb.logits_index)
 
 

@@ -37,7 +37,7 @@ def score(model, samples: list[Sample], cfg, ranks: int, index: int, device: tor
     chosen, parts = [], []
     for indices in _plan(samples, cfg, ranks, 1).rank(index)[0]:
         mb = batch.build([samples[i] for i in indices] or [batch.filler(pad_id)], device,
-                         packed=cfg.padding_free, pad_id=pad_id)
+                         packed=cfg.padding_free, pad_id=pad_id, vision=modeling.vision_inputs(model))
         logp = modeling.token_logprobs(model, mb, cfg.temperature)[0]
         if indices:  # a filler's forward only keeps the collectives in step
             parts.append(logp)
@@ -76,9 +76,9 @@ def micro_loss(model, mb: MicroBatch, cfg) -> tuple[torch.Tensor, torch.Tensor, 
 def _ds_config(cfg, model_dir: str, dtype: torch.dtype, dp_size: int, trainable: bool, zero_stage: int) -> dict:
     from transformers import AutoConfig
 
+    width = AutoConfig.from_pretrained(model_dir).get_text_config().hidden_size  # a VL model's language model's
     return deepspeed_engine.load_config(cfg.deepspeed_config, cfg, zero_stage=zero_stage,
-                                        bf16=dtype == torch.bfloat16, dp_size=dp_size,
-                                        hidden_size=AutoConfig.from_pretrained(model_dir).hidden_size,
+                                        bf16=dtype == torch.bfloat16, dp_size=dp_size, hidden_size=width,
                                         trainable=trainable)
 
 
@@ -127,7 +127,9 @@ class PolicyWorker:
             trainable=True,
             attention=modeling.register(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
             gradient_checkpointing=cfg.gradient_checkpointing, lr_schedule=lambda opt: lr_schedule(opt, cfg),
-            adapter=(lambda model: lora.wrap(model, cfg)) if cfg.use_lora else None)
+            adapter=(lambda model: lora.wrap(model, cfg)) if cfg.use_lora else None,
+            freeze_vision_tower=cfg.freeze_vision_tower)
+        self.vision = modeling.vision_inputs(self.engine)  # vision-language models: images and mRoPE (None: text)
         # with LoRA the reference is the policy's own base, the adapter disabled: no second copy of the weights
         self.reference = (build_reference(cfg, model_dir, dtype, self.dp_size, placement.zero_stage)
                           if cfg.beta > 0 and not placement.reference and not cfg.use_lora else None)
@@ -154,7 +156,8 @@ class PolicyWorker:
                                          max_completion_length=cfg.max_completion_length)[self.index]
             out.append([batch.build([samples[i] for i in indices] or [batch.filler(self.pad_id)], self.device,
                                     packed=cfg.padding_free, pad_id=self.pad_id,
-                                    mask_truncated=cfg.mask_truncated_completions, loss_weights=w or [0.0])
+                                    mask_truncated=cfg.mask_truncated_completions, loss_weights=w or [0.0],
+                                    vision=self.vision)
                         for indices, w in zip(mini[self.index], weights)])
         return out
 
@@ -218,15 +221,16 @@ class PolicyWorker:
         return sums, peaks
 
     @torch.no_grad()
-    def score_sequences(self, prompts: list[list[int]], completions: list[list[int]]):
+    def score_sequences(self, prompts: list[list[int]], completions: list[list[int]], images: list | None = None):
         """Teacher-forced logprobs and argmax tokens of given completions (the sync check's reference); every
-        policy rank calls this with the same sequences."""
+        policy rank calls this with the same sequences. images: each prompt's batch.Images (vision-language)."""
         self.engine.eval()
-        samples = [Sample(p, c, [0.0] * len(c)) for p, c in zip(prompts, completions)]
+        images = images or [None] * len(prompts)
+        samples = [Sample(p, c, [0.0] * len(c), images=i) for p, c, i in zip(prompts, completions, images)]
         out: list = [None] * len(samples)
         for indices in _plan(samples, self.cfg, 1, 1).rank(0)[0]:
             mb = batch.build([samples[i] for i in indices], self.device, packed=self.cfg.padding_free,
-                             pad_id=self.pad_id)
+                             pad_id=self.pad_id, vision=self.vision)
             logits = modeling.logits_at_targets(self.engine, mb)
             logp, _ = algorithm.token_logprobs(logits, mb.targets)
             for i, tokens, values in zip(indices, batch.split(logits.argmax(-1), mb.lengths),

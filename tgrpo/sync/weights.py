@@ -22,14 +22,20 @@ from tgrpo.policy import deepspeed_engine, lora
 from tgrpo.sync.buckets import Bucket, ShardPlan, WeightSink, max_bucket_bytes, plan_buckets, plan_shards, shard_size
 
 
-def synced(model: torch.nn.Module, adapter_only: bool = False) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters a sync sends: every one, or with adapter_only (use_lora) the LoRA adapter's alone."""
-    return [(n, p) for n, p in model.named_parameters() if not adapter_only or lora.is_adapter(n, p)]
+def synced(model: torch.nn.Module, adapter_only: bool = False,
+           everything: bool = False) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters a sync sends: those that train (a frozen vision tower never changes: the engines keep the
+    one they loaded), or with adapter_only (use_lora) the LoRA adapter's alone. everything: every parameter (a
+    checkpoint's export)."""
+    if adapter_only:
+        return [(n, p) for n, p in model.named_parameters() if lora.is_adapter(n, p)]
+    return [(n, p) for n, p in model.named_parameters() if everything or p.requires_grad]
 
 
-def model_plan(model: torch.nn.Module, bucket_bytes: int, adapter_only: bool = False) -> list[Bucket]:
-    return plan_buckets([(n, deepspeed_engine.full_shape(p), p.dtype) for n, p in synced(model, adapter_only)],
-                        bucket_bytes)
+def model_plan(model: torch.nn.Module, bucket_bytes: int, adapter_only: bool = False,
+               everything: bool = False) -> list[Bucket]:
+    return plan_buckets([(n, deepspeed_engine.full_shape(p), p.dtype)
+                         for n, p in synced(model, adapter_only, everything)], bucket_bytes)
 
 
 def iter_gathered_buckets(model: torch.nn.Module, plan: list[Bucket], device: torch.device, fill: bool,
@@ -77,6 +83,8 @@ def shard_plan(model: torch.nn.Module, bucket_bytes: int, parts: int, zero_copy:
     shards are packed in model order into a staging buffer. adapter_only (use_lora): the adapter's shards alone,
     packed."""
     offsets = shard_layout(model) if zero_copy and not adapter_only else None
+    if offsets is not None and len(synced(model)) != len(offsets):
+        offsets = None  # frozen parameters (a vision tower) lie among the shards: the trained ones are packed
     entries, packed = [], 0
     for i, (name, param) in enumerate(synced(model, adapter_only)):
         if offsets is None:

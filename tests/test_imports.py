@@ -11,7 +11,7 @@ import re
 from helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "tgrpo")
-LEAVES = {"config", "errors", "console", "algorithm", "batch", "data", "search_protocol", "tiny"}
+LEAVES = {"config", "errors", "console", "algorithm", "batch", "data", "search_protocol", "tiny", "vision"}
 ORDER = ["policy", "sync", "rollout", "job"]  # each may import the leaves and the packages before it
 
 
@@ -94,6 +94,7 @@ def test_the_config_and_the_errors_are_leaves():
     assert graph["console"] == set()  # what people see: every role writes to it
     assert graph["algorithm"] == set()  # the pure algorithm
     assert graph["search_protocol"] == set()  # the search tool's text
+    assert graph["vision"] <= {"errors"}  # images: references, the processor's sizing
     assert graph["sync.buckets"] == set()  # the weight layouts: tensors only
 
 

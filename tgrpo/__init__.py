@@ -10,9 +10,10 @@ The package is layered; every import points down this list (tests/test_imports.p
                                                                         may import policy, leaves
     policy/    policy ranks, samples -> update: DeepSpeed, the forward, the loss step, LoRA, the critic
                                                                         may import leaves
-    config, errors, console, algorithm, batch, data, search_protocol, tiny
+    config, errors, console, algorithm, batch, data, vision, search_protocol, tiny
                shared leaves: values, errors, what people see, the pure algorithm, the Sample contract between
-               the two sides, prompts, the search tool's text, the embedded models; they import only each other
+               the two sides, prompts, images and the processor that sizes them, the search tool's text, the
+               embedded models; they import only each other
                (errors nothing, config only errors)
 
 Each package's __init__ holds only its docstring: importing a package runs nothing.

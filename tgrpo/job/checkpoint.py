@@ -248,7 +248,8 @@ def save(job, step: int) -> str:
             nonfinite = export_adapter(job.policy.model, job.plan, job.adapter_config, job.model_dir, tmp,
                                        is_writer=job.is_source, merged=cfg.save_merged_lora)
         else:
-            nonfinite = export_hf(job.policy.model, job.plan, job.model_dir, tmp, is_writer=job.is_source)
+            nonfinite = export_hf(job.policy.model, job.export_plan or job.plan, job.model_dir, tmp,
+                                  is_writer=job.is_source, cfg=job.cfg)
     box = [nonfinite]
     dist.broadcast_object_list(box, group=job.groups.data, src=job.placement.sync_source)
     if box[0]:
@@ -347,8 +348,9 @@ def _prune(output_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def export_hf(model: torch.nn.Module, plan: list, model_dir: str, dest: str, is_writer: bool) -> int:
-    """The policy as a Hugging Face model in dest. Every policy rank calls it (the ZeRO-3 gather is a collective);
+def export_hf(model: torch.nn.Module, plan: list, model_dir: str, dest: str, is_writer: bool, cfg=None) -> int:
+    """The policy as a Hugging Face model in dest, with its tokenizer (and a vision-language model's processor,
+    with the run's min_pixels/max_pixels). Every policy rank calls it (the ZeRO-3 gather is a collective);
     the writer alone copies and writes, unless the weights hold NaN/inf: it then writes nothing and returns how many
     values are NaN/inf (counted on the gathered buckets, as they pass). Returns 0 on other ranks."""
     from huggingface_hub import save_torch_state_dict
@@ -369,7 +371,17 @@ def export_hf(model: torch.nn.Module, plan: list, model_dir: str, dest: str, is_
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(dest)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
+    _save_processor(model_dir, dest, cfg)
     return 0
+
+
+def _save_processor(model_dir: str, dest: str, cfg) -> None:
+    """A vision-language model's processor beside its weights, as the run used it."""
+    from tgrpo import vision
+
+    processor = vision.VisionProcessor.load(model_dir, cfg.min_pixels if cfg else 0, cfg.max_pixels if cfg else 0)
+    if processor is not None:
+        processor.save(dest)
 
 
 def export_adapter(model: torch.nn.Module, plan: list, config: dict, model_dir: str, dest: str, is_writer: bool,

@@ -89,6 +89,7 @@ class Job:
     nonfinite_in_a_row: int = 0  # steps in a row with an update skipped for NaN/inf (max_nonfinite_in_a_row stops)
     adapter_config: dict | None = None  # use_lora: the adapter's peft config (adapter_config.json)
     stream: object = None  # async_mode, on rollout ranks: the continuous rollout (tgrpo.rollout.stream.GroupStream)
+    export_plan: list | None = None  # what a checkpoint exports: the plan, and a frozen vision tower's weights
 
     @property
     def engine(self):
@@ -214,13 +215,16 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         plans = (sync.model_plan(policy.model, bucket_bytes, adapter_only),
                  sync.shard_plan(policy.model, bucket_bytes, placement.num_policy, zero_copy, adapter_only)
                  if split_partitions else None,
-                 lora.config_dict(policy.model) if cfg.use_lora else None)
-    plan, shard_plan, adapter_config = rank_life.broadcast_object(plans, groups.data, placement.sync_source)
+                 lora.config_dict(policy.model) if cfg.use_lora else None,
+                 # a checkpoint exports every weight, a frozen vision tower's too (syncs leave it out)
+                 sync.model_plan(policy.model, bucket_bytes, everything=True) if cfg.freeze_vision_tower else None)
+    plan, shard_plan, adapter_config, export_plan = rank_life.broadcast_object(plans, groups.data,
+                                                                               placement.sync_source)
     if worker is not None and adapter_config is not None:
         worker.engine.use_adapter(adapter_config)
     job = Job(cfg, placement, groups, rank, device, model_dir, log, plan, worker, policy, reference, critic,
               KLController(cfg.kl_ctrl, cfg.beta, cfg.kl_target, cfg.kl_horizon), shard_plan=shard_plan,
-              watchdog=watch, adapter_config=adapter_config)
+              watchdog=watch, adapter_config=adapter_config, export_plan=export_plan or plan)
     engines = len(placement.engine_ranks)
     log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
                 f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{placement.zero_stage}"
@@ -510,14 +514,15 @@ def _sync_check(cfg, placement, groups, worker, policy, step: int) -> dict:
     """Greedy tokens and logprobs of each rollout engine against the policy's own on the same sequences."""
     mine = None
     if worker is not None:
-        prompts = [p.prompt_ids for p in worker.step_prompts(step)[:cfg.sync_check_prompts]]
-        mine = (prompts, worker.greedy(prompts))
+        prompts = worker.step_prompts(step)[:cfg.sync_check_prompts]
+        mine = ([p.prompt_ids for p in prompts], [worker.media(p)[2] for p in prompts], worker.greedy(prompts))
     everyone = rank_life.gather_objects(mine, groups.data)
     if policy is None:
         return {}
     prompts = [p for entry in everyone if entry for p in entry[0]]
-    engine_out = [g for entry in everyone if entry for g in entry[1]]
-    policy_out = policy.score_sequences(prompts, [tokens for tokens, _ in engine_out])
+    images = [i for entry in everyone if entry for i in entry[1]]  # vision-language: the prompts' pixels
+    engine_out = [g for entry in everyone if entry for g in entry[2]]
+    policy_out = policy.score_sequences(prompts, [tokens for tokens, _ in engine_out], images)
     matched = sum(tokens == argmax for (tokens, _), (argmax, _) in zip(engine_out, policy_out))
     diffs = [abs(a - b) for (_, lp_e), (_, lp_p) in zip(engine_out, policy_out) for a, b in zip(lp_e, lp_p)]
     max_diff = max(diffs, default=0.0)

@@ -332,11 +332,15 @@ class RemoteReward:
         return (f"remote reward {self.url} {cause}: start the service, check reward_url and reward_timeout_s, or set "
                 "reward_on_failure=zero to train with failed chunks scored 0")
 
-    def score(self, prompts: list[str], completions: list[str], answers: list[str]) -> tuple[list[float], int]:
-        """Scores of every completion, and how many were scored 0.0 because the service stayed down."""
+    def score(self, prompts: list[str], completions: list[str], answers: list[str],
+              images: list[list] | None = None) -> tuple[list[float], int]:
+        """Scores of every completion, and how many were scored 0.0 because the service stayed down. images
+        (vision-language prompts): each completion's prompt's image references (paths as the data named them),
+        sent as "images" beside the texts."""
         starts = range(0, len(completions), self.batch_size)
         payloads = [{"prompts": prompts[i:i + self.batch_size], "completions": completions[i:i + self.batch_size],
-                     "answers": answers[i:i + self.batch_size]} for i in starts]
+                     "answers": answers[i:i + self.batch_size],
+                     **({"images": images[i:i + self.batch_size]} if images is not None else {})} for i in starts]
         scores: list[float] = []
         failures = 0
         for payload, (chunk, cause) in zip(payloads, self.service.map(payloads, _parse_scores)):
@@ -402,9 +406,10 @@ class RewardScorer:
 
     def score(self, prompts: list[str], completions: list[str], answers: list[str],
               submitted: list[dict[str, list[Future]]] | None = None, rows: list[Row] | None = None,
-              ) -> tuple[list[float], dict[str, list[float]], dict[str, float]]:
+              images: list[list] | None = None) -> tuple[list[float], dict[str, list[float]], dict[str, float]]:
         """(weighted total per completion, raw values per configured name, stats: remote_failures, reward_s...).
         submitted: what submit() returned for consecutive runs of these completions, in order (else scored now).
+        images: each completion's image references, for the remote reward (vision-language prompts).
         A raw value is NaN where a TRL-style function returned None: it is left out of that completion's total."""
         if not len(prompts) == len(completions) == len(answers):
             raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions and {len(answers)} "
@@ -417,7 +422,7 @@ class RewardScorer:
             raw: dict[str, list[float]] = {}
             if self.remote is not None:  # in this thread, while the pool scores the local rewards
                 requests_before, retried_before = self.remote.requests, self.remote.retried
-                raw[REMOTE], failures = self.remote.score(prompts, completions, answers)
+                raw[REMOTE], failures = self.remote.score(prompts, completions, answers, images)
                 stats.update(remote_failures=float(failures),
                              remote_requests=float(self.remote.requests - requests_before),
                              remote_retries=float(self.remote.retried - retried_before))

@@ -52,6 +52,7 @@ class _Group:
     running: int = 0  # requests in flight
     futures: dict | None = None  # the scorer's futures of its local rewards
     samples: list[Sample] | None = None
+    media: tuple = ()  # the worker's media(prompt): the engine's ids, the images, their pixels (vision-language)
 
 
 class GroupStream:
@@ -105,7 +106,7 @@ class GroupStream:
                 position, self.next_position = self.next_position, self.next_position + 1
             prompt = self._prompt(position)
             rng = random.Random(f"{self.cfg.seed}-async-{self.worker.index}-{position}")
-            group = _Group(position, prompt, [], time.perf_counter(), self.version)
+            group = _Group(position, prompt, [], time.perf_counter(), self.version, media=self.worker.media(prompt))
             for _ in range(self.cfg.num_generations):
                 seq = _Seq(tools.Episode(prompt.prompt_ids, 0), seed=rng.randrange(2**30))
                 group.seqs.append(seq)
@@ -117,8 +118,9 @@ class GroupStream:
         multi = self.worker.retriever is not None
         budget = (cfg.max_completion_length if multi else self.worker.completion_budget(group.prompt)) - len(ep.ids)
         seq.first, seq.marks = self.version, []
+        engine_ids, images, _ = group.media
         seq.rid = self.engine.submit(
-            ep.prompt_ids + ep.ids, max_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
+            engine_ids + ep.ids, images=images, max_tokens=budget, temperature=cfg.temperature, top_p=cfg.top_p,
             seed=None if seq.seed is None else seq.seed + ep.turns, stop=[SEARCH_CLOSE] if multi else None,
             ignore_eos=self.worker.ignore_eos, on_finish=lambda out: self._turn_done(group, seq, out))
         group.running += 1
@@ -178,7 +180,7 @@ class GroupStream:
                                   prompt_text=p.prompt_text, completion_text=ep.text,
                                   segments=ep.segments if multi else None, turns=ep.turns,
                                   tool_calls=ep.tool_calls, versions=ep.versions,
-                                  group=(self.worker.index, group.position)))
+                                  group=(self.worker.index, group.position), images=group.media[2]))
         group.samples = samples
         group.first_version = min((v for s in samples for v, m in zip(s.versions, s.model_mask) if m),
                                   default=self.version)

@@ -183,6 +183,15 @@ def bare_llm(model_dir: str, *, dtype: str, seed: int, gpu_memory_utilization: f
         del llm
 
 
+def _prompt(ids: list[int], images: list | None):
+    """vLLM's request input: token ids, with a vision-language prompt's images."""
+    from vllm import TokensPrompt
+
+    if images:
+        return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": list(images)})
+    return TokensPrompt(prompt_token_ids=ids)
+
+
 def _completion(output) -> Completion:
     return Completion(list(output.token_ids), [lp[t].logprob for t, lp in zip(output.token_ids, output.logprobs)],
                       output.text, str(output.finish_reason))
@@ -312,9 +321,12 @@ def _names_a_dead_engine(method):
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
                  tensor_parallel_size: int = 1, sleep_mode: bool = False, on_engine_death=None,
-                 max_num_seqs: int = 256, lora_rank: int | None = None):
+                 max_num_seqs: int = 256, lora_rank: int | None = None, images: dict | None = None):
         """lora_rank: serve a LoRA adapter of up to this rank (one of vLLM's max_lora_rank sizes) over the base in
-        model_dir; syncs then bring the adapter's tensors (use_adapter) and requests are generated with it."""
+        model_dir; syncs then bring the adapter's tensors (use_adapter) and requests are generated with it.
+        images (vision-language models): {"per_prompt": the most images of a prompt, "processor": the image
+        processor's arguments (min_pixels, max_pixels)}, so that vLLM sizes images as the trainer's processor does;
+        prompts then come with their images (the `images` argument of generate and submit)."""
         self.on_gpu = on_gpu = torch.cuda.is_available()
         if on_gpu:
             # vLLM's workers take the first visible GPUs: make those this rank's GPU and the next tp-1 (the engine's
@@ -335,6 +347,9 @@ class RolloutEngine:
         # level 2 drops the weights, which a LoRA sync never sends again: the base is kept (level 1) with an adapter
         self.sleep_level = 1 if lora_rank else cfg.vllm_sleep_level
         lora_args = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1, max_cpu_loras=2) if lora_rank else {}
+        if images is not None:
+            lora_args.update(limit_mm_per_prompt={"image": max(1, images["per_prompt"]), "video": 0},
+                             mm_processor_kwargs=images["processor"] or None)
         self.seeded = seeds_on(cfg, on_gpu)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         os.environ[_OWNER] = str(os.getpid())
@@ -367,12 +382,14 @@ class RolloutEngine:
 
     @_names_a_dead_engine
     def generate(self, prompt_ids: list[list[int]], *, n: int, max_tokens: int | list[int], temperature: float,
-                 top_p: float, seed: int | None, on_done=None, ignore_eos: bool = False) -> list[list[Completion]]:
+                 top_p: float, seed: int | None, on_done=None, ignore_eos: bool = False,
+                 images: list[list] | None = None) -> list[list[Completion]]:
         """n completions per prompt, each with the logprob of every sampled token. max_tokens: one budget for all
         or one per prompt. on_done(i, completions), if given, is called as soon as prompt i's n completions are
         all finished, while the engine goes on with the rest (rewards are scored meanwhile). ignore_eos: every
         completion runs to its budget (the benchmarks' fixed lengths); unlike min_tokens it leaves the end-of-turn
-        logits unmasked, so vLLM's logprobs stay those of the trainer's distribution.
+        logits unmasked, so vLLM's logprobs stay those of the trainer's distribution. images: each prompt's
+        images (PIL), whose image tokens are one per image in prompt_ids (vLLM expands them).
 
         With per-request seeds (self.seeded), prompt i gets seed + i*n and its j-th sample seed + i*n + j (vLLM
         adds j): each sample depends only on the seed, its prompt and the weights, not on how the scheduler
@@ -380,7 +397,7 @@ class RolloutEngine:
         budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompt_ids)
         seeds = [None if seed is None or not self.seeded else seed + i * n for i in range(len(prompt_ids))]
         outs = self._run(prompt_ids, [dict(n=n, max_tokens=m, temperature=temperature, top_p=top_p, seed=s,
-                                           ignore_eos=ignore_eos) for m, s in zip(budgets, seeds)], on_done)
+                                           ignore_eos=ignore_eos) for m, s in zip(budgets, seeds)], on_done, images)
         return [[_completion(o) for o in out.outputs] for out in outs]
 
     @_names_a_dead_engine
@@ -393,13 +410,13 @@ class RolloutEngine:
                                       for m, s in zip(max_tokens, seeds)], None)
         return [_completion(o) for out in outs for o in out.outputs]
 
-    def _run(self, prompt_ids: list[list[int]], params: list[dict], on_done) -> list:
+    def _run(self, prompt_ids: list[list[int]], params: list[dict], on_done, images: list[list] | None = None) -> list:
         """Every request into the engine at once (LLM.enqueue), then its steps until all are finished; each
         finished request's output goes to on_done(i, completions) at once. Returns the outputs in prompt order.
         Requests submitted by others (a continuous rollout's, `submit`) go on meanwhile, their outputs to them."""
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams
 
-        ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
+        ids = self.llm.enqueue([_prompt(p, i) for p, i in zip(prompt_ids, images or [None] * len(prompt_ids))],
                                [SamplingParams(**kwargs, logprobs=0) for kwargs in params],
                                lora_request=self._lora_request, use_tqdm=False)
         outs: list = [None] * len(prompt_ids)
@@ -429,13 +446,14 @@ class RolloutEngine:
 
     @_names_a_dead_engine
     def submit(self, prompt_ids: list[int], *, max_tokens: int, temperature: float, top_p: float, seed: int | None,
-               on_finish, stop: list[str] | None = None, ignore_eos: bool = False) -> str:
-        """One completion of one prompt, into the running engine; on_finish(Completion) is called by pump() when it
-        has finished. Returns the request's id (for generated_so_far and abort)."""
-        from vllm import SamplingParams, TokensPrompt
+               on_finish, stop: list[str] | None = None, ignore_eos: bool = False, images: list | None = None) -> str:
+        """One completion of one prompt (with its images, as generate takes them), into the running engine;
+        on_finish(Completion) is called by pump() when it has finished. Returns the request's id (for
+        generated_so_far and abort)."""
+        from vllm import SamplingParams
 
         extra = dict(stop=stop, include_stop_str_in_output=True) if stop else {}
-        rid, = self.llm.enqueue([TokensPrompt(prompt_token_ids=prompt_ids)],
+        rid, = self.llm.enqueue([_prompt(prompt_ids, images)],
                                 [SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                                 seed=seed if self.seeded else None, ignore_eos=ignore_eos,
                                                 logprobs=0, **extra)],

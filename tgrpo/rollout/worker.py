@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from tgrpo import algorithm, console, data
-from tgrpo.batch import Sample
+from tgrpo import algorithm, console, data, vision
+from tgrpo.batch import Images, Sample
 from tgrpo.policy import lora
 from tgrpo.rollout import rewards, tools
 from tgrpo.rollout.vllm_engine import RolloutEngine
@@ -30,13 +30,15 @@ class RolloutWorker:
         self.num_engines = placement.num_engines
         self.placement = placement
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # vision-language models: the processor that sizes images as the policy sees them (None: a text model)
+        self.vision = vision.VisionProcessor.load(model_dir, cfg.min_pixels, cfg.max_pixels)
         self.scorer = rewards.RewardScorer(cfg)
         rows = self.scorer.wants_rows  # a reward function written for TRL gets every column of the row
-        self.prompts, self.dropped = data.load_prompts(cfg, self.tokenizer, keep_columns=rows)
+        self.prompts, self.dropped = data.load_prompts(cfg, self.tokenizer, keep_columns=rows, vision=self.vision)
         self.eval_prompts: list[data.Prompt] = []
         if cfg.eval_data:
             everything, _ = data.load_prompts(cfg, self.tokenizer, cfg.eval_data, limit=cfg.eval_max_prompts, need=1,
-                                              keep_columns=rows)
+                                              keep_columns=rows, vision=self.vision)
             self.eval_prompts = everything[self.index::self.num_engines]
         self.model_dir = model_dir
         self.rank = rank
@@ -72,7 +74,32 @@ class RolloutWorker:
                                     tag=f"rank{self.rank}", tensor_parallel_size=self.placement.tensor_parallel,
                                     sleep_mode=self.placement.colocated, on_engine_death=self.on_engine_death,
                                     max_num_seqs=self.groups_in_flight() * cfg.num_generations,
-                                    lora_rank=lora.vllm_max_rank(cfg.lora_r) if cfg.use_lora else None)
+                                    lora_rank=lora.vllm_max_rank(cfg.lora_r) if cfg.use_lora else None,
+                                    images=self._engine_images())
+
+    def _engine_images(self) -> dict | None:
+        """What the engine needs to know of a vision-language model's images (None: a text model)."""
+        if self.vision is None:
+            return None
+        most = max((len(p.images or ()) for p in self.prompts + self.eval_prompts), default=1)
+        return {"per_prompt": most, "processor": self.vision.engine_kwargs()}
+
+    def media(self, prompt: data.Prompt) -> tuple[list[int], list | None, Images | None]:
+        """What the engine and the policy get of a prompt: the engine's token ids (one token per image, which vLLM
+        expands), its images (PIL), and the processor's pixels of them (batch.Images, shared by the prompt's
+        samples). A text prompt: its ids, None, None. The image tokens the pixels make are checked against the
+        prompt's: images and their tokens never drift apart."""
+        if self.vision is None or not prompt.images:
+            return prompt.prompt_ids, None, None
+        pictures = [ref.open() for ref in prompt.images]
+        pixels, grid = self.vision.pixels(pictures)
+        made = int((grid.prod(-1) // self.vision.image_processor.merge_size ** 2).sum())
+        expected = prompt.prompt_ids.count(self.vision.image_token_id)
+        if made != expected:
+            raise ValueError(f"the images of prompt '{prompt.prompt_text[:60]}' make {made} image tokens but the "
+                             f"prompt holds {expected}: the processor's sizing differs from the data loader's")
+        return (self.vision.collapse(prompt.prompt_ids), pictures,
+                Images(pixels, grid, [ref.ref() for ref in prompt.images]))
 
     def groups_in_flight(self) -> int:
         """The most groups the engine has at once: a step's share, or async_mode's groups in flight."""
@@ -127,17 +154,23 @@ class RolloutWorker:
         ids = [p.prompt_ids for p in prompts]
         top_p = cfg.top_p if temperature > 0 else 1.0
         if self.retriever is None:
-            def sample(p: data.Prompt, c) -> Sample:
-                return Sample(p.prompt_ids, c.token_ids, c.logprobs, truncated=c.finish_reason == "length",
-                              answer=p.answer, prompt_text=p.prompt_text, completion_text=c.text)
-
-            done = None if on_done is None else (lambda i, group: on_done(i, [sample(prompts[i], c) for c in group]))
             t0 = time.perf_counter()
-            outs = self.engine.generate(ids, n=n, max_tokens=[self.completion_budget(p) for p in prompts],
+            media = [self.media(p) for p in prompts]
+
+            def sample(i: int, c) -> Sample:
+                p = prompts[i]
+                return Sample(p.prompt_ids, c.token_ids, c.logprobs, truncated=c.finish_reason == "length",
+                              answer=p.answer, prompt_text=p.prompt_text, completion_text=c.text,
+                              images=media[i][2])
+
+            done = None if on_done is None else (lambda i, group: on_done(i, [sample(i, c) for c in group]))
+            outs = self.engine.generate([m[0] for m in media], n=n,
+                                        max_tokens=[self.completion_budget(p) for p in prompts],
                                         temperature=temperature, top_p=top_p, seed=seed, on_done=done,
-                                        ignore_eos=self.ignore_eos)
+                                        ignore_eos=self.ignore_eos,
+                                        images=[m[1] for m in media] if self.vision is not None else None)
             stats = {"generate_s": time.perf_counter() - t0}
-            return [sample(p, c) for p, group in zip(prompts, outs) for c in group], stats
+            return [sample(i, c) for i, group in enumerate(outs) for c in group], stats
         groups, stats = tools.run_episodes(
             self.engine, self.tokenizer, self.retriever, ids, n=n, max_tokens=cfg.max_completion_length,
             max_turns=cfg.max_turns, max_tool_tokens=cfg.max_tool_response_length, temperature=temperature,
@@ -182,7 +215,8 @@ class RolloutWorker:
         t1 = time.perf_counter()
         scores, parts, reward_stats = self.scorer.score(
             [s.prompt_text for s in samples], [s.completion_text for s in samples], [s.answer for s in samples],
-            submitted=submitted, rows=None if submitted is not None else self.rows(samples, prompts or []))
+            submitted=submitted, rows=None if submitted is not None else self.rows(samples, prompts or []),
+            images=_image_refs(samples))
         if cfg.overlong_buffer_length > 0:
             parts["overlong"] = [overlong_penalty(len(s.completion_ids), cfg) for s in samples]
             scores = [r + p for r, p in zip(scores, parts["overlong"])]
@@ -200,19 +234,30 @@ class RolloutWorker:
         sampled, _ = self._complete(self.eval_prompts, cfg.eval_k, cfg.temperature,
                                     _seed(cfg.seed, -1, self.index, 0))
         g_scores, g_parts, _ = self.scorer.score([s.prompt_text for s in greedy], [s.completion_text for s in greedy],
-                                                 [s.answer for s in greedy], rows=self.rows(greedy, self.eval_prompts))
+                                                 [s.answer for s in greedy], rows=self.rows(greedy, self.eval_prompts),
+                                                 images=_image_refs(greedy))
         s_scores, s_parts, _ = self.scorer.score([s.prompt_text for s in sampled],
                                                  [s.completion_text for s in sampled], [s.answer for s in sampled],
                                                  rows=self.rows(sampled, [p for p in self.eval_prompts
-                                                                          for _ in range(cfg.eval_k)]))
+                                                                          for _ in range(cfg.eval_k)]),
+                                                 images=_image_refs(sampled))
         return {"prompts": len(self.eval_prompts), "greedy_correct": sum(_correct(g_scores, g_parts)),
                 "sampled_correct": sum(_correct(s_scores, s_parts)) / cfg.eval_k, "greedy_reward": sum(g_scores)}
 
-    def greedy(self, prompt_ids: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+    def greedy(self, prompts: list[data.Prompt]) -> list[tuple[list[int], list[float]]]:
         """Greedy tokens and their logprobs, for the sync check."""
-        outs = self.engine.generate(prompt_ids, n=1, max_tokens=self.cfg.max_completion_length, temperature=0.0,
-                                    top_p=1.0, seed=None)
+        media = [self.media(p) for p in prompts]
+        outs = self.engine.generate([m[0] for m in media], n=1, max_tokens=self.cfg.max_completion_length,
+                                    temperature=0.0, top_p=1.0, seed=None,
+                                    images=[m[1] for m in media] if self.vision is not None else None)
         return [(g[0].token_ids, g[0].logprobs) for g in outs]
+
+
+def _image_refs(samples: list[Sample]) -> list[list] | None:
+    """Each sample's image references, for a remote reward (None: no sample has images)."""
+    if not any(s.images is not None for s in samples):
+        return None
+    return [list(s.images.refs or []) if s.images is not None else [] for s in samples]
 
 
 def _correct(scores: list[float], parts: dict[str, list[float]]) -> list[float]:

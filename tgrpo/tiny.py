@@ -48,7 +48,7 @@ SEARCH_VOCAB = 320  # small: names split into syllables, so a made-up name is co
 SEARCH_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1)
 DATA_DIR = os.path.dirname(BUNDLED_DATA)
-EMBEDDED = ("tiny", "tiny-search")  # the `model` names built here
+EMBEDDED = ("tiny", "tiny-search", "tiny-vl")  # the `model` names built here
 
 
 def tiny_model_dir(cache_dir: str) -> str:
@@ -66,6 +66,9 @@ def ensure_search_model(cache_dir: str) -> str:
 
 
 def ensure_model(cache_dir: str, name: str) -> str:
+    """The folder of the embedded model `name` (one of EMBEDDED), built into cache_dir on first use."""
+    if name == "tiny-vl":
+        return ensure_vl_model(cache_dir)
     return ensure_search_model(cache_dir) if name == "tiny-search" else ensure_tiny_model(cache_dir)
 
 
@@ -216,8 +219,8 @@ def _as_served(tokenizer, config):
         return AutoTokenizer.from_pretrained(folder)
 
 
-def _save(out: str, model, tokenizer) -> None:
-    """Model, tokenizer and generation config into out.tmp, a `done` marker, then renamed to out."""
+def _save(out: str, model, tokenizer, processor=None) -> None:
+    """Model, tokenizer (processor) and generation config into out.tmp, a `done` marker, then renamed to out."""
     import shutil
 
     from transformers import GenerationConfig
@@ -226,6 +229,8 @@ def _save(out: str, model, tokenizer) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
     open(os.path.join(tmp, "done"), "w").close()
     shutil.rmtree(out, ignore_errors=True)
@@ -302,7 +307,8 @@ def _build_search(out: str) -> None:
 
 
 def _fit(model, pad: int, draw, steps: int, seed: int = 1, lr: float = 3e-3) -> None:
-    """Supervised steps on batches of (ids, labels) pairs from draw(rng), linearly decaying learning rate."""
+    """Supervised steps on batches from draw(rng), linearly decaying learning rate. A batch is a list of (ids, labels)
+    pairs, or the model's keyword arguments ready made (the vision-language warm-up's, with its images)."""
     import torch
 
     rng = random.Random(seed)
@@ -311,16 +317,22 @@ def _fit(model, pad: int, draw, steps: int, seed: int = 1, lr: float = 3e-3) -> 
     model.train()
     for _ in range(steps):
         batch = draw(rng)
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
-        label_ids = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in batch])
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss
+        loss = model(**(batch if isinstance(batch, dict) else _padded(batch, pad))).loss
         loss.backward()
         optim.step()
         decay.step()
         optim.zero_grad()
     model.eval()
+
+
+def _padded(batch: list[tuple[list[int], list[int]]], pad: int) -> dict:
+    """(ids, labels) pairs as right-padded input_ids, attention_mask and labels."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    return dict(input_ids=torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch]),
+                attention_mask=torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch]),
+                labels=torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in batch]))
 
 
 def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:
@@ -340,6 +352,190 @@ def _warm_up(model, tokenizer, convs: list[list[dict]]) -> None:
     try:
         _fit(model, tokenizer.pad_token_id, lambda rng: [encode(c) for c in rng.sample(convs, 32)], WARMUP_STEPS,
              seed=0, lr=WARMUP_LR)
+    finally:
+        torch.set_num_threads(threads)
+
+# The embedded vision-language model: a tiny Qwen2-VL that answers questions about small drawn images (how many
+# shapes, how many of one colour), with the bundled task in data/shapes/ drawn by the same functions.
+VL_NAME = "tiny-qwen2-vl-v1"
+VISION_TOKENS = ["<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                 "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                 "<|video_pad|>"]
+# Qwen2-VL's own template, cut down: string content, or a list of {"type": "image"} / {"type": "text"} items.
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' or 'image' in c %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif c['type'] == 'video' or 'video' in c %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VL_MIN_PIXELS, VL_MAX_PIXELS = 56 * 56, 112 * 112  # 4 to 16 image tokens: one per 28x28 cell
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (230, 190, 20)}
+SHAPE_KINDS = ("square", "circle", "triangle")
+# Sides that are multiples of 28 inside the pixel range: the processor keeps these sizes as they are.
+IMAGE_SIZES = ((56, 56), (84, 56), (56, 84), (84, 84), (112, 84), (84, 112), (112, 112))
+MAX_SHAPES = 4
+VL_WARMUP_STEPS = 300
+VL_WARMUP_LR = 3e-3
+
+
+def draw_shapes(rng: random.Random):
+    """A white PIL image of 1-4 filled shapes, at most one in each 28x28 cell (so one image token sees at most
+    one shape); returns the image and the shapes' colour names."""
+    from PIL import Image, ImageDraw
+
+    width, height = rng.choice(IMAGE_SIZES)
+    cells = [(x, y) for x in range(0, width, 28) for y in range(0, height, 28)]
+    image = Image.new("RGB", (width, height), "white")
+    pen = ImageDraw.Draw(image)
+    colours = []
+    for x, y in rng.sample(cells, rng.randint(1, min(MAX_SHAPES, len(cells)))):
+        colour = rng.choice(sorted(SHAPE_COLOURS))
+        size = rng.randint(14, 22)
+        left, top = x + rng.randint(2, 26 - size + 2), y + rng.randint(2, 26 - size + 2)
+        box = (left, top, left + size - 1, top + size - 1)
+        kind = rng.choice(SHAPE_KINDS)
+        if kind == "square":
+            pen.rectangle(box, fill=SHAPE_COLOURS[colour])
+        elif kind == "circle":
+            pen.ellipse(box, fill=SHAPE_COLOURS[colour])
+        else:
+            pen.polygon([(left, box[3]), (box[2], box[3]), (left + size // 2, top)], fill=SHAPE_COLOURS[colour])
+        colours.append(colour)
+    return image, colours
+
+
+def shape_question(rng: random.Random, colours: list[str]) -> tuple[str, str]:
+    """A question about an image of draw_shapes and its numeric answer: how many shapes there are, or how many of
+    a colour that the image has."""
+    if rng.random() < 0.5:
+        return "How many shapes are there?", str(len(colours))
+    colour = rng.choice(sorted(set(colours)))
+    return f"How many {colour} shapes are there?", str(colours.count(colour))
+
+
+def vl_model_dir(cache_dir: str) -> str:
+    return os.path.join(os.path.abspath(cache_dir), VL_NAME)
+
+
+def ensure_vl_model(cache_dir: str) -> str:
+    """Build the tiny vision-language model unless a complete one is there; safe when several ranks call it."""
+    return _ensure(vl_model_dir(cache_dir), _build_vl)
+
+
+def _vl_example(rng: random.Random, tagged_fraction: float) -> tuple:
+    """(image, prompt messages as the data loader gives them, reply): a fresh image and question, the answer in
+    <answer> tags for tagged_fraction of them and plain otherwise (as the text model's warm-up)."""
+    image, colours = draw_shapes(rng)
+    question, answer = shape_question(rng, colours)
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    reply = "<answer>{answer}</answer>" if rng.random() < tagged_fraction else rng.choice(PLAIN_ANSWERS)
+    return image, messages, reply.format(answer=answer)
+
+
+def _vl_processor(tokenizer, processor_class, min_pixels: int, max_pixels: int):
+    """A Qwen2-VL processor around tokenizer (transformers 5 wants a video processor beside the image one)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    sizes = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+    return processor_class(image_processor=Qwen2VLImageProcessor(**sizes),
+                           video_processor=Qwen2VLVideoProcessor(**sizes), tokenizer=tokenizer,
+                           chat_template=VL_CHAT_TEMPLATE)
+
+
+def _vl_tokenizer(texts: list[str]):
+    """The BPE tokenizer trained on texts, with Qwen2-VL's vision tokens added after its own."""
+    tokenizer = _train_tokenizer_on(texts)
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    tokenizer.chat_template = VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _vl_config(config_class, tokenizer, text: dict, vision: dict, dtype: str):
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    return config_class(
+        text_config=dict(text, bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=text.get("tie_word_embeddings", False), dtype=dtype)
+
+
+def _build_vl(out: str) -> None:
+    """A tiny Qwen2-VL with its own tokenizer and processor, warmed up on freshly drawn shape images."""
+    import torch
+    from jinja2 import Template
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    rng = random.Random(0)
+    template = Template(VL_CHAT_TEMPLATE)
+    texts = []
+    for _ in range(2000):  # the texts only: the vision tokens come whole, as added tokens
+        _, messages, reply = _vl_example(rng, 0.5)
+        messages[1]["content"] = messages[1]["content"][1:]
+        texts.append(template.render(messages=messages + [{"role": "assistant", "content": reply}]))
+    tokenizer = _vl_tokenizer(texts)
+    torch.manual_seed(0)
+    config = _vl_config(
+        Qwen2VLConfig, tokenizer,
+        dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, rms_norm_eps=1e-6,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 12, 12]}),
+        dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+             temporal_patch_size=2), "float32")
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
+    processor = _vl_processor(tokenizer, Qwen2VLProcessor, VL_MIN_PIXELS, VL_MAX_PIXELS)
+    _warm_up_vl(model, _vl_as_served(processor, config))
+    _save(out, model, tokenizer, processor)
+
+
+def _vl_as_served(processor, config):
+    """The processor as transformers and vLLM load it from the model's folder (see _as_served)."""
+    import tempfile
+
+    from transformers import AutoProcessor
+
+    with tempfile.TemporaryDirectory() as folder:
+        processor.save_pretrained(folder)
+        config.save_pretrained(folder)
+        return AutoProcessor.from_pretrained(folder)
+
+
+def vl_batch(processor, examples: list[tuple], image_token_id: int) -> dict:
+    """The model's keyword arguments for (image, prompt messages, reply) examples: prompts through the processor
+    (image placeholders expanded), reply tokens appended and alone in the labels, as a rollout's completion."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    prompts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for _, m, _ in examples]
+    encoded = processor(text=prompts, images=[image for image, _, _ in examples], padding=True,
+                        padding_side="right", return_tensors="pt")
+    pairs = []
+    for ids, mask, (_, _, reply) in zip(encoded["input_ids"], encoded["attention_mask"], examples):
+        prompt = ids[mask.bool()].tolist()
+        completion = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        pairs.append((prompt + completion, [-100] * len(prompt) + completion))
+    batch = _padded(pairs, tokenizer.pad_token_id)
+    batch["mm_token_type_ids"] = (batch["input_ids"] == image_token_id).long()
+    return dict(batch, pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"])
+
+
+def _warm_up_vl(model, processor) -> None:
+    """Supervised steps on fresh images: the model learns to read some counts off an image and, now and then,
+    the <answer> format."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as _warm_up
+    try:
+        _fit(model, processor.tokenizer.pad_token_id,
+             lambda rng: vl_batch(processor, [_vl_example(rng, TAGGED_FRACTION) for _ in range(32)],
+                                  model.config.image_token_id),
+             VL_WARMUP_STEPS, seed=0, lr=VL_WARMUP_LR)
     finally:
         torch.set_num_threads(threads)
 

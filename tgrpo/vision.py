@@ -33,7 +33,7 @@ _TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: 
 @dataclass(frozen=True)
 class ImageRef:
     """One image of a prompt: `source` is an absolute path or the encoded image's bytes; `label` names it in error
-    lines (the path as the data wrote it, or 'train_data row 12 image 2'); `size` is (width, height) as `open`
+    lines (the path as the data wrote it, or 'train_data row 12 image 2 of 3'); `size` is (width, height) as `open`
     gives it (EXIF orientation applied), read from the header when the data was loaded."""
     source: str | bytes = field(repr=False)
     label: str

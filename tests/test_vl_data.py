@@ -5,24 +5,25 @@ load_prompts and under node.sh and plain torchrun, before any engine starts."""
 import base64
 import json
 import os
-import shutil
 import sys
+from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from helpers import ROOT, free_port, run, torchrun
+from PIL import Image
+from vl_fixtures import image, tiny_vl_model
+
 from tgrpo import data
 from tgrpo.config import Config
 from tgrpo.errors import ConfigError
 from tgrpo.vision import VisionProcessor
-from vl_fixtures import image, tiny_vl_model
 
 CACHE = os.path.join(ROOT, ".cache")
 # the three rows of every convention: 1 image, 2 images of other sizes (one a JPEG), none
 QUESTIONS = ["<image>What is shown?", "Compare <image> with <image>.", "No image here."]
 SIZES = {"a.png": (84, 112), "b.png": (56, 56), "c.jpg": (300, 40)}
 IMAGES = [["a.png"], ["b.png", "c.jpg"], []]
+GOOD = {"messages": [{"role": "user", "content": "<image>What is shown?"}], "images": ["imgs/a.png"], "answer": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,8 @@ def content(question: str, item) -> list[dict]:
 
 def data_uri(path: str) -> str:
     kind = "jpeg" if path.endswith(".jpg") else "png"
-    return f"data:image/{kind};base64," + base64.b64encode(open(path, "rb").read()).decode()
+    with open(path, "rb") as f:
+        return f"data:image/{kind};base64," + base64.b64encode(f.read()).decode()
 
 
 def conventions(tmp_path, pictures) -> dict[str, str]:
@@ -112,7 +114,8 @@ def conventions(tmp_path, pictures) -> dict[str, str]:
     absolute = [[pictures[n] for n in names] for names in IMAGES]
     paths = {
         "json, relative paths": write(tmp_path / "verl.json", verl_rows([[f"imgs/{n}" for n in i] for i in IMAGES])),
-        "jsonl, absolute paths": write(tmp_path / "elsewhere" / "rows.jsonl", verl_rows(absolute)),
+        "jsonl, absolute paths and a file:// URI": write(tmp_path / "elsewhere" / "rows.jsonl", verl_rows(
+            [absolute[0], ["file://" + absolute[1][0], absolute[1][1]], []])),
         # a string prompt and the 'image' column (the fallback of 'images')
         "string prompt, 'image' column": write(tmp_path / "strings.json", [
             {"messages": q, "image": [f"imgs/{n}" for n in i], "answer": str(k)}
@@ -131,7 +134,7 @@ def conventions(tmp_path, pictures) -> dict[str, str]:
     }
     features = datasets.Features({"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
                                   "images": datasets.List(datasets.Image()), "answer": datasets.Value("string")})
-    as_bytes = [[{"bytes": open(p, "rb").read(), "path": None} for p in i] for i in absolute]
+    as_bytes = [[{"bytes": Path(p).read_bytes(), "path": None} for p in i] for i in absolute]
     datasets.Dataset.from_list(verl_rows(as_bytes), features=features).to_parquet(str(tmp_path / "bytes.parquet"))
     paths["parquet, image bytes"] = str(tmp_path / "bytes.parquet")
     datasets.Dataset.from_list(verl_rows(absolute), features=features).save_to_disk(str(tmp_path / "saved"))
@@ -157,6 +160,19 @@ def test_every_convention_gives_the_same_prompts(tmp_path, pictures, tokenizer, 
     assert reference[0].images[0].ref() == pictures["a.png"]
     assert found["parquet, image bytes"][0][0].images[0].ref().startswith("sha1:")
     json.dumps([i.ref() for p in found["parquet, image bytes"][0] for i in p.images or []])
+
+
+def test_relative_paths_missing_beside_the_data_are_read_from_the_working_directory(tmp_path, pictures, tokenizer,
+                                                                                     vision, monkeypatch):
+    """verl and TRL scripts open relative paths from where they run: a path not found beside the data file is read
+    from the working directory."""
+    path = write(tmp_path / "data" / "rows.json", [GOOD])
+    monkeypatch.chdir(tmp_path)
+    (prompt,), _ = load(path, tokenizer, vision)
+    assert prompt.images[0].ref() == pictures["a.png"] and prompt.images[0].label == "imgs/a.png"
+    monkeypatch.chdir(tmp_path / "data")
+    assert f"does not exist (not as {tmp_path}/data/imgs/a.png, nor in the working directory" in error(
+        path, tokenizer, vision)
 
 
 def test_images_without_a_place_go_before_the_first_user_text(tmp_path, pictures, tokenizer, vision):
@@ -215,6 +231,28 @@ def test_prompt_ids_are_the_processors_expansion(tmp_path, tokenizer, vision, pr
     assert vision.tokens_for(1000, 700) == 12  # capped by max_pixels: resized to 112x84
 
 
+def test_images_open_upright_in_rgb_as_datasets_and_vllm_see_them(tmp_path):
+    """Every EXIF orientation turns the pixels as ImageOps.exif_transpose does, and the header's size is the turned
+    one; transparency is laid on white as transformers does it."""
+    from PIL import ImageOps
+
+    from tgrpo.vision import image_ref
+
+    stored = Image.open(image(str(tmp_path / "stored.png"), 40, 24))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for name in (f"o{orientation}.jpg", f"o{orientation}.png", f"o{orientation}.webp"):
+            stored.save(tmp_path / name, exif=exif)
+            ref = image_ref(name, "image", str(tmp_path))
+            upright = ImageOps.exif_transpose(Image.open(tmp_path / name)).convert("RGB")
+            assert ref.size == upright.size == ((24, 40) if orientation >= 5 else (40, 24)), name
+            assert ref.open().tobytes() == upright.tobytes(), name
+    clear = Image.new("RGBA", (8, 8), (10, 200, 30, 0))
+    clear.save(tmp_path / "clear.png")
+    assert image_ref("clear.png", "image", str(tmp_path)).open().getpixel((0, 0)) == (255, 255, 255)
+
+
 def test_pixel_bounds_reach_the_processor_the_engine_and_a_checkpoint(tmp_path, model):
     from transformers import AutoProcessor
 
@@ -239,7 +277,6 @@ def test_pixel_bounds_reach_the_processor_the_engine_and_a_checkpoint(tmp_path, 
 
 def test_qwen2_5_vl_expands_as_its_processor(tmp_path, pictures):
     from transformers import AutoProcessor, AutoTokenizer
-
     from vl_fixtures import build
 
     from tgrpo.tiny import ensure_tiny_model
@@ -255,12 +292,8 @@ def test_qwen2_5_vl_expands_as_its_processor(tmp_path, pictures):
         assert prompt.prompt_ids == processor(text=[prompt.prompt_text], images=images or None)["input_ids"][0]
 
 
-GOOD = {"messages": [{"role": "user", "content": "<image>What is shown?"}], "images": ["imgs/a.png"], "answer": "1"}
-
-
-def bad_rows(case: str, pictures) -> list[dict]:
+def bad_rows(case: str) -> list[dict]:
     """Seven good rows, then the bad one (row 7), then a good one."""
-    message = GOOD["messages"]
     bad = {
         "missing image": {**GOOD, "images": ["imgs/nothere.png"]},
         "not an image": {**GOOD, "images": ["notes.png"]},
@@ -298,8 +331,9 @@ BAD_ROWS = {
     "aspect ratio": "train_data row 7: image 'imgs/thin.png' is 420x2, which the processor refuses (absolute aspect "
                     "ratio must be smaller than 200",
     "spelled image token": "train_data row 7: its templated text holds 2 image tokens for 1 images",
-    "image tokens alone": "train_data row 7: its 9 images (84x112, 84x112, 84x112, ...) alone take 108 tokens, more than max_prompt_length=100: lower max_pixels "
-                          "(now 12544: up to 16 tokens an image) or raise max_prompt_length",
+    "image tokens alone": "train_data row 7: its 9 images (84x112, 84x112, 84x112, ...) alone take 108 tokens, more "
+                          "than max_prompt_length=100: lower max_pixels (now 12544: up to 16 tokens an image) or "
+                          "raise max_prompt_length",
 }
 
 
@@ -307,7 +341,7 @@ BAD_ROWS = {
 def test_bad_image_rows_name_the_row_in_one_line(tmp_path, pictures, tokenizer, vision, case):
     (tmp_path / "notes.png").write_text("not a picture")
     image(str(tmp_path / "imgs" / "thin.png"), 420, 2)
-    path = write(tmp_path / "bad.json", bad_rows(case, pictures))
+    path = write(tmp_path / "bad.json", bad_rows(case))
     message = error(path, tokenizer, vision, max_prompt_length=100)
     assert message.startswith(BAD_ROWS[case]), message
 
@@ -375,7 +409,7 @@ def _one_line(result, words: str) -> None:
 @pytest.mark.parametrize("case", ["missing image", "too many places", "text model"])
 def test_node_sh_says_bad_image_rows_in_one_line(tmp_path, pictures, model, case):
     args = ["--model", model] if case != "text model" else []
-    rows = bad_rows(case, pictures) if case != "text model" else [GOOD] * 9
+    rows = bad_rows(case) if case != "text model" else [GOOD] * 9
     words = BAD_ROWS.get(case, "train_data row 0 holds images, but model 'tiny' has no vision tower")
     result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out"),
                   "--train_data", write(tmp_path / "bad.json", rows), *args], timeout=600,

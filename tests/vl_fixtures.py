@@ -45,29 +45,33 @@ def build(tokenizer_dir: str, out: str, kind: str = "qwen2_vl") -> None:
     tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tok.chat_template = CHAT_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    text = dict(vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 12, 12]},
-                bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
-    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-                  tie_word_embeddings=False)
+    text = {"vocab_size": (len(tok) + 63) // 64 * 64, "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 12, 12]},
+            "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>")}
+    common = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+              "tie_word_embeddings": False}
     if kind == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
         from transformers import Qwen2VLProcessor as Processor
-        vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
+        vision = {"depth": 2, "embed_dim": 64, "hidden_size": 128, "num_heads": 2, "mlp_ratio": 2,
+                  "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
     else:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
         from transformers import Qwen2_5_VLProcessor as Processor
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                      fullatt_block_indexes=[1])
+        vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 128,
+                  "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                  "fullatt_block_indexes": [1]}
     model = Model(Config(text_config=text, vision_config=vision, **common)).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
-    shape = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2)
+    shape = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
+             "merge_size": 2}
     Processor(image_processor=Qwen2VLImageProcessor(**shape), tokenizer=tok,
               video_processor=Qwen2VLVideoProcessor(**shape), chat_template=CHAT_TEMPLATE).save_pretrained(out)
     tok.save_pretrained(out)

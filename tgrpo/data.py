@@ -403,13 +403,20 @@ def _as_list(value) -> list:
 
 
 def _image_refs(found: list[list[tuple]], base_dir: str) -> list[list[ImageRef]]:
-    """Each row's (image value, where) as ImageRefs, their headers read a few at a time; the first bad one in row
-    order is the ConfigError."""
+    """Each row's (image value, where) as ImageRefs, their headers read by a few threads, each a slice of them (the
+    latency of a network filesystem is their cost); the first bad one in row order is the ConfigError."""
     flat = [item for images in found for item in images]
-    if not flat:
-        return [[] for _ in found]
-    with ThreadPoolExecutor(min(_HEADER_READERS, len(flat))) as pool:
-        refs = iter(list(pool.map(lambda item: image_ref(item[0], item[1], base_dir), flat)))
+    size = max(64, -(-len(flat) // _HEADER_READERS))
+    slices = [flat[start:start + size] for start in range(0, len(flat), size)]
+
+    def read(items):
+        return [image_ref(value, where, base_dir) for value, where in items]
+
+    if len(slices) > 1:
+        with ThreadPoolExecutor(len(slices)) as pool:
+            refs = iter([ref for part in pool.map(read, slices) for ref in part])
+    else:
+        refs = iter(read(flat))
     return [[next(refs) for _ in images] for images in found]
 
 
@@ -426,9 +433,9 @@ def _expanded(ids: list[int], images: list[ImageRef], vision: VisionProcessor, c
     if sum(tokens) > cfg.max_prompt_length:
         sizes = ", ".join(f"{w}x{h}" for w, h in (image.size for image in images[:3])) + ", ..." * (len(images) > 3)
         raise ConfigError(f"{where}: its {len(images)} image{'s' * (len(images) != 1)} ({sizes}) alone take "
-                          f"{sum(tokens)} tokens, more than max_prompt_length={cfg.max_prompt_length}: lower max_pixels "
-                          f"(now {vision.max_pixels}: up to {vision.max_pixels // vision.pixels_per_token} tokens an "
-                          "image) or raise max_prompt_length")
+                          f"{sum(tokens)} tokens, more than max_prompt_length={cfg.max_prompt_length}: lower "
+                          f"max_pixels (now {vision.max_pixels}: up to {vision.max_pixels // vision.pixels_per_token} "
+                          "tokens an image) or raise max_prompt_length")
     held = sum(t == vision.image_token_id for t in ids)
     if held != len(images):
         raise ConfigError(f"{where}: its templated text holds {held} image tokens for {len(images)} images (the "

@@ -18,16 +18,22 @@ import io
 import os
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from tgrpo.errors import ConfigError
 
-_SWAPPED = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter: its width and height swap
-_ORIENTATION = 0x0112
+_ORIENTATION = 0x0112  # the EXIF tag
+_SWAPPED = (5, 6, 7, 8)  # orientations that turn the image a quarter: its width and height swap
+# orientation -> how to turn the pixels upright, as ImageOps.exif_transpose does
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
 
 
 @dataclass(frozen=True)
 class ImageRef:
     """One image of a prompt: `source` is an absolute path or the encoded image's bytes; `label` names it in error
-    lines (the path as the data wrote it, or 'train_data row 12 image 2'); `size` is (width, height) as `open`
+    lines (the path as the data wrote it, or 'train_data row 12 image 2 of 3'); `size` is (width, height) as `open`
     gives it (EXIF orientation applied), read from the header when the data was loaded."""
     source: str | bytes = field(repr=False)
     label: str
@@ -36,14 +42,13 @@ class ImageRef:
     def open(self):
         """The image in RGB, as the processor and vLLM would see it: EXIF orientation applied (as datasets and
         vLLM do) and transparency laid on white (as transformers' convert_to_rgb does)."""
-        from PIL import Image, ImageOps
-
         with Image.open(self.source if isinstance(self.source, str) else io.BytesIO(self.source)) as image:
-            image = ImageOps.exif_transpose(image)
+            turn = _TURNS.get(_orientation(image))  # read before the pixels, as the header size was
             if image.mode != "RGB":
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba)
-            return image.convert("RGB")
+            image = image.convert("RGB")
+            return image.transpose(turn) if turn is not None else image
 
     def ref(self) -> str:
         """What a remote reward service is told of the image: its path, or the sha1 of its bytes."""
@@ -72,7 +77,7 @@ def image_ref(value, where: str, base_dir: str) -> ImageRef:
         value = _from_string(value, shown, base_dir)
     elif isinstance(value, (bytearray, memoryview)):
         value = bytes(value)
-    elif _is_pil(value):  # a datasets.Image that was decoded: kept lossless, as bytes
+    elif isinstance(value, Image.Image):  # a datasets.Image that was decoded: kept lossless, as bytes
         buffer = io.BytesIO()
         value.save(buffer, format="PNG" if value.mode in ("1", "L", "LA", "RGB", "RGBA", "P") else "TIFF")
         value = buffer.getvalue()
@@ -113,25 +118,30 @@ def _from_string(value: str, shown: str, base_dir: str) -> str | bytes:
                       "relative paths are read from the data file's folder; fix the path")
 
 
-def _is_pil(value) -> bool:
-    from PIL import Image
-
-    return isinstance(value, Image.Image)
-
-
 def _header_size(source: str | bytes, shown: str) -> tuple[int, int]:
     """(width, height) from the image's header alone (no pixels decoded), EXIF orientation applied."""
-    from PIL import Image
-
     try:
         with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
             width, height = image.size
-            orientation = image.getexif().get(_ORIENTATION)
+            orientation = _orientation(image)
     except Exception as e:  # noqa: BLE001 - PIL's many kinds: unidentified, truncated, decompression bomb, OSError
         lines = str(e).strip().splitlines()
         raise ConfigError(f"{shown} cannot be read as an image ({type(e).__name__}: "
                           f"{lines[0] if lines else 'no detail'}): fix or replace it") from None
     return (height, width) if orientation in _SWAPPED else (width, height)
+
+
+def _orientation(image) -> int:
+    """The EXIF orientation of an opened image, from what its header holds: PIL's getexif() decodes a whole PNG
+    to look for EXIF after the pixels."""
+    if image.format == "TIFF":  # its EXIF tags are the header's own
+        return image.getexif().get(_ORIENTATION, 1)
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(_ORIENTATION, 1)
 
 
 def has_vision(model_dir: str) -> bool:

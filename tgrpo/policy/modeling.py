@@ -151,6 +151,7 @@ class VisionInputs:
     def __init__(self, model):
         hf = hf_model(model)
         self.image_token_id = hf.config.image_token_id
+        self._merge = hf.config.vision_config.spatial_merge_size ** 2  # patches per image token
         self._rope_index = hf.model.get_rope_index
 
     def positions(self, prompt_ids: list[int], completion_ids: list[int],
@@ -160,6 +161,10 @@ class VisionInputs:
             return torch.arange(length).expand(3, -1)
         row = torch.tensor([prompt_ids + completion_ids])
         types = torch.tensor([[int(t == self.image_token_id) for t in prompt_ids] + [0] * len(completion_ids)])
+        tokens, expected = int(types.sum()), int(grid_thw.prod(-1).sum()) // self._merge
+        if tokens != expected:
+            raise ValueError(f"a prompt has {tokens} image tokens but its {grid_thw.shape[0]} image(s) make "
+                             f"{expected}: the prompt's image tokens and its images drifted apart")
         positions, _ = self._rope_index(row, types, image_grid_thw=grid_thw)
         return positions[:, 0]
 

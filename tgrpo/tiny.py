@@ -8,6 +8,7 @@ seldom writes it in the <answer> format the math reward reads, which GRPO then t
 
     python -m tgrpo.tiny [cache_dir]                # build (or find) it and print its folder
     python -m tgrpo.tiny [cache_dir] --random 0.5b  # a randomly initialised model of that shape (benchmarks)
+    python -m tgrpo.tiny [cache_dir] --vl           # the tiny vision-language model ('tiny-vl')
 
 Random models (`RANDOM_SHAPES`) are for speed and memory measurements only: Qwen2 shapes with random weights, saved in
 bfloat16, and the tiny tokenizer given a filler token for every id of the model's vocabulary, so that whatever a
@@ -101,10 +102,36 @@ RANDOM_SHAPES = {
 }
 
 
+# Qwen2.5-VL shapes for benchmarks, (text config, vision config, (min_pixels, max_pixels)): "vl-3b" is
+# Qwen2.5-VL-3B-Instruct's architecture (3.75B parameters, 7.5 GB in bfloat16); "vl-tiny-random" (a few MB) runs
+# the same code paths, windowed vision attention included, in the CPU tests.
+RANDOM_VL_SHAPES = {
+    "vl-tiny-random": (
+        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             vocab_size=4096, tie_word_embeddings=False,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 12, 12]}),
+        dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, window_size=56,
+             fullatt_block_indexes=[1]),
+        (56 * 56, 112 * 112)),
+    "vl-3b": (
+        dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+             num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
+             fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+        (56 * 56, 448 * 448)),
+}
+
+
 def ensure_random_model(cache_dir: str, shape: str) -> str:
-    """A Qwen2 model of RANDOM_SHAPES[shape] with random weights and the tiny tokenizer, built once."""
+    """A model of RANDOM_SHAPES[shape] (Qwen2) or RANDOM_VL_SHAPES[shape] (Qwen2.5-VL) with random weights and a
+    tokenizer of the embedded models', built once."""
+    if shape in RANDOM_VL_SHAPES:
+        return _ensure(os.path.join(os.path.abspath(cache_dir), f"random-qwen2_5-vl-v1-{shape}"),
+                       lambda out: _build_random_vl(out, *RANDOM_VL_SHAPES[shape]))
     if shape not in RANDOM_SHAPES:
-        raise ValueError(f"unknown random model shape '{shape}': choose one of {sorted(RANDOM_SHAPES)}")
+        raise ValueError(f"unknown random model shape '{shape}': choose one of "
+                         f"{sorted(RANDOM_SHAPES) + sorted(RANDOM_VL_SHAPES)}")
     tiny = ensure_tiny_model(cache_dir)
     out = os.path.join(os.path.abspath(cache_dir), f"random-qwen2-v2-{shape}")
     if os.path.isfile(os.path.join(out, "done")):
@@ -138,8 +165,11 @@ def _full_vocabulary(tokenizer, vocab_size: int):
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
-    taken = set(vocab) | {t["content"] for t in spec["added_tokens"]}
-    ids = set(vocab.values()) | {t["id"] for t in spec["added_tokens"]}
+    # Added tokens into the model's vocabulary too: tokenizers gives one missing there the ids after the vocabulary's
+    # size on loading, which the fillers would then hold as well (tiny-vl's vision tokens, added after training).
+    vocab.update({t["content"]: t["id"] for t in spec["added_tokens"]})
+    taken = set(vocab)
+    ids = set(vocab.values())
     n = 0
     for i in range(vocab_size):
         if i not in ids:
@@ -445,6 +475,20 @@ def _vl_processor(tokenizer, processor_class, min_pixels: int, max_pixels: int):
                            chat_template=VL_CHAT_TEMPLATE)
 
 
+def _vl_texts() -> list[str]:
+    """Conversations of the task for the tokenizer to learn from, without images: the vision tokens come whole."""
+    from jinja2 import Template
+
+    rng = random.Random(0)
+    template = Template(VL_CHAT_TEMPLATE)
+    texts = []
+    for _ in range(2000):
+        _, messages, reply = _vl_example(rng, 0.5)
+        messages[1]["content"] = messages[1]["content"][1:]
+        texts.append(template.render(messages=messages + [{"role": "assistant", "content": reply}]))
+    return texts
+
+
 def _vl_tokenizer(texts: list[str]):
     """The BPE tokenizer trained on texts, with Qwen2-VL's vision tokens added after its own."""
     tokenizer = _train_tokenizer_on(texts)
@@ -466,19 +510,11 @@ def _vl_config(config_class, tokenizer, text: dict, vision: dict, dtype: str):
 def _build_vl(out: str) -> None:
     """A tiny Qwen2-VL with its own tokenizer and processor, warmed up on freshly drawn shape images."""
     import torch
-    from jinja2 import Template
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    rng = random.Random(0)
-    template = Template(VL_CHAT_TEMPLATE)
-    texts = []
-    for _ in range(2000):  # the texts only: the vision tokens come whole, as added tokens
-        _, messages, reply = _vl_example(rng, 0.5)
-        messages[1]["content"] = messages[1]["content"][1:]
-        texts.append(template.render(messages=messages + [{"role": "assistant", "content": reply}]))
-    tokenizer = _vl_tokenizer(texts)
+    tokenizer = _vl_tokenizer(_vl_texts())
     torch.manual_seed(0)
     config = _vl_config(
         Qwen2VLConfig, tokenizer,
@@ -540,11 +576,34 @@ def _warm_up_vl(model, processor) -> None:
         torch.set_num_threads(threads)
 
 
+def _build_random_vl(out: str, text: dict, vision: dict, pixels: tuple[int, int]) -> None:
+    """A Qwen2.5-VL of this shape with random bfloat16 weights; the tiny-vl tokenizer (vision tokens at its own ids,
+    which the config names) given a filler token for every other id of the vocabulary."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = _full_vocabulary(_vl_tokenizer(_vl_texts()), text["vocab_size"])
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})  # the same ids, marked special
+    tokenizer.chat_template = VL_CHAT_TEMPLATE
+    config = _vl_config(Qwen2_5_VLConfig, tokenizer, dict(text, max_position_embeddings=4096),
+                        dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2), "bfloat16")
+    torch.manual_seed(0)
+    # bfloat16 from the start: a 3B model initialised in float32 would need twice the memory
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    _save(out, model, tokenizer, _vl_processor(tokenizer, Qwen2_5_VLProcessor, *pixels))
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the embedded models into a cache folder.")
     parser.add_argument("cache_dir", nargs="?", default=".cache")
-    parser.add_argument("--random", choices=sorted(RANDOM_SHAPES), help="a random model of this shape instead")
+    parser.add_argument("--random", choices=sorted(RANDOM_SHAPES) + sorted(RANDOM_VL_SHAPES),
+                        help="a random model of this shape instead")
+    parser.add_argument("--vl", action="store_true", help="the tiny vision-language model ('tiny-vl') instead")
     args = parser.parse_args()
-    print(ensure_random_model(args.cache_dir, args.random) if args.random else ensure_tiny_model(args.cache_dir))
+    print(ensure_random_model(args.cache_dir, args.random) if args.random
+          else ensure_vl_model(args.cache_dir) if args.vl else ensure_tiny_model(args.cache_dir))

@@ -23,7 +23,7 @@ from tgrpo.config import ConfigError, load_config
 from tgrpo.rollout.worker import kl_into_rewards
 
 STEPS = 4
-SLOW_S, TIMEOUT_S = 3.0, 1.0
+SLOW_S, TIMEOUT_S = 15.0, 6.0  # a timeout a loaded CI machine's BM25 answers within (1 s failed other chunks there)
 
 
 def test_query_extraction_and_information_block():

@@ -41,6 +41,19 @@ through the frozen weights, activation gradients only, 2 more; the adapter's for
 gradients, 6), not 6·N·T, and the table names the formula. The plain loop is the same micro-batches through the same
 peft model and DeepSpeed engine (only the adapter trains) with a plain cross-entropy; bare vLLM serves the same
 adapter (the policy's after the timed steps, written in peft's format) with LoRA on and vLLM's defaults otherwise.
+
+--random_model vl-3b (tgrpo/tiny.py RANDOM_VL_SHAPES: Qwen2.5-VL-3B's shape, random weights), or any vision-language
+model with --images N, times prompts with one image each: bench/vl_data.py draws one distinct --image_size image per
+prompt (448 x 448: 256 image tokens, 1,024 tower patches) into a data file of cache_dir, as many prompts as the run
+draws, so that no image repeats (vLLM's prefix and processor caches would serve a repeat without its work). Bare vLLM
+gets the same requests as the trainer's engine sends them (one image token per image in the ids, the PIL images as
+multi_modal_data, the engine's image limits and pixel bounds), warmed up on other prompts and its prefix cache reset
+before each timed run (the trainer's engine resets its own at every weight sync). The plain loop runs the same packed
+micro-batches, images and mRoPE positions included. MFU counts the vision tower: 6*N_lm*T + 6*N_vision*P, with P the
+image patches the policy's forwards run through the tower (every sample's own images: a group's samples share their
+pixels, not the tower's work) and N_vision the tower's blocks, its merger counted per image token
+(spatial_merge_size**2 patches); a frozen tower (freeze_vision_tower, LoRA) counts its forward alone, 2*N_vision*P.
+Image tokens, images and patches per step are reported.
 """
 from __future__ import annotations
 
@@ -86,6 +99,10 @@ def main() -> None:
                         "skips bare vLLM.")
     parser.add_argument("--profile_generation", action="store_true", help="Also time the trainer's engine on the "
                         "same requests with and without per-request seeds.")
+    parser.add_argument("--images", type=int, default=-1, help="Prompts with one drawn image each, this many "
+                        "(bench/vl_data.py); -1 (default): with a vision-language --random_model as many as the run "
+                        "draws, else none (the config's data); 0: the config's data.")
+    parser.add_argument("--image_size", type=int, default=448, help="--images: each image's width and height.")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="The GPU's dense bf16 peak for MFU; 0 "
                         "guesses from its name (H100/H200: 989).")
     ours, rest = parser.parse_known_args()
@@ -115,6 +132,18 @@ def main() -> None:
         # validated as the overlapped mode will run; async_mode is switched on for its own steps (body)
         cfg.max_staleness = ours.async_staleness if asynchronous else 1 if overlap else 0
         cfg.tis_cap = cfg.tis_cap or 2.0  # every mode alike
+        images = ours.images
+        if images < 0:  # auto: with a vision-language random model, as many prompts as the run draws (no repeats)
+            images = cfg.prompts_per_step * cfg.max_steps if ours.random_model in _random_vl_shapes() else 0
+        if images > 0:  # vision-language prompts, one distinct image each
+            from vl_data import ensure_vl_data
+
+            count = images
+            cfg.train_data = ensure_vl_data(cfg.cache_dir, count, ours.image_size, cfg.seed)
+            cfg.eval_data, cfg.image_column, cfg.prompt_column, cfg.answer_column = "", "images", "messages", "answer"
+            # the prompt's image tokens (at most one per 28 x 28 pixels) and its text
+            cfg.max_prompt_length = max(cfg.max_prompt_length, (ours.image_size // 28 + 1) ** 2 + 96)
+        ours.images = images
         cfg.output_dir = os.path.join(cfg.output_dir, "bench-step")
         cfg.overwrite_output_dir, cfg.resume = True, ""  # the benchmark's own folder, written anew by every run
         return cfg
@@ -127,8 +156,13 @@ def main() -> None:
         busy = {"train": Busy(), "generate": Busy(), "bare": Busy()}
         last_rollout: list = []
         lengths: list[int] = []  # of every completion this rollout rank generated
+        label = {"mode": "sequential"}  # the mode whose steps run now (the image counts' label)
+        image_log: list = []  # per train step on a policy rank: its batch's images, image tokens, patches
+        image_token = job.policy.vision.image_token_id if job.policy is not None and job.policy.vision else None
         if job.policy is not None:
             job.policy.train_step = busy["train"].during(job.policy.train_step)
+            if image_token is not None:
+                job.policy.train_step = count_images(job.policy.train_step, image_log, label, image_token)
         if job.worker is not None:
             if ours.lengths != "model":
                 job.worker.completion_budget = completion_budget(ours.lengths, cfg.max_completion_length, cfg.seed)
@@ -142,6 +176,7 @@ def main() -> None:
         histories, first = {}, 0
         mine: dict = {}
         for mode, staleness in modes:
+            label["mode"] = mode
             if mode == "async":  # trainer.setup's async_mode path, from the step the next run_steps starts at
                 cfg.async_mode, cfg.max_staleness = True, staleness
                 if job.worker is not None:
@@ -169,8 +204,11 @@ def main() -> None:
         # the ceiling of the train phase, timed in the same place of the same steps: the policy's update replaced by
         # a plain loop over the same micro-batches
         if ours.plain_steps:
+            label["mode"] = "plain"
             if job.policy is not None:
                 job.policy.train_step = plain_train_step(job.policy)
+                if image_token is not None:
+                    job.policy.train_step = count_images(job.policy.train_step, image_log, label, image_token)
             histories["plain"] = trainer.run_steps(job, first, first + 1 + ours.plain_steps, 0)
         if lengths:  # every step's, warm-ups and plain steps included
             mine.update(length_min=min(lengths), length_max=max(lengths), length_count=len(lengths),
@@ -190,12 +228,30 @@ def main() -> None:
         if job.policy is not None:  # the policy's parameters: every one, and those that train (LoRA: the adapter)
             sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in job.policy.model.parameters()]
             mine.update(n_params=sum(n for n, _ in sizes), n_trainable=sum(n for n, grad in sizes if grad))
+            from vl_data import vision_params
+
+            tower = vision_params(job.policy.model)
+            if tower is not None:
+                mine.update(vision=tower, image_log=image_log)
         everyone = rank_life.gather_objects(mine, job.groups.data)
         trainer.finish(job)
         if rank == 0:
             report(histories, cfg, placement, everyone, ours)
 
     rank_life.run(lambda: adjusted(load_config(rest)), body)
+
+
+def _random_vl_shapes() -> dict:
+    """tgrpo/tiny.py's vision-language random shapes (none where that tree has none)."""
+    from tgrpo import tiny
+
+    return getattr(tiny, "RANDOM_VL_SHAPES", {})
+
+
+def count_images(train_step, log: list, label: dict, image_token_id: int):
+    from vl_data import count_images as counted
+
+    return counted(train_step, log, label, image_token_id)
 
 
 def share_one_gpu() -> None:
@@ -274,7 +330,10 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout, adapter_dir: str
 
     worker, out = job.worker, {}
     prompts = worker.step_prompts(1)  # the first timed step's
-    ids, budgets = [p.prompt_ids for p in prompts], [worker.completion_budget(p) for p in prompts]
+    budgets = [worker.completion_budget(p) for p in prompts]
+    # what the engine is sent: a vision-language prompt's ids with one token per image, and its images (PIL)
+    media = [worker.media(p) for p in prompts]
+    ids, images = [m[0] for m in media], ([m[1] for m in media] if worker.vision is not None else None)
     kwargs = dict(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p)
     if ours.profile_generation:
         seeded = job.engine.seeded
@@ -283,7 +342,7 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout, adapter_dir: str
             _sync()
             t0 = time.perf_counter()
             outs = job.engine.generate(ids, max_tokens=budgets, seed=cfg.seed, ignore_eos=worker.ignore_eos,
-                                       **kwargs)
+                                       images=images, **kwargs)
             out[f"engine_{name}_tokens_per_s"] = sum(len(c.token_ids) for g in outs for c in g) / (
                 time.perf_counter() - t0)
         job.engine.seeded = seeded
@@ -304,7 +363,8 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout, adapter_dir: str
     runs = bare_generate(job.model_dir, ids, dtype=dtypes(cfg)[0], seed=cfg.seed, max_tokens=budgets,
                          ignore_eos=worker.ignore_eos,
                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, repeats=ours.bare_repeats,
-                         during=bare_busy.during, adapter_dir=adapter_dir, lora_r=cfg.lora_r, **kwargs)
+                         during=bare_busy.during, adapter_dir=adapter_dir, lora_r=cfg.lora_r, images=images,
+                         vision=_bare_vision(worker), **kwargs)
     out["bare_tokens_per_s"] = statistics.fmean(tokens / seconds for tokens, seconds in runs)
     out["bare_tokens"] = runs[-1][0]
     out["busy_bare"] = bare_busy.fraction()
@@ -314,46 +374,73 @@ def measure_generation(job, cfg, ours, bare_busy, last_rollout, adapter_dir: str
 def bare_generate(model_dir: str, prompt_ids: list[list[int]], *, dtype: str, seed: int, n: int,
                   max_tokens: list[int], ignore_eos: bool, temperature: float, top_p: float,
                   gpu_memory_utilization: float, repeats: int, during, adapter_dir: str | None = None,
-                  lora_r: int = 0) -> list[tuple[int, float]]:
+                  lora_r: int = 0, images: list | None = None, vision: dict | None = None) -> list[tuple[int, float]]:
     """The generation ceiling: a fresh vLLM engine with vLLM's own defaults (tgrpo.rollout.vllm_engine.bare_llm), the same
     requests (budgets and ignore_eos as the trainer's engine had them, so both generate the same number of tokens)
     with sampled-token logprobs (which the trainer needs), after a short warm-up. adapter_dir: the engine serves that
     peft adapter (LoRA on, max_lora_rank the smallest of vLLM's sizes >= lora_r, one adapter), every request with
     it. Returns (generated tokens, seconds) of each of `repeats` timed runs; during(fn) wraps the timed calls (the GPU
-    busy sampler)."""
-    from vllm import SamplingParams, TokensPrompt
+    busy sampler).
 
-    from tgrpo.rollout.vllm_engine import bare_llm
+    images (vision-language): each prompt's images (PIL), sent as multi_modal_data beside ids that hold one image
+    token per image, as the trainer's engine sends them; vision: {"requests": the timed requests' images, "warm":
+    (ids, images) of other prompts for the warm-up, "engine": the engine's image limits and pixel bounds (the
+    trainer's, so that images are sized alike)}. The warm-up then runs on those other prompts and the prefix cache is
+    reset before each timed run: the trainer's engine resets its own at every weight sync, so it meets every step's
+    images and prompts cold, and so does bare vLLM here (its processor cache is vLLM's default and meets repeats only
+    from the second timed run)."""
+    from vllm import SamplingParams
 
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+    from tgrpo.rollout.vllm_engine import _prompt
+
+    prompts = [_prompt(p, i) for p, i in zip(prompt_ids, images or [None] * len(prompt_ids))]
+    warm_prompts = [_prompt(p, i) for p, i in zip(*vision["warm"])] if vision else prompts
+    extra = vision["engine"] if vision else {}
     if adapter_dir:
         from vllm.lora.request import LoRARequest
 
         from tgrpo.policy.lora import vllm_max_rank
 
-        engine = _bare_lora_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                                max_lora_rank=vllm_max_rank(lora_r))
+        engine = _bare_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                           enable_lora=True, max_lora_rank=vllm_max_rank(lora_r), max_loras=1, **extra)
         request = {"lora_request": LoRARequest("bench-adapter", 1, adapter_dir)}
     else:
-        engine = bare_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+        engine = _bare_llm(model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization, **extra)
         request = {}
     with engine as llm:
         warm = SamplingParams(n=n, max_tokens=8, temperature=temperature, top_p=top_p, logprobs=0)
-        llm.generate(prompts, warm, use_tqdm=False, **request)
+        llm.generate(warm_prompts, warm, use_tqdm=False, **request)
         params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=top_p, logprobs=0,
                                  ignore_eos=ignore_eos) for m in max_tokens]
         generate = during(llm.generate)
         runs = []
         for _ in range(repeats):
+            if vision:
+                llm.reset_prefix_cache()
             t0 = time.perf_counter()
             outputs = generate(prompts, params, use_tqdm=False, **request)
             runs.append((sum(len(o.token_ids) for out in outputs for o in out.outputs), time.perf_counter() - t0))
         return runs
 
 
+def _bare_vision(worker) -> dict | None:
+    """bare_generate's vision argument on a vision-language rollout rank (None: a text model): the warm-up prompts
+    (the warm-up step's, other images than the timed step's) and the engine's image arguments, as the trainer's
+    engine has them (RolloutWorker._engine_images)."""
+    if worker.vision is None:
+        return None
+    warm = [worker.media(p) for p in worker.step_prompts(0)]
+    images = worker._engine_images()
+    engine = {"limit_mm_per_prompt": {"image": max(1, images["per_prompt"]), "video": 0}}
+    if images["processor"]:
+        engine["mm_processor_kwargs"] = images["processor"]
+    return {"warm": ([m[0] for m in warm], [m[1] for m in warm]), "engine": engine}
+
+
 @contextlib.contextmanager
-def _bare_lora_llm(model_dir: str, *, dtype: str, seed: int, gpu_memory_utilization: float, max_lora_rank: int):
-    """tgrpo.rollout.vllm_engine.bare_llm with LoRA on (one adapter of up to max_lora_rank): vLLM's defaults otherwise."""
+def _bare_llm(model_dir: str, *, dtype: str, seed: int, gpu_memory_utilization: float, **engine_args):
+    """tgrpo.rollout.vllm_engine.bare_llm with these engine arguments (LoRA: enable_lora, max_lora_rank, max_loras;
+    vision-language: limit_mm_per_prompt, mm_processor_kwargs): vLLM's defaults otherwise."""
     import torch
     from vllm import LLM
 
@@ -361,8 +448,8 @@ def _bare_lora_llm(model_dir: str, *, dtype: str, seed: int, gpu_memory_utilizat
 
     on_gpu = torch.cuda.is_available()
     with _without_launcher_env():
-        llm = LLM(model=model_dir, dtype=dtype, seed=seed, enable_lora=True, max_lora_rank=max_lora_rank,
-                  max_loras=1, gpu_memory_utilization=gpu_memory_utilization if on_gpu else 0.1)
+        llm = LLM(model=model_dir, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization if on_gpu
+                  else 0.1, **engine_args)
     try:
         yield llm
     finally:
@@ -478,6 +565,12 @@ def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
     n_params = max((e["n_params"] for e in everyone if e and "n_params" in e), default=0)
     n_trainable = max((e["n_trainable"] for e in everyone if e and "n_trainable" in e), default=0)
     per_token, formula = flops_per_token(cfg, n_params, n_trainable)
+    per_token_plain = per_token
+    tower = next((e["vision"] for e in everyone if e and e.get("vision")), None)
+    if tower is not None:  # the vision tower's FLOPs over the image patches it ran on, per token of the step
+        per_token, per_token_plain, formula = vision_flops(cfg, tower, n_params, n_trainable, result,
+                                                           next(e["image_log"] for e in everyone
+                                                                if e and e.get("vision")))
     result.update(n_params=n_params, n_trainable_params=n_trainable, mfu_formula=formula, use_lora=cfg.use_lora)
     if cfg.use_lora:
         result.update(lora_r=cfg.lora_r, bare_vllm_serves_adapter=bool(ours.bare_repeats))
@@ -485,8 +578,11 @@ def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
         per_gpu = per_token * cfg.num_iterations / placement.num_policy / 1e12
         result.update(train_tflops_per_gpu=per_gpu * train_tps, train_mfu=per_gpu * train_tps / peak,
                       peak_tflops=peak)
+        if tower is not None:  # the language model's share alone, as the text bench counts it
+            result["train_mfu_lm_only"] = (result["lm_flops_per_token"] * cfg.num_iterations / placement.num_policy
+                                           / 1e12 * train_tps / peak)
         if plain_tps:
-            result["plain_mfu"] = per_token / placement.num_policy / 1e12 * plain_tps / peak
+            result["plain_mfu"] = per_token_plain / placement.num_policy / 1e12 * plain_tps / peak
     console.say(f"training: {train_tps:.0f} tok/s ({min(train_steps):.0f}-{max(train_steps):.0f} over {len(seq)} "
           f"steps)" + (f", plain loop on the same micro-batches {plain_tps:.0f} tok/s ({min(plain_steps):.0f}-"
           f"{max(plain_steps):.0f} over {len(plain_steps)}): train_vs_plain {result['train_vs_plain']:.3f}"
@@ -497,6 +593,19 @@ def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
     for key in ("memory/policy_peak_gib", "memory/device_used_gib", "memory/rollout_device_used_gib"):
         if any(key in r for r in seq):
             result[key] = max(r.get(key, 0.0) for steps in timed.values() for r in steps)
+    memory = [f"{key.split('/')[1]} {result[key]:.1f}" for key in ("memory/policy_peak_gib",
+              "memory/device_used_gib", "memory/rollout_device_used_gib") if key in result]
+    if memory:
+        console.say("memory (GiB, the most over the timed steps): " + ", ".join(memory))
+    if tower is not None:
+        console.say(f"vision: {result['images_per_step']:.0f} images a step through the tower "
+                    f"({result['distinct_images_per_step']:.0f} distinct, one per prompt, shared by its "
+                    f"{cfg.num_generations} samples), {result['image_tokens_per_step']:.0f} image tokens of "
+                    f"{result['tokens_per_step']:.0f}, {result['image_patches_per_step']:.0f} patches; tower "
+                    f"{result['n_vision_params'] / 1e6:.1f}M (merger {result['n_merger_params'] / 1e6:.1f}M), LM "
+                    f"{result['n_lm_params'] / 1e6:.1f}M: the tower is {result['vision_flops_share']:.1%} of the "
+                    f"step's counted FLOPs" + (f"; MFU of the LM alone {result['train_mfu_lm_only']:.3f}"
+                                               if "train_mfu_lm_only" in result else ""))
     if "overlap" in timed:
         ovl = rows["overlap"]
         slower = max(ovl["generate"] + ovl["reward"], ovl["train"])
@@ -512,6 +621,44 @@ def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
             result["async_over_one_step_off"] = trained["async"] / trained["overlap"]
     say_modes(result, ours)
     console.say(json.dumps(result))
+
+
+def vision_flops(cfg, tower: dict, n_params: int, n_trainable: int, result: dict, log: list) -> tuple:
+    """A vision-language policy's FLOPs per token of the step (the GRPO steps', the plain loop's) and the formula's
+    name: the language model's as flops_per_token counts them (6*N_lm*T, LoRA's own with LoRA), plus the tower's
+    over the image patches P it ran on: 6 per weight and patch where the tower trains, 2 (its forward alone) where it
+    is frozen (freeze_vision_tower, LoRA: nothing needs its gradients). The merger runs once per image token
+    (tower["merge"] patches), so its weights count per image token. Fills result with the images, image tokens and
+    patches per step (the sequential mode's timed steps) and the tower's sizes and share of the FLOPs. log: one
+    policy rank's count_images records (every policy rank gets the step's whole batch)."""
+    n_vision, n_merger, merge = tower["n_vision"], tower["n_merger"], tower["merge"]
+    n_lm = n_params - n_vision
+    lm_per_token, lm_formula = flops_per_token(cfg, n_lm, n_trainable - (n_vision if tower["trainable"] else 0))
+    factor = 6 if tower["trainable"] else 2
+    per_patch = factor * (n_vision - n_merger + n_merger / merge)
+
+    def timed(mode):  # the mode's records less its warm-up step
+        return [r for r in log if r["mode"] == mode][1:]
+
+    def per_token(mode):
+        steps = timed(mode)
+        tokens, patches = sum(r["tokens"] for r in steps), sum(r["patches"] for r in steps)
+        return lm_per_token + per_patch * patches / tokens if tokens else lm_per_token, patches / max(tokens, 1)
+
+    seq, ratio = per_token("sequential")
+    plain = per_token("plain")[0] if timed("plain") else seq
+    steps = timed("sequential")
+    for key in ("images", "distinct_images", "image_tokens", "patches"):
+        name = "image_patches" if key == "patches" else key
+        result[f"{name}_per_step"] = statistics.fmean(r[key] for r in steps) if steps else 0.0
+    result.update(n_vision_params=n_vision, n_merger_params=n_merger, n_lm_params=n_lm,
+                  vision_trainable=tower["trainable"], vision_flops_per_patch=per_patch,
+                  vision_flops_share=per_patch * ratio / seq, patches_per_token=ratio,
+                  lm_flops_per_token=lm_per_token)
+    lm_formula = lm_formula.replace("6*N*T", "6*N_lm*T")
+    formula = (f"{lm_formula} + {factor}*N_vision*P (P: image patches through the tower, the merger's weights per "
+               f"{merge} patches; {'trained' if tower['trainable'] else 'frozen: its forward alone'})")
+    return seq, plain, formula
 
 
 ASYNC_KEYS = ("staleness/mean", "staleness/max", "async/dropped_stale", "async/engine_busy_frac",

@@ -246,7 +246,7 @@ def save(job, step: int) -> str:
         deepspeed_engine.save_state(job.policy.engine, os.path.join(tmp, "deepspeed"), frozen=not cfg.use_lora)
         if cfg.use_lora:
             nonfinite = export_adapter(job.policy.model, job.plan, job.adapter_config, job.model_dir, tmp,
-                                       is_writer=job.is_source, merged=cfg.save_merged_lora)
+                                       is_writer=job.is_source, merged=cfg.save_merged_lora, cfg=cfg)
         else:
             nonfinite = export_hf(job.policy.model, job.export_plan or job.plan, job.model_dir, tmp,
                                   is_writer=job.is_source, cfg=job.cfg)
@@ -385,10 +385,10 @@ def _save_processor(model_dir: str, dest: str, cfg) -> None:
 
 
 def export_adapter(model: torch.nn.Module, plan: list, config: dict, model_dir: str, dest: str, is_writer: bool,
-                   merged: bool = False) -> int:
+                   merged: bool = False, cfg=None) -> int:
     """use_lora: the adapter in peft's format in dest (adapter_config.json, adapter_model.safetensors: it loads with
-    PeftModel.from_pretrained and as a vLLM LoRA) with the tokenizer, and with merged the base with the adapter
-    merged in dest/merged. Every policy rank calls it (plan: the adapter's parameters, gathered as export_hf
+    PeftModel.from_pretrained and as a vLLM LoRA) with the tokenizer (and a vision-language model's processor, as
+    export_hf), and with merged the base with the adapter merged in dest/merged (with them too). Every policy rank calls it (plan: the adapter's parameters, gathered as export_hf
     gathers); NaN/inf values are counted and nothing written, as there. Returns 0 on other ranks."""
     from transformers import AutoTokenizer
 
@@ -405,7 +405,9 @@ def export_adapter(model: torch.nn.Module, plan: list, config: dict, model_dir: 
         return nonfinite
     lora.save_adapter(state, config, dest)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(dest)
+    _save_processor(model_dir, dest, cfg)
     if merged:
         with deepspeed_engine.without_zero_init():
             lora.save_merged(dest, model_dir, os.path.join(dest, "merged"), next(iter(state.values())).dtype)
+        _save_processor(model_dir, os.path.join(dest, "merged"), cfg)
     return 0

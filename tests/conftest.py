@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # not named here counts as DEFAULT_SLOW_S, a unit test as 0.
 SECONDS = {
     "train": 480, "ppo": 260, "search": 130,  # the groups: a run shared by several tests
+    "vl": 300,  # test_vl: configs/vl.yaml killed and resumed (estimated from its 20 steps alone, doubled)
     # test_lora (measured alone, beside another user's jobs: the group 165 s, colocated 54 s, TP 40 s; doubled as
     # for two workers)
     "lora": 330, "test_lora_colocated_with_a_reference_and_a_ppo_critic": 110,
@@ -47,7 +48,7 @@ SECONDS = {
     "test_readme_main_job_prints_one_screen_and_logs_the_rest": 160,
     "test_accelerate_launch_trains_a_short_run": 130,
     "test_colocated_every_rank_rolls_out_and_trains": 110,
-    "test_a_frozen_rank_is_named_by_the_hang_report": 110,
+    "test_a_frozen_rank_is_named_by_the_hang_report_and_ctrl_c_stops_node_sh_run_as_a_background_job": 170,
     "test_build_locks_at_start_up_are_named_waited_for_or_removed": 70,
     "test_a_model_holding_nan_stops_after_max_nonfinite_in_a_row_steps_unsaved": 50,
     "test_trainer_started_by_srun_reads_slurm_variables": 105,
@@ -127,13 +128,13 @@ def pytest_sessionstart(session):
     config = session.config
     if _is_worker(config) or config.option.collectonly:
         return
-    from tgrpo.tiny import SEARCH_NAME, TINY_NAME
+    from tgrpo.tiny import SEARCH_NAME, TINY_NAME, VL_NAME
 
     _stale_locks()
     cache = os.path.join(ROOT, ".cache")
     model = "import sys; from tgrpo.tiny import ensure_model; ensure_model(sys.argv[1], sys.argv[2])"
     builds = {name: [sys.executable, "-c", model, cache, which]
-              for which, name in (("tiny", TINY_NAME), ("tiny-search", SEARCH_NAME))
+              for which, name in (("tiny", TINY_NAME), ("tiny-search", SEARCH_NAME), ("tiny-vl", VL_NAME))
               if not os.path.isfile(os.path.join(cache, name, "done"))}
     op = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm")
     if ("not slow" not in (config.option.markexpr or "") and shutil.which("nvidia-smi") is None

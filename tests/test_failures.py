@@ -1,5 +1,6 @@
 """A rollout engine that dies mid-run: the job ends by itself with one line naming the rank, the role and the cause,
-and leaves no process behind."""
+and leaves no process behind. A frozen rank named by the hang report, then Ctrl-C to node.sh run as a script's
+background job; build locks left at start-up; the root-cause line read from torchrun's summary."""
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import alive, descendants, finish, free_port, is_rank, shm, start
+from helpers import JobWatch, alive, descendants, finish, free_port, is_rank, shm, start
 
 
 @pytest.mark.slow
@@ -93,50 +94,68 @@ def test_root_cause_is_the_jobs_own_error_not_a_rank_that_torchrun_stopped():
 
 
 @pytest.mark.slow
-def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
+def test_a_frozen_rank_is_named_by_the_hang_report_and_ctrl_c_stops_node_sh_run_as_a_background_job(tmp_path):
     """SIGSTOP of a policy rank mid-run under launch/node.sh: within hang_report_s + 30 s rank 0 prints one line
     naming the frozen rank and writes a report of where every rank is, with the Python stacks of those still
     running; long before dist_timeout_s would end the job. Then Ctrl-C, as its user would: node.sh ends with status
     130 and one line saying so (not a rank's KeyboardInterrupt), and no process of the job and nothing in /dev/shm
-    is left."""
+    is left.
+
+    node.sh runs here as wrappers and schedulers start it, as a script's background job (`bash launch/node.sh ... &`),
+    which inherits SIGINT ignored, and bash can neither trap nor reset a signal ignored on entry: Ctrl-C was never
+    acted on and the run went on to `done`, exit 0. Its output goes through a process substitution too
+    (`> >(tee ...)`), with which node.sh could wait forever after Ctrl-C in `wait "$sampler"`. (One job for both
+    cases: a job of its own for the background Ctrl-C cost CI ~2 minutes.)"""
     out = tmp_path / "out"
-    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--max_steps", "200", "--prompts_per_step", "8",
-           "--micro_batch_size", "8", "--hang_report_s", "15", "--dist_timeout_s", "600", "--output_dir", str(out)]
-    log = tmp_path / "run.log"
+    log = tmp_path / "console.txt"
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(  # the wrapper ignores Ctrl-C itself, so that it outlives it and reports node.sh's status
+        "trap '' INT\n"
+        f"bash launch/node.sh 0 127.0.0.1 -- --max_steps 200 --prompts_per_step 8 --micro_batch_size 8 "
+        f"--hang_report_s 15 --dist_timeout_s 600 --output_dir {out} > >(tee {log}) 2>&1 &\n"
+        "wait $!\necho \"node.sh exited $?\"\n")
     shm_before = shm()
-    proc = start(cmd, env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())}, log=str(log))
+    proc = start(["bash", str(wrapper)], env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())},
+                 log=str(tmp_path / "wrapper.out"))
     everything: set[int] = set()
+    console = lambda: log.read_text() if log.exists() else ""  # noqa: E731
     try:
-        deadline = time.time() + 600
-        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        everything = descendants(proc.pid)
-        ranks = [pid for pid in everything if is_rank(pid)]
-        victim = next(pid for pid in ranks if b"RANK=2" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
-        os.kill(victim, signal.SIGSTOP)
-        frozen_at = time.time()
-        report = out / "logs" / "hang-report.txt"
-        while not report.exists() or "error: no heartbeat" not in log.read_text():
-            assert time.time() - frozen_at < 15 + 30, log.read_text()[-3000:]
-            time.sleep(1)
-        named = [line for line in log.read_text().split("\n") if line.startswith("error: no heartbeat")]
-        assert len(named) == 1 and f"from rank 2 (policy" in named[0] and f"pid {victim}" in named[0], named
-        text = report.read_text()
-        assert "silent ranks [2]" in text and "rank 0 rollout" in text and "rank 1 policy" in text, text
-        time.sleep(2 * 2.0 + 1)  # the ranks still running write their stacks at their next heartbeat
-        assert (out / "logs" / "stacks-rank0.txt").exists() and (out / "logs" / "stacks-rank1.txt").exists()
-        os.kill(victim, signal.SIGCONT)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in node.sh's terminal
-        assert finish(proc, 120).returncode == 130  # the shell's status for SIGINT (it was 1)
-        console = log.read_text()
-        assert "interrupted (Ctrl-C/SIGINT): the job was stopped, not failed" in console, console[-3000:]
-        assert "KeyboardInterrupt" not in console and "Traceback" not in console, console[-3000:]
+        with JobWatch(proc) as watch:
+            deadline = time.time() + 600
+            metrics = out / "metrics.jsonl"
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+                assert proc.poll() is None and time.time() < deadline, console()[-3000:]
+                time.sleep(0.5)
+            everything = watch.sample() - {proc.pid}
+            ranks = [pid for pid in everything if is_rank(pid)]
+            victim = next(pid for pid in ranks if b"RANK=2" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+            os.kill(victim, signal.SIGSTOP)
+            frozen_at = time.time()
+            report = out / "logs" / "hang-report.txt"
+            while not report.exists() or "error: no heartbeat" not in console():
+                assert time.time() - frozen_at < 15 + 30, console()[-3000:]
+                time.sleep(1)
+            named = [line for line in console().split("\n") if line.startswith("error: no heartbeat")]
+            assert len(named) == 1 and f"from rank 2 (policy" in named[0] and f"pid {victim}" in named[0], named
+            text = report.read_text()
+            assert "silent ranks [2]" in text and "rank 0 rollout" in text and "rank 1 policy" in text, text
+            time.sleep(2 * 2.0 + 1)  # the ranks still running write their stacks at their next heartbeat
+            assert (out / "logs" / "stacks-rank0.txt").exists() and (out / "logs" / "stacks-rank1.txt").exists()
+            os.kill(victim, signal.SIGCONT)
+            everything |= watch.sample() - {proc.pid}
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the wrapper's whole process group
+            finish(proc, 180)
+        said = (tmp_path / "wrapper.out").read_text().strip().splitlines()
+        assert said[-1] == "node.sh exited 130", console()[-3000:]  # the shell's status for SIGINT (it was 1, or 0)
+        text = console()
+        assert "interrupted (Ctrl-C/SIGINT): the job was stopped, not failed" in text, text[-3000:]
+        assert "done: " not in text, text[-3000:]
+        assert "KeyboardInterrupt" not in text and "Traceback" not in text, text[-3000:]
         deadline = time.time() + 30
         while alive(everything) and time.time() < deadline:
             time.sleep(1)
         assert not alive(everything), [open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(everything)]
-        assert not shm() - shm_before, shm() - shm_before
+        assert not watch.left(shm_before), watch.left(shm_before)
     finally:
         for pid in everything | descendants(proc.pid):
             try:
@@ -145,7 +164,7 @@ def test_a_frozen_rank_is_named_by_the_hang_report(tmp_path):
             except ProcessLookupError:
                 pass
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

@@ -408,36 +408,8 @@ def test_node_sh_tee_puts_lines_said_beside_the_progress_bar_on_their_own(tmp_pa
     assert out == log.read_bytes() == b"".join(chunks[:3]) + b"\n" + b"".join(chunks[3:])
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_node_sh_started_as_a_scripts_background_job(tmp_path):
-    """Wrappers and schedulers start node.sh as a script's background job (`bash launch/node.sh ... &`), which
-    inherits SIGINT ignored, and bash can neither trap nor reset a signal ignored on entry: Ctrl-C was never acted on
-    and the run went on to `done`, exit 0. Its output goes through a process substitution here too (`> >(tee ...)`),
-    with which node.sh could wait forever after Ctrl-C in `wait "$sampler"`. Ctrl-C to the whole group now stops
-    the job: node.sh exits 130 with its line, and nothing of the job is left."""
-    out = tmp_path / "out"
-    wrapper = tmp_path / "wrapper.sh"
-    wrapper.write_text(  # the wrapper ignores Ctrl-C itself, so that it outlives it and reports node.sh's status
-        "trap '' INT\n"
-        f"bash launch/node.sh 0 127.0.0.1 -- --max_steps 60 --prompts_per_step 8 --micro_batch_size 8 "
-        f"--save_steps 0 --output_dir {out} > >(tee {tmp_path / 'console.txt'}) 2>&1 &\n"
-        "wait $!\necho \"node.sh exited $?\"\n")
-    shm_before = shm()
-    proc = start(["bash", str(wrapper)], env={**PYTHON, "MASTER_PORT": str(free_port())},
-                 log=str(tmp_path / "wrapper.out"))
-    with JobWatch(proc) as watch:
-        deadline = time.time() + 600
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "console.txt").read_text()[-3000:]
-            time.sleep(0.5)
-        everything = watch.sample() - {proc.pid}
-        os.killpg(proc.pid, signal.SIGINT)
-        finish(proc, 180)
-    console = (tmp_path / "console.txt").read_text()
-    assert (tmp_path / "wrapper.out").read_text().strip().splitlines()[-1] == "node.sh exited 130", console[-3000:]
-    assert "interrupted (Ctrl-C/SIGINT): the job was stopped, not failed" in console, console[-3000:]
-    assert "done: " not in console and "Traceback" not in console, console[-3000:]
-    _assert_nothing_left(everything, shm_before, watch)
+# Ctrl-C to node.sh started as a script's background job, its output through a process substitution: the end of
+# tests/test_failures.py's frozen-rank job.
 
 
 def _assert_nothing_left(processes: set[int], shm_before: set[str], watch: JobWatch) -> None:

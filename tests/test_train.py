@@ -1,7 +1,8 @@
 """The real job under torchrun on gloo: 1 vLLM rollout rank + 2 DeepSpeed ZeRO-3 policy ranks, the tiny model.
 
-One fixed-seed run is shared by these tests (start-up dominates on CPU). It runs with sync_check on, so after every
-sync the rollout engine's greedy tokens and logprobs are compared with the policy's own.
+One fixed-seed run is shared by these tests (start-up dominates on CPU), under launch/node.sh, with a rank killed
+part way and the job restarted from its checkpoint. It runs with sync_check on, so after every sync the rollout
+engine's greedy tokens and logprobs are compared with the policy's own.
 """
 import json
 import os
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start, torchrun
+from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start
 from tgrpo.config import Config
 from tgrpo.tiny import tiny_model_dir
 
@@ -19,6 +20,10 @@ from tgrpo.tiny import tiny_model_dir
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
 STEPS = 25
+# vLLM in a script of its own, as a user loads a checkpoint, with the engine in that process: no engine-core process
+# to start (~10-20 s instead of ~50-80 s on 2 busy cores). The job's engines need theirs (inside a torchrun world an
+# in-process engine hangs), a lone script does not.
+VLLM_ALONE = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 PROMPT = [{"role": "system", "content": Config().system_prompt}, {"role": "user", "content": "What is 2 + 3?"}]
 
 
@@ -33,15 +38,36 @@ def _toy_run(out) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """The toy run under launch/node.sh with MAX_RESTARTS=1, and kill -9 of a random rank at a random step after the
+    step-10 checkpoint: node.sh starts the job again with --resume auto and it finishes by itself. One job for every
+    test here (an uninterrupted run beside it cost CI a 25-step job): what the others check holds for the resumed
+    run's output, and the steps the first attempt ran past the checkpoint are those the resumed job ran again.
+    Returns the output folder, the final metrics, the rows the first attempt wrote before it was killed, the console,
+    and (kill_after, victim_rank, the job's processes still alive, its /dev/shm files left)."""
     out = tmp_path_factory.mktemp("run")
-    result = torchrun(_toy_run(out), timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return out, metrics, result
+    rng = random.Random()
+    kill_after = rng.randint(11, 17)
+    victim_rank = int(os.environ.get("TGRPO_TEST_VICTIM_RANK", rng.randint(0, 2)))  # to replay one case
+    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", *_toy_run(out)[1:]]
+    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
+    shm_before = shm()
+    proc = start(cmd, env=env, log=str(out / "node.out"))
+    with JobWatch(proc) as watch:
+        metrics_file = out / "metrics.jsonl"
+        everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank, watch)
+        first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
+        done = finish(proc, 900)
+    console = open(out / "node.out").read()
+    assert done.returncode == 0, console[-4000:]
+    deadline = time.time() + 30  # engine processes notice their rank is gone
+    while alive(everything) and time.time() < deadline:
+        time.sleep(1)
+    metrics = [json.loads(line) for line in open(metrics_file)]
+    return out, metrics, first_attempt, console, (kill_after, victim_rank, alive(everything), watch.left(shm_before))
 
 
 def test_every_sync_makes_vllm_match_the_policy(trained):
-    _, metrics, _ = trained
+    _, metrics, *_ = trained
     assert len(metrics) == STEPS
     for m in metrics:
         assert m["sync_check/token_match"] == 1.0, m
@@ -54,7 +80,7 @@ def test_policy_moved_away_from_the_initial_weights(trained):
     """The sync check would pass trivially if nothing trained: the saved policy must differ from the start."""
     from safetensors.torch import load_file
 
-    out, _, _ = trained
+    out, *_ = trained
     start = load_file(os.path.join(tiny_model_dir(os.path.join(ROOT, ".cache")), "model.safetensors"))
     end = load_file(str(out / "checkpoints" / f"step-{STEPS}" / "model.safetensors"))
     assert start.keys() == end.keys()
@@ -63,7 +89,7 @@ def test_policy_moved_away_from_the_initial_weights(trained):
 
 
 def test_reward_rises_on_the_toy_task(trained):
-    _, metrics, _ = trained
+    _, metrics, *_ = trained
     rewards = [m["reward/mean"] for m in metrics]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print("reward curve:", [round(r, 3) for r in rewards])
@@ -73,7 +99,7 @@ def test_reward_rises_on_the_toy_task(trained):
 def test_learning_rate_follows_its_schedule(trained):
     """Linear warmup over 2 steps from 0, then a linear decay to 0 at step 25 (transformers' schedule, one optimizer
     step per step here): policy/lr is the rate each step's update used."""
-    _, metrics, _ = trained
+    _, metrics, *_ = trained
     lr = 5e-4
     expected = [0.0, lr / 2] + [lr * (STEPS - k) / (STEPS - 2) for k in range(2, STEPS)]
     assert [m["policy/lr"] for m in metrics] == pytest.approx(expected, rel=1e-6, abs=1e-12)
@@ -82,7 +108,7 @@ def test_learning_rate_follows_its_schedule(trained):
 def test_outputs_tensorboard_samples_and_progress(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, _, result = trained
+    out, _, _, console, _ = trained
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -90,17 +116,17 @@ def test_outputs_tensorboard_samples_and_progress(trained):
                 "completion/length_mean", "time/generate_s", "time/reward_s", "time/train_s", "time/sync_s",
                 "throughput/generate_tokens_per_s", "throughput/train_tokens_per_s"):
         assert tag in tags, tag
-    assert len(acc.Scalars("reward/mean")) == STEPS
+    assert [e.step for e in acc.Scalars("reward/mean")] == list(range(1, STEPS + 1))  # the redone steps once
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert samples and {"prompt", "completion", "answer", "reward"} <= samples[0].keys()
-    assert f"{STEPS}/{STEPS}" in result.stdout  # rank 0's progress bar, on the console
+    assert f"{STEPS}/{STEPS}" in console  # rank 0's progress bar, on the console
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-10", "step-20", f"step-{STEPS}"]
 
 
 def test_checkpoint_loads_in_transformers_and_generates(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, _, _ = trained
+    out, *_ = trained
     path = out / "checkpoints" / f"step-{STEPS}"
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -112,54 +138,41 @@ def test_checkpoint_loads_in_transformers_and_generates(trained):
 
 
 def test_checkpoint_loads_in_vllm(trained):
-    out, _, _ = trained
+    out, *_ = trained
     script = ("import json, sys\nfrom vllm import LLM, SamplingParams\n"
               "if __name__ == '__main__':\n"
               "    llm = LLM(model=sys.argv[1], dtype='float32', max_model_len=256, gpu_memory_utilization=0.1, enforce_eager=True)\n"
               "    o = llm.chat(json.loads(sys.argv[2]), SamplingParams(max_tokens=12, temperature=0))\n"
               "    print('VLLM-TEXT', repr(o[0].outputs[0].text))\n")
     result = run([sys.executable, "-c", script, str(out / "checkpoints" / f"step-{STEPS}"), json.dumps(PROMPT)],
-                 timeout=300, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+                 timeout=300, env=VLLM_ALONE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "VLLM-TEXT" in result.stdout and "<answer>" in result.stdout
 
 
 
-def test_a_killed_rank_is_named_and_node_sh_restarts_the_job_step_for_step(trained, tmp_path):
-    """The toy run under launch/node.sh with MAX_RESTARTS=1, and kill -9 of a random rank at a random step after
-    the step-10 checkpoint: node.sh names the killed rank in one line, starts the job again with --resume auto, and
-    finishes by itself with exit status 0. Every step's metrics row is there exactly once and equals the
-    uninterrupted run's (fixed seeds, CPU); no process of the job (vLLM engines included) and nothing in /dev/shm
-    is left behind."""
-    _, uninterrupted, _ = trained
-    rng = random.Random()
-    kill_after = rng.randint(11, 17)
-    victim_rank = int(os.environ.get("TGRPO_TEST_VICTIM_RANK", rng.randint(0, 2)))  # to replay one case
-    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", *_toy_run(tmp_path)[1:]]
-    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
-    shm_before = shm()
-    proc = start(cmd, env=env, log=str(tmp_path / "node.out"))
-    with JobWatch(proc) as watch:
-        metrics_file = tmp_path / "metrics.jsonl"
-        everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank, watch)
-        done = finish(proc, 900)
-    console = open(tmp_path / "node.out").read()
-    assert done.returncode == 0, console[-4000:]
+def test_a_killed_rank_is_named_and_node_sh_restarts_the_job_step_for_step(trained):
+    """The shared run was killed (kill -9 of a random rank at a random step after the step-10 checkpoint): node.sh
+    named the killed rank in one line, started the job again with --resume auto, and it finished by itself with exit
+    status 0. Every step's metrics row is there exactly once, and the steps the first attempt ran past the
+    checkpoint, run again by the resumed job, are the same steps (fixed seeds, CPU); no process of the job (vLLM
+    engines included) and nothing in /dev/shm is left behind."""
+    out, metrics, first_attempt, console, (kill_after, victim_rank, left_alive, left_shm) = trained
     named = [line for line in console.splitlines() if line.startswith("error: rank ")]
     assert named and named[0].startswith(f"error: rank {victim_rank} ") and "SIGKILL" in named[0], console[-4000:]
     assert "restart 1/1 after exit status" in console and "resumed from" in console
-    deadline = time.time() + 30  # engine processes notice their rank is gone
-    while alive(everything) and time.time() < deadline:
-        time.sleep(1)
-    left = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in alive(everything)}
+    left = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:120] for pid in left_alive}
     assert not left, (victim_rank, left)
-    assert not watch.left(shm_before), watch.left(shm_before)  # weight buffers, vLLM's segments: none left
-    metrics = [json.loads(line) for line in open(metrics_file)]
+    assert not left_shm, left_shm  # weight buffers, vLLM's segments: none left
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # steps after the checkpoint were dropped
-    for ours, theirs in zip(metrics[10:], uninterrupted[10:]):
+    redone = [m for m in first_attempt if m["step"] > 10]
+    assert len(redone) >= kill_after - 10
+    assert [m["step"] for m in first_attempt] == list(range(1, len(first_attempt) + 1))
+    for theirs in redone:
+        ours = metrics[theirs["step"] - 1]
         for key in ("reward/mean", "accuracy", "completion/length_mean", "batch/tokens"):
             assert ours[key] == theirs[key], (kill_after, victim_rank, ours["step"], key, ours[key], theirs[key])
         for key in ("policy/loss", "policy/grad_norm", "policy/entropy", "policy/lr"):
             assert abs(ours[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (ours["step"], key)
     # save_total_limit 3 keeps the newest three; all complete
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-10", "step-20", f"step-{STEPS}"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-10", "step-20", f"step-{STEPS}"]

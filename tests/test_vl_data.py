@@ -406,26 +406,31 @@ def _one_line(result, words: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing image", "too many places", "text model"])
+@pytest.mark.parametrize("case", ["missing image", "too many places", "image tokens alone", "text model"])
 def test_node_sh_says_bad_image_rows_in_one_line(tmp_path, pictures, model, case):
-    args = ["--model", model] if case != "text model" else []
-    rows = bad_rows(case) if case != "text model" else [GOOD] * 9
-    words = BAD_ROWS.get(case, "train_data row 0 holds images, but model 'tiny' has no vision tower")
-    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out"),
-                  "--train_data", write(tmp_path / "bad.json", rows), *args], timeout=600,
-                 env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())})
+    args, words = _bad_input(tmp_path, model, case)
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--output_dir", str(tmp_path / "out"), *args],
+                 timeout=600, env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())})
     _one_line(result, words)
 
 
+def _bad_input(tmp_path, model: str, case: str) -> tuple[list[str], str]:
+    """The job's arguments for a case of bad input, and the words its one line says."""
+    if case == "text model":  # images in a text model's data
+        return ["--train_data", write(tmp_path / "bad.json", [GOOD] * 9)], "has no vision tower"
+    if case == "retriever":  # tool episodes with a vision model
+        return ["--model", model, "--retriever_url", "http://127.0.0.1:9"], "do not take images yet"
+    (tmp_path / "notes.png").write_text("not a picture")
+    return (["--model", model, "--train_data", write(tmp_path / "bad.json", bad_rows(case)), "--max_prompt_length",
+             "100"], BAD_ROWS[case])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["text model", "retriever"])
+@pytest.mark.parametrize("case", ["missing image", "too many places", "image tokens alone", "text model", "retriever"])
 def test_plain_torchrun_says_bad_image_input_in_one_line(tmp_path, pictures, model, case):
     """Without node.sh's pre-flight: every rank refuses tool episodes with a vision model; the rollout rank finds
-    images in a text model's data."""
-    if case == "text model":
-        args, words = ["--train_data", write(tmp_path / "bad.json", [GOOD] * 9)], "has no vision tower"
-    else:
-        args, words = ["--model", model, "--retriever_url", "http://127.0.0.1:9"], "do not take images yet"
+    the bad rows (or images in a text model's data) before its engine starts, and the job ends in one line."""
+    args, words = _bad_input(tmp_path, model, case)
     result = torchrun(["train_grpo.py", *args, "--output_dir", str(tmp_path / "out")], timeout=300)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "[rank"))]

@@ -50,8 +50,8 @@ gets the same requests as the trainer's engine sends them (one image token per i
 multi_modal_data, the engine's image limits and pixel bounds), warmed up on other prompts and its prefix cache reset
 before each timed run (the trainer's engine resets its own at every weight sync). The plain loop runs the same packed
 micro-batches, images and mRoPE positions included. MFU counts the vision tower: 6*N_lm*T + 6*N_vision*P, with P the
-image patches the policy's forwards run through the tower (every sample's own images: a group's samples share their
-pixels, not the tower's work) and N_vision the tower's blocks, its merger counted per image token
+patches of the step's distinct images (the policy runs a group's shared image through the tower once per micro-batch)
+and N_vision the tower's blocks, its merger counted per image token
 (spatial_merge_size**2 patches); a frozen tower (freeze_vision_tower, LoRA) counts its forward alone, 2*N_vision*P.
 Image tokens, images and patches per step are reported.
 """
@@ -598,9 +598,10 @@ def report(histories: dict, cfg, placement, everyone: list, ours) -> None:
     if memory:
         console.say("memory (GiB, the most over the timed steps): " + ", ".join(memory))
     if tower is not None:
-        console.say(f"vision: {result['images_per_step']:.0f} images a step through the tower "
+        console.say(f"vision: {result['images_per_step']:.0f} images a step in the samples "
                     f"({result['distinct_images_per_step']:.0f} distinct, one per prompt, shared by its "
-                    f"{cfg.num_generations} samples), {result['image_tokens_per_step']:.0f} image tokens of "
+                    f"{cfg.num_generations} samples and through the tower once), "
+                    f"{result['image_tokens_per_step']:.0f} image tokens of "
                     f"{result['tokens_per_step']:.0f}, {result['image_patches_per_step']:.0f} patches; tower "
                     f"{result['n_vision_params'] / 1e6:.1f}M (merger {result['n_merger_params'] / 1e6:.1f}M), LM "
                     f"{result['n_lm_params'] / 1e6:.1f}M: the tower is {result['vision_flops_share']:.1%} of the "
@@ -656,7 +657,7 @@ def vision_flops(cfg, tower: dict, n_params: int, n_trainable: int, result: dict
                   vision_flops_share=per_patch * ratio / seq, patches_per_token=ratio,
                   lm_flops_per_token=lm_per_token)
     lm_formula = lm_formula.replace("6*N*T", "6*N_lm*T")
-    formula = (f"{lm_formula} + {factor}*N_vision*P (P: image patches through the tower, the merger's weights per "
+    formula = (f"{lm_formula} + {factor}*N_vision*P (P: the distinct images' patches, the merger's weights per "
                f"{merge} patches; {'trained' if tower['trainable'] else 'frozen: its forward alone'})")
     return seq, plain, formula
 

@@ -101,15 +101,17 @@ def vision_params(model) -> dict | None:
 
 def count_images(train_step, log: list, label: dict, image_token_id: int):
     """train_step, recording per call (the label's mode, the step's whole batch as every policy rank gets it):
-    samples, tokens, images (one per sample that carries it: the tower runs on each sample's images), distinct
-    images (a group's samples share theirs), image tokens and image patches through the tower."""
+    samples, tokens, images (one per sample that carries it), distinct images (a group's samples share theirs, and
+    the policy runs the tower once per distinct image of a micro-batch), image tokens, and the distinct images'
+    patches: the tower's work the MFU counts (a group split over two micro-batches runs its image twice, uncounted)."""
     def wrapped(samples):
         with_images = [s for s in samples if s.images is not None]
+        distinct = {id(s.images): s.images for s in with_images}.values()
         log.append({"mode": label["mode"], "samples": len(samples),
                     "tokens": sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples),
                     "images": sum(s.images.count for s in with_images),
-                    "distinct_images": sum(i.count for i in {id(s.images): s.images for s in with_images}.values()),
+                    "distinct_images": sum(i.count for i in distinct),
                     "image_tokens": sum(s.prompt_ids.count(image_token_id) for s in with_images),
-                    "patches": sum(int(s.images.pixel_values.shape[0]) for s in with_images)})
+                    "patches": sum(int(i.pixel_values.shape[0]) for i in distinct)})
         return train_step(samples)
     return wrapped

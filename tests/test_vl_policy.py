@@ -108,6 +108,18 @@ def test_packed_padded_and_transformers_agree(loaded):
     assert any("visual" in n for n in packed_grads)  # the tower trains
     for name, grad in packed_grads.items():
         assert torch.allclose(grad, padded_grads[name], atol=1e-5, rtol=1e-4), name
+    # a group's shared images go through the tower once, with the same logprobs and gradients as a copy per sample
+    vision = modeling.vision_inputs(model)
+    mb = batch.build(samples, torch.device("cpu"), packed=True, pad_id=0, vision=vision)
+    distinct = {id(s.images): s.images for s in samples if s.images is not None}.values()
+    assert mb.pixel_values.shape[0] == sum(i.pixel_values.shape[0] for i in distinct) and mb.feature_index is not None
+    copies = [Sample(s.prompt_ids, s.completion_ids, s.rollout_logprobs, images=None if s.images is None else
+                     Images(s.images.pixel_values.clone(), s.images.grid_thw.clone())) for s in samples]
+    assert batch.build(copies, torch.device("cpu"), packed=True, pad_id=0, vision=vision).feature_index is None
+    own, own_grads = _logprobs_and_grads(model, copies, packed=True)
+    assert (own - packed).abs().max() < 1e-5
+    for name, grad in packed_grads.items():
+        assert torch.allclose(grad, own_grads[name], atol=1e-5, rtol=1e-4), name
     # without the images the same tokens score otherwise: the features really are where the image tokens are
     blind = [Sample(s.prompt_ids, s.completion_ids, s.rollout_logprobs) for s in samples]
     mb = batch.build(blind, torch.device("cpu"), packed=True, pad_id=0, vision=modeling.vision_inputs(model))

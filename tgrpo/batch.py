@@ -182,9 +182,13 @@ class MicroBatch:
     # vision-language: the micro-batch's images in the order of their tokens (None: none in it), and the position
     # ids are the model's multimodal ones: packed [4, 1, T] (the text positions first, then mRoPE's three rows),
     # padded [3, B, L]
+    # The images go through the tower once per micro-batch: samples that share their Images (a group's n samples)
+    # share the pixels here too, and feature_index [image tokens of the micro-batch] picks each image token's row of
+    # the tower's output (None: every sample's images are its own, in token order)
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     image_mask: torch.Tensor | None = None  # the input's shape: True where an image's features go
+    feature_index: torch.Tensor | None = None
     vision: bool = False
 
 
@@ -192,9 +196,9 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
           loss_weights: list[float] | None = None, vision=None) -> MicroBatch:
     """The tensors of one micro-batch, made on the host in one pass and copied to the device once each.
     loss_weights: per-sample normaliser of each counted token (default 1). vision (vision-language models):
-    `vision.image_token_id`, and `vision.positions(prompt_ids, completion_ids, grid_thw)` -> [3, length], a
-    sequence's multimodal position ids by the model's rule (grid_thw: its images' grids, or None); the micro-batch
-    then carries its samples' images."""
+    `vision.image_token_id`, `vision.patches_per_token`, and `vision.positions(prompt_ids, completion_ids,
+    grid_thw)` -> [3, length], a sequence's multimodal position ids by the model's rule (grid_thw: its images'
+    grids, or None); the micro-batch then carries its samples' images, each distinct Images object once."""
     targets, rollout, adv, loss_mask, model_mask, weights, ref = [], [], [], [], [], [], []
     values, returns, fresh = [], [], []
     have_fresh = any(s.fresh_mask is not None for s in samples)
@@ -266,12 +270,25 @@ def build(samples: list[Sample], device: torch.device, *, packed: bool, pad_id: 
     if vision is not None:
         host["image_mask"] = image_mask
     if with_images:
-        host["pixel_values"] = torch.cat([i.pixel_values for i in with_images])
-        host["image_grid_thw"] = torch.cat([i.grid_thw for i in with_images])
+        distinct = list({id(i): i for i in with_images}.values())
+        host["pixel_values"] = torch.cat([i.pixel_values for i in distinct])
+        host["image_grid_thw"] = torch.cat([i.grid_thw for i in distinct])
+        if len(distinct) < len(with_images):
+            host["feature_index"] = _feature_index(with_images, distinct, vision.patches_per_token)
     on_device = {k: _to(v, device) for k, v in host.items()}
     model_kwargs = {k: _to(v, device) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
     return MicroBatch(**on_device, model_kwargs=model_kwargs, lengths=[len(s.completion_ids) for s in samples],
                       packed=packed, vision=vision is not None)
+
+
+def _feature_index(with_images: list[Images], distinct: list[Images], patches_per_token: int) -> torch.Tensor:
+    """For each image token of the micro-batch, in order, its row in the tower's output over the distinct images."""
+    start, offset = {}, 0
+    for i in distinct:
+        start[id(i)] = offset
+        offset += int(i.grid_thw.prod(-1).sum()) // patches_per_token
+    return torch.cat([torch.arange(start[id(i)], start[id(i)] + int(i.grid_thw.prod(-1).sum()) // patches_per_token)
+                      for i in with_images])
 
 
 def _grid(s: Sample) -> torch.Tensor | None:

@@ -167,10 +167,12 @@ def _check_lora(cfg: Config) -> None:
         raise ConfigError("use_lora needs the peft package: bash launch/setup.sh installs it (or pip install "
                           "peft==0.21.0)") from None
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    config = AutoConfig.from_pretrained(model_dir(cfg))
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir(cfg)))
+        model = auto.from_config(config)
     names = [name for name, _ in model.named_modules()]
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     wanted = [t for t in cfg.lora_target_modules if t != "all-linear"]

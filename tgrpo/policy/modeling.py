@@ -151,7 +151,7 @@ class VisionInputs:
     def __init__(self, model):
         hf = hf_model(model)
         self.image_token_id = hf.config.image_token_id
-        self._merge = hf.config.vision_config.spatial_merge_size ** 2  # patches per image token
+        self.patches_per_token = hf.config.vision_config.spatial_merge_size ** 2
         self._rope_index = hf.model.get_rope_index
 
     def positions(self, prompt_ids: list[int], completion_ids: list[int],
@@ -161,7 +161,7 @@ class VisionInputs:
             return torch.arange(length).expand(3, -1)
         row = torch.tensor([prompt_ids + completion_ids])
         types = torch.tensor([[int(t == self.image_token_id) for t in prompt_ids] + [0] * len(completion_ids)])
-        tokens, expected = int(types.sum()), int(grid_thw.prod(-1).sum()) // self._merge
+        tokens, expected = int(types.sum()), int(grid_thw.prod(-1).sum()) // self.patches_per_token
         if tokens != expected:
             raise ValueError(f"a prompt has {tokens} image tokens but its {grid_thw.shape[0]} image(s) make "
                              f"{expected}: the prompt's image tokens and its images drifted apart")
@@ -195,6 +195,12 @@ def _vision_embeds(model, mb: MicroBatch) -> torch.Tensor:
     features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
     if mb.pixel_values is None:
         return embeds + 0.0 * features.sum().to(embeds.dtype)
+    if mb.feature_index is not None:  # images shared by several samples ran once: each token takes its row
+        if int(mb.feature_index.max()) >= features.shape[0]:
+            raise ValueError(f"a micro-batch's image tokens need {int(mb.feature_index.max()) + 1} features but its "
+                             f"images make {features.shape[0]}: the prompts' image tokens and their images drifted "
+                             "apart")
+        features = features.index_select(0, mb.feature_index)
     slots = mb.image_mask
     if int(slots.sum()) != features.shape[0]:
         raise ValueError(f"a micro-batch has {int(slots.sum())} image tokens but its images make {features.shape[0]} "

@@ -129,3 +129,4 @@ def test_checkpoint_loads_in_transformers_and_vllm_and_answers_an_image_prompt(v
     eos = model.generation_config.eos_token_id
     theirs = [t for t in tokens.tolist() if t not in ([eos] if isinstance(eos, int) else eos)]
     assert vllm_tokens[:len(theirs)] == theirs, (processor.decode(vllm_tokens), reply)
+

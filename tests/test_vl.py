@@ -18,8 +18,8 @@ from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_st
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vl")]
 
 STEPS = 20
-# configs/vl.yaml's reward, first 5 steps vs last 5: measured over 3 seeds (see test_reward_rises_on_the_shape_task)
-REWARD_MARGIN = 0.1
+# configs/vl.yaml's reward, first 5 steps vs last 5 of 20: +0.28, +0.24, +0.25 in seeds 1-3 (2-core CPU); half the least
+REWARD_MARGIN = 0.12
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,22 @@ def test_reward_rises_on_the_shape_task(vl_run):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print("VL reward curve:", [round(r, 3) for r in rewards])
     assert last > first + REWARD_MARGIN, (first, last)
-    assert any(k.startswith("eval/") for k in metrics[-1]), metrics[-1].keys()  # the eval pass ran on image prompts
+
+
+def test_the_trained_model_reads_the_images(vl_run):
+    """The eval pass after the last step (greedy, the 64 bundled test images): right more often than the best
+    answer that ignores the image (the commonest answer of each question, 29 of 64). A run whose reward rose by
+    answering every question with the commonest count (seen at a higher learning rate) would not be. Seeds 1-3 gave
+    pass@1 0.59, 0.59, 0.56; the model before training 0 (it answers without <answer> tags)."""
+    import collections
+
+    _, metrics, *_ = vl_run
+    rows = json.load(open(os.path.join(ROOT, "data", "shapes", "test.json")))
+    answers = collections.defaultdict(collections.Counter)
+    for r in rows:
+        answers[r["messages"][0]["content"]][r["answer"]] += 1
+    blind = sum(c.most_common(1)[0][1] for c in answers.values()) / len(rows)
+    assert metrics[-1]["eval/pass@1"] > blind + 0.05, (metrics[-1]["eval/pass@1"], blind)
 
 
 def test_a_killed_rank_is_named_and_the_resumed_steps_equal_the_first_attempts(vl_run):

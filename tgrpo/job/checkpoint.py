@@ -388,8 +388,9 @@ def export_adapter(model: torch.nn.Module, plan: list, config: dict, model_dir: 
                    merged: bool = False, cfg=None) -> int:
     """use_lora: the adapter in peft's format in dest (adapter_config.json, adapter_model.safetensors: it loads with
     PeftModel.from_pretrained and as a vLLM LoRA) with the tokenizer (and a vision-language model's processor, as
-    export_hf), and with merged the base with the adapter merged in dest/merged (with them too). Every policy rank calls it (plan: the adapter's parameters, gathered as export_hf
-    gathers); NaN/inf values are counted and nothing written, as there. Returns 0 on other ranks."""
+    export_hf), and with merged the base with the adapter merged in dest/merged (with them too). Every policy rank
+    calls it (plan: the adapter's parameters, gathered as export_hf gathers); NaN/inf values are counted and nothing
+    written, as there. Returns 0 on other ranks."""
     from transformers import AutoTokenizer
 
     from tgrpo.policy import lora

@@ -285,3 +285,30 @@ def kill_rank_after_step(proc: subprocess.Popen, metrics_file, step: int, rank: 
     victim = next(pid for pid in ranks if f"RANK={rank}".encode() in _read(f"/proc/{pid}/environ").split(b"\0"))
     os.kill(victim, signal.SIGKILL)
     return everything
+
+
+def killed_and_resumed_run(out, train_args: list[str], kill_steps: tuple[int, int], timeout: float = 900):
+    """A job under launch/node.sh with MAX_RESTARTS=1 (train_args: train_grpo.py's, output_dir `out`), kill -9 of a
+    random rank after a random step in kill_steps (past a checkpoint): node.sh starts the job again with --resume
+    auto and it must finish by itself. Returns (final metrics, the whole rows the first attempt wrote before the
+    kill, the console, (kill_after, victim_rank, the job's processes still alive, its /dev/shm files left))."""
+    import json
+
+    rng = random.Random()
+    kill_after = rng.randint(*kill_steps)
+    victim_rank = int(os.environ.get("TGRPO_TEST_VICTIM_RANK", rng.randint(0, 2)))  # to replay one case
+    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
+    shm_before = shm()
+    proc = start(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *train_args], env=env, log=str(out / "node.out"))
+    with JobWatch(proc) as watch:
+        metrics_file = out / "metrics.jsonl"
+        everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank, watch)
+        first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
+        done = finish(proc, timeout)
+    console = open(out / "node.out").read()
+    assert done.returncode == 0, console[-4000:]
+    deadline = time.time() + 30  # engine processes notice their rank is gone
+    while alive(everything) and time.time() < deadline:
+        time.sleep(1)
+    metrics = [json.loads(line) for line in open(metrics_file)]
+    return metrics, first_attempt, console, (kill_after, victim_rank, alive(everything), watch.left(shm_before))

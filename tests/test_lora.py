@@ -8,14 +8,12 @@ transformers), and a run of each placement the shared run does not cover.
 """
 import json
 import os
-import random
 import sys
-import time
 
 import pytest
 import torch
 
-from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start, torchrun
+from helpers import ROOT, alive, killed_and_resumed_run, run, shm, start, torchrun
 from tgrpo.job import memory
 from tgrpo.policy import lora
 from tgrpo.config import Config, ConfigError, load_config
@@ -167,26 +165,9 @@ def lora_run(tmp_path_factory):
     run's output. Returns the output folder, the final metrics, the rows the first attempt wrote before it was
     killed, the console, and (kill_after, victim_rank, the job's processes still alive, its /dev/shm files left)."""
     out = tmp_path_factory.mktemp("lora")
-    rng = random.Random()
-    kill_after = rng.randint(11, 13)
-    victim_rank = int(os.environ.get("TGRPO_TEST_VICTIM_RANK", rng.randint(0, 2)))  # to replay one case
-    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", *_toy_lora_run(out)[1:]]
-    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
-    shm_before = shm()
-    proc = start(cmd, env=env, log=str(out / "node.out"))
-    with JobWatch(proc) as watch:
-        metrics_file = out / "metrics.jsonl"
-        everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank, watch)
-        first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
-        done = finish(proc, 600)
-    console = open(out / "node.out").read()
-    assert done.returncode == 0, console[-4000:]
-    deadline = time.time() + 30  # engine processes notice their rank is gone
-    while alive(everything) and time.time() < deadline:
-        time.sleep(1)
-    metrics = [json.loads(line) for line in open(metrics_file)]
+    metrics, first_attempt, console, kill = killed_and_resumed_run(out, _toy_lora_run(out)[1:], (11, 13), 600)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    return out, metrics, first_attempt, console, (kill_after, victim_rank, alive(everything), watch.left(shm_before))
+    return out, metrics, first_attempt, console, kill
 
 
 def _prompts(tokenizer, rows: slice = slice(100, 104)) -> list[list[int]]:

@@ -6,13 +6,11 @@ engine's greedy tokens and logprobs are compared with the policy's own.
 """
 import json
 import os
-import random
 import sys
-import time
 
 import pytest
 
-from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start
+from helpers import ROOT, alive, killed_and_resumed_run, run, shm, start
 from tgrpo.config import Config
 from tgrpo.tiny import tiny_model_dir
 
@@ -45,25 +43,7 @@ def trained(tmp_path_factory):
     Returns the output folder, the final metrics, the rows the first attempt wrote before it was killed, the console,
     and (kill_after, victim_rank, the job's processes still alive, its /dev/shm files left)."""
     out = tmp_path_factory.mktemp("run")
-    rng = random.Random()
-    kill_after = rng.randint(11, 17)
-    victim_rank = int(os.environ.get("TGRPO_TEST_VICTIM_RANK", rng.randint(0, 2)))  # to replay one case
-    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", *_toy_run(out)[1:]]
-    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
-    shm_before = shm()
-    proc = start(cmd, env=env, log=str(out / "node.out"))
-    with JobWatch(proc) as watch:
-        metrics_file = out / "metrics.jsonl"
-        everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank, watch)
-        first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
-        done = finish(proc, 900)
-    console = open(out / "node.out").read()
-    assert done.returncode == 0, console[-4000:]
-    deadline = time.time() + 30  # engine processes notice their rank is gone
-    while alive(everything) and time.time() < deadline:
-        time.sleep(1)
-    metrics = [json.loads(line) for line in open(metrics_file)]
-    return out, metrics, first_attempt, console, (kill_after, victim_rank, alive(everything), watch.left(shm_before))
+    return (out, *killed_and_resumed_run(out, _toy_run(out)[1:], (11, 17)))
 
 
 def test_every_sync_makes_vllm_match_the_policy(trained):

@@ -7,13 +7,11 @@ logprobs equal vLLM's on the same image prompts after every sync, the checkpoint
 answering an image prompt alike, nothing of the job left behind."""
 import json
 import os
-import random
 import sys
-import time
 
 import pytest
 
-from helpers import ROOT, JobWatch, alive, finish, free_port, kill_rank_after_step, run, shm, start
+from helpers import ROOT, killed_and_resumed_run, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vl")]
 
@@ -25,26 +23,9 @@ REWARD_MARGIN = 0.12
 @pytest.fixture(scope="module")
 def vl_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vl")
-    rng = random.Random()
-    kill_after = rng.randint(11, 13)
-    victim_rank = int(os.environ.get("TGRPO_TEST_VICTIM_RANK", rng.randint(0, 2)))  # to replay one case
-    cmd = ["bash", "launch/node.sh", "0", "127.0.0.1", "--", "--config", "configs/vl.yaml", "--max_steps", str(STEPS),
-           "--save_steps", "10", "--eval_steps", str(STEPS), "--sync_check", "true", "--output_dir", str(out)]
-    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
-    shm_before = shm()
-    proc = start(cmd, env=env, log=str(out / "node.out"))
-    with JobWatch(proc) as watch:
-        metrics_file = out / "metrics.jsonl"
-        everything = kill_rank_after_step(proc, metrics_file, kill_after, victim_rank, watch)
-        first_attempt = [json.loads(line) for line in metrics_file.read_text().split("\n")[:-1]]  # whole lines only
-        done = finish(proc, 900)
-    console = open(out / "node.out").read()
-    assert done.returncode == 0, console[-4000:]
-    deadline = time.time() + 30  # engine processes notice their rank is gone
-    while alive(everything) and time.time() < deadline:
-        time.sleep(1)
-    metrics = [json.loads(line) for line in open(metrics_file)]
-    return out, metrics, first_attempt, console, (kill_after, victim_rank, alive(everything), watch.left(shm_before))
+    args = ["--config", "configs/vl.yaml", "--max_steps", str(STEPS), "--save_steps", "10", "--eval_steps", str(STEPS),
+            "--sync_check", "true", "--output_dir", str(out)]
+    return (out, *killed_and_resumed_run(out, args, (11, 13)))
 
 
 def test_every_sync_makes_vllm_match_the_policy_on_image_prompts(vl_run):

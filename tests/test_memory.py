@@ -99,6 +99,29 @@ def test_model_shape_counts_the_real_parameters(tmp_path):
         assert (shape.hidden, shape.intermediate, shape.layers, shape.vocab) == (64, 96, 2, 300)
 
 
+def test_a_frozen_vision_tower_has_no_gradients_or_optimizer_states(tmp_path):
+    """Qwen2.5-VL-3B's shape: the tower (encoder and merger, 0.67B of 3.75B) counted apart; with
+    freeze_vision_tower only the language model's parameters have gradients and optimizer states (the H100 bench's
+    pre-flight counted 60.1 GB of states for a frozen tower before this)."""
+    from transformers import Qwen2_5_VLConfig
+
+    from tgrpo.tiny import RANDOM_VL_SHAPES
+
+    text, vision, _ = RANDOM_VL_SHAPES["vl-3b"]
+    Qwen2_5_VLConfig(text_config=text, vision_config=dict(vision, patch_size=14, spatial_merge_size=2,
+                                                          temporal_patch_size=2)).save_pretrained(tmp_path)
+    shape = memory.model_shape(str(tmp_path))
+    assert shape.params == 3_754_622_976 and shape.vision == 668_684_288  # bench/step.py's counts of vl-3b
+    cfg = dict(colocate=True, rollout_ranks="all", policy_ranks="all", max_tokens_per_micro_batch=8192)
+    trained, frozen = (memory.estimate(Config(**cfg, freeze_vision_tower=f), Placement.from_config(Config(**cfg), 1),
+                                       shape, device="cuda", width=2, gpu_total=80 * GB).training
+                       for f in (False, True))
+    assert trained["optimizer states"] == 16 * shape.params
+    assert frozen["optimizer states"] == 16 * (shape.params - shape.vision)
+    assert frozen["gradients"] == 2 * (shape.params - shape.vision)
+    assert frozen["weights"] == trained["weights"] == 2 * shape.params  # the frozen tower's weights still load
+
+
 @pytest.fixture(scope="module")
 def seven_b(tmp_path_factory):
     """A model folder of Qwen2.5-7B's shape: its config.json, a tokenizer, and a one-tensor weight file in place of

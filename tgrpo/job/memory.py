@@ -47,6 +47,7 @@ class ModelShape:
     intermediate: int
     layers: int
     vocab: int
+    vision: int = 0      # a vision-language model's tower (encoder and merger), counted in params
 
 
 @dataclass
@@ -78,10 +79,12 @@ def model_shape(model_dir: str) -> ModelShape:
     with torch.device("meta"):
         model = modeling.load_kwargs(config, "sdpa")[0].from_config(config)  # a vision tower counted too
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    tower = modeling.vision_tower(model)
     text = getattr(config, "text_config", None) or config
     return ModelShape(params=params, hidden=text.hidden_size,
                       intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-                      layers=text.num_hidden_layers, vocab=text.vocab_size)
+                      layers=text.num_hidden_layers, vocab=text.vocab_size,
+                      vision=sum(p.numel() for p in tower.parameters()) if tower is not None else 0)
 
 
 def micro_batch_tokens(cfg, dp: int, prompt_length: int | None = None) -> int:
@@ -101,13 +104,14 @@ def adapter_params(cfg, shape: ModelShape) -> int:
 
 
 def _trainable(shape: ModelShape, dp: int, stage: int, width: int, offload: bool, cpu: bool,
-               trained: int | None = None) -> tuple[dict, dict]:
+               trained: int | None = None, adapter: bool = False) -> tuple[dict, dict]:
     """(device, host) bytes of one rank of a trained model under ZeRO `stage` over dp ranks, with weights of
-    `width` bytes (2: bf16 with fp32 master weights, 4: fp32). trained: the parameters that train (a LoRA
-    adapter's; default all): only they have gradients and optimizer states."""
+    `width` bytes (2: bf16 with fp32 master weights, 4: fp32). trained: the parameters that train (default all; a
+    LoRA adapter's with adapter true, which adds them to the weights; the model less its frozen vision tower):
+    only they have gradients and optimizer states."""
     p = shape.params if trained is None else trained
     shard = lambda n: n / dp  # noqa: E731
-    everything = width * (shape.params + (trained or 0))  # the base and, with LoRA, the adapter
+    everything = width * (shape.params + (p if adapter else 0))  # the base and, with LoRA, the adapter
     weights = shard(everything) if stage == 3 else everything
     grads = shard(width * p) if stage >= 2 else width * p
     if offload and not cpu:  # reduced a bucket at a time straight into the host's fp32 partition
@@ -138,8 +142,10 @@ def estimate(cfg, placement, shape: ModelShape, *, device: str, width: int, gpu_
 
     def policy_side() -> tuple[dict, dict, dict]:
         """(static, training-only, host) of a policy rank."""
-        dev, host = _trainable(shape, dp, stage, width, cfg.offload_optimizer, cpu,
-                               adapter_params(cfg, shape) if cfg.use_lora else None)
+        # LoRA trains its adapter alone; a frozen vision tower has no gradients or optimizer states
+        trained = (adapter_params(cfg, shape) if cfg.use_lora
+                   else shape.params - shape.vision if cfg.freeze_vision_tower and shape.vision else None)
+        dev, host = _trainable(shape, dp, stage, width, cfg.offload_optimizer, cpu, trained, adapter=cfg.use_lora)
         train = {"gradients": dev.pop("gradients")}
         if cfg.beta > 0 and not placement.reference and not cfg.use_lora:  # LoRA's reference: the adapter disabled
             dev["reference"] = width * shape.params / (dp if stage == 3 else 1)

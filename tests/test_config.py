@@ -218,7 +218,7 @@ def test_critic_placement_and_options():
         Placement.from_config(Config(advantage_estimator="gae", rollout_ranks="0-0", policy_ranks="1-1",
                                      critic_ranks="1-1"), 2)
     with pytest.raises(ConfigError, match="have no role: cover every rank with rollout_ranks, policy_ranks, "
-                                          "reference_ranks and critic_ranks"):
+                                          "reference_ranks, critic_ranks, reward_ranks and judge_ranks"):
         Placement.from_config(Config(advantage_estimator="gae", rollout_ranks="0-0", policy_ranks="1-1"), 3)
     with pytest.raises(ConfigError, match="for the critic of advantage_estimator gae"):
         Config(critic_ranks="2-2").check()

@@ -2,7 +2,7 @@
 alike, since a lazy import is a dependency too), so a cycle, an upward import or a config that reaches into the job
 fails here.
 
-The layers, lowest first: the shared leaves at the top of tgrpo/, then policy, sync, rollout, job (tgrpo/__init__.py
+The layers, lowest first: the shared leaves at the top of tgrpo/, then policy, sync, rollout, reward, job (tgrpo/__init__.py
 and each package's docstring state the same order)."""
 import ast
 import os
@@ -11,8 +11,9 @@ import re
 from helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "tgrpo")
-LEAVES = {"config", "errors", "console", "algorithm", "batch", "data", "search_protocol", "tiny", "vision"}
-ORDER = ["policy", "sync", "rollout", "job"]  # each may import the leaves and the packages before it
+LEAVES = {"config", "errors", "console", "algorithm", "batch", "data", "search_protocol", "tiny", "vision",
+          "reward_spec"}
+ORDER = ["policy", "sync", "rollout", "reward", "job"]  # each may import the leaves and the packages before it
 
 
 def _modules() -> dict[str, str]:

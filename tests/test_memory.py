@@ -122,6 +122,31 @@ def test_a_frozen_vision_tower_has_no_gradients_or_optimizer_states(tmp_path):
     assert frozen["weights"] == trained["weights"] == 2 * shape.params  # the frozen tower's weights still load
 
 
+def test_reward_models_and_the_judge_are_counted_where_they_sit():
+    """A reward model on the policy GPU is resident while it scores (the policy's states stay, its training
+    activations do not) and waits in host memory otherwise; on reward ranks of its own it is its GPU's whole load;
+    on CPU every copy is host memory. A judge rank's GPU holds its engine's share."""
+    rm = 8_000_000_000
+    base = dict(rollout_ranks="0-0", policy_ranks="1-1", reward_funcs=["math"], reward_weights=[1.0],
+                max_tokens_per_micro_batch=4096, vllm_gpu_memory_utilization=0.2)
+    on_policy = Config(**base)
+    p = memory.estimate(on_policy, Placement.from_config(on_policy, 2), SHAPE, device="cuda", width=2,
+                        gpu_total=80 * GB, reward_params=rm)
+    assert p.gpu["reward models"] == 2 * rm and p.host["reward models (offloaded)"] == 2 * rm
+    own = Config(**{**base, "reward_ranks": "2-3"})
+    placement = Placement.from_config(own, 4)
+    p = memory.estimate(own, placement, SHAPE, device="cuda", width=2, gpu_total=80 * GB, reward_params=rm)
+    assert "reward models" not in p.gpu  # the policy's GPU is busier than a 16 GB reward model's
+    p = memory.estimate(own, placement, SHAPE, device="cuda", width=2, gpu_total=80 * GB, reward_params=10 * rm)
+    assert p.gpu["reward models"] == 20 * rm and "reward models (offloaded)" not in p.host
+    p = memory.estimate(own, placement, SHAPE, device="cpu", width=4, reward_params=rm)
+    assert p.host["reward models"] == 2 * 4 * rm  # two reward ranks, a float32 copy each
+    judged = Config(**{**base, "judge_ranks": "2-2"})
+    p = memory.estimate(judged, Placement.from_config(judged, 3), SHAPE, device="cuda", width=2, gpu_total=200 * GB,
+                        judge_params=rm)
+    assert p.gpu["judge's vLLM engine"] == judged.judge_gpu_memory_utilization * 200 * GB
+
+
 @pytest.fixture(scope="module")
 def seven_b(tmp_path_factory):
     """A model folder of Qwen2.5-7B's shape: its config.json, a tokenizer, and a one-tensor weight file in place of

@@ -66,6 +66,9 @@ class Sample:
     group: tuple[int, int] | None = None
     fresh_mask: list[int] | None = None  # async_mode: 1 on the model's tokens sampled by the weights being trained
     images: Images | None = None  # vision-language: the prompt's images (one object shared by the group)
+    # rewards from models and TRL-style functions: the prompt as the dataset gave it and its row's other columns
+    prompt: list[dict] | str | None = None
+    columns: dict | None = None
 
     @property
     def model_mask(self) -> list[int]:

@@ -129,7 +129,9 @@ class Config:
     # --- rewards ---------------------------------------------------------------------------------------------
     reward_funcs: list[str] = _f(["math", "format"], "Rewards to sum: 'math', 'format', 'em' (exact match of the "
                                  "<answer>), 'remote' (the HTTP service "
-                                 "at reward_url) or 'module:function' (your f(completion, answer) -> float).")
+                                 "at reward_url), 'module:function' (your f(completion, answer) -> float, or TRL's "
+                                 "f(prompts, completions, **columns) on a batch), a reward model's folder (or "
+                                 "'tiny-rm'; see reward_ranks) or 'judge' (judge_model).")
     reward_weights: list[float] = _f([1.0, 0.2], "Weight of each reward in reward_funcs.")
     reward_url: str = _f("", "URL of a remote reward service for 'remote': POST {prompts, completions, answers} "
                          "-> {scores}.")
@@ -140,6 +142,36 @@ class Config:
     reward_on_failure: Literal["fail", "zero"] = _f("fail", "When the remote service stays down: fail the run, "
                                                     "or score zero and count it (reward/remote_failures).")
     reward_workers: int = _f(4, "Threads that score local rewards, so slow checks overlap.")
+    reward_ranks: str = _f("", "Ranks of their own for the reward models named in reward_funcs (a model folder of an "
+                           "...ForSequenceClassification with one label), a whole copy on each, each scoring a share "
+                           "of the step's batch; empty: on the policy ranks, offloaded to the host while the policy "
+                           "trains (on GPU).")
+    reward_model_normalize: Literal["none", "running"] = _f(
+        "none", "A reward model's scores as they come, or standardised by the running mean and std of every score "
+        "it gave so far (kept in checkpoints).")
+    reward_model_batch_tokens: int = _f(8192, "Most tokens (padding included) in one forward of a reward model.")
+    reward_model_max_length: int = _f(4096, "Longest reward-model input in its own tokens; longer ones keep their "
+                                      "last tokens (the completion) and are counted (reward/model_truncated).")
+    judge_model: str = _f("", "The 'judge' reward: a causal LM folder (or 'tiny-judge') served by a vLLM engine on "
+                          "judge_ranks, frozen, never synced.")
+    judge_ranks: str = _f("", "Ranks of their own for the judge's vLLM engines (one engine per rank), each judging "
+                          "a share of the step's batch.")
+    judge_template: str = _f(
+        "Question: {prompt}\nReference answer: {answer}\nResponse: {completion}\nIs the response's tagged answer "
+        "correct? Answer yes or no.", "The judge's user message: {prompt} (the prompt's text), {completion}, "
+        "{answer} and any other column of the row by name; sent through the judge's chat template.")
+    judge_parser: Literal["verdict", "score"] = _f(
+        "verdict", "verdict: the probability of the first verdict token against the second, read from the judge's "
+        "logprobs at its first token (one token generated); score: a number out of the judge's text ('Score: 7/10' "
+        "-> 0.7, '8' -> 8 / judge_score_max), clamped to [0, 1].")
+    judge_verdict_tokens: list[str] = _f(["yes", "no"], "judge_parser verdict: the token meaning 'good', then the "
+                                         "one meaning 'bad'; each one token of the judge's tokenizer.")
+    judge_score_max: float = _f(10.0, "judge_parser score: what a bare number is out of.")
+    judge_max_tokens: int = _f(64, "judge_parser score: most tokens of the judge's answer.")
+    judge_on_failure: Literal["fail", "zero"] = _f(
+        "zero", "A judge answer with no score in it (or neither verdict token among its top logprobs): score it 0 "
+        "and count it (reward/judge_failures), or stop the run.")
+    judge_gpu_memory_utilization: float = _f(0.85, "Share of a judge rank's GPU for its vLLM engine.")
     score_while_generating: Optional[bool] = _f(
         None, "Score each prompt's group on the reward threads as soon as its completions are finished, while the "
         "engine generates the rest. Unset: on with GPU engines; off with vLLM's CPU backend, whose engine needs the "

@@ -310,6 +310,14 @@ def load_prompts(cfg, tokenizer, path: str | None = None, *, limit: int | None =
         if column not in columns:
             raise ConfigError(f"{label} '{path}' has no column '{column}' (columns: {columns}): set --prompt_column "
                               "/ --answer_column")
+    if "judge" in cfg.reward_funcs:  # the judge's template fills its fields from the row
+        from tgrpo.reward_spec import template_fields
+
+        unknown = [f for f in template_fields(cfg.judge_template)
+                   if f not in ("prompt", "completion", "answer") and f not in columns]
+        if unknown:
+            raise ConfigError(f"judge_template names '{{{unknown[0]}}}', which is no column of {label} '{path}' "
+                              f"(columns: {columns}): use {{prompt}}, {{completion}}, {{answer}} or one of them")
     image_column = _image_column(cfg, columns, label, path)
     if not keep_columns:
         rows = rows.select_columns(list(dict.fromkeys([prompt_column, cfg.answer_column,

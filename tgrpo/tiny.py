@@ -9,6 +9,7 @@ seldom writes it in the <answer> format the math reward reads, which GRPO then t
     python -m tgrpo.tiny [cache_dir]                # build (or find) it and print its folder
     python -m tgrpo.tiny [cache_dir] --random 0.5b  # a randomly initialised model of that shape (benchmarks)
     python -m tgrpo.tiny [cache_dir] --vl           # the tiny vision-language model ('tiny-vl')
+    python -m tgrpo.tiny [cache_dir] --rm           # the tiny reward model ('tiny-rm') and judge ('tiny-judge')
 
 Random models (`RANDOM_SHAPES`) are for speed and memory measurements only: Qwen2 shapes with random weights, saved in
 bfloat16, and the tiny tokenizer given a filler token for every id of the model's vocabulary, so that whatever a
@@ -49,7 +50,7 @@ SEARCH_VOCAB = 320  # small: names split into syllables, so a made-up name is co
 SEARCH_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1)
 DATA_DIR = os.path.dirname(BUNDLED_DATA)
-EMBEDDED = ("tiny", "tiny-search", "tiny-vl")  # the `model` names built here
+EMBEDDED = ("tiny", "tiny-search", "tiny-vl", "tiny-rm", "tiny-judge")  # the `model` names built here
 
 
 def tiny_model_dir(cache_dir: str) -> str:
@@ -70,6 +71,8 @@ def ensure_model(cache_dir: str, name: str) -> str:
     """The folder of the embedded model `name` (one of EMBEDDED), built into cache_dir on first use."""
     if name == "tiny-vl":
         return ensure_vl_model(cache_dir)
+    if name in ("tiny-rm", "tiny-judge"):
+        return ensure_reward_model(cache_dir) if name == "tiny-rm" else ensure_judge_model(cache_dir)
     return ensure_search_model(cache_dir) if name == "tiny-search" else ensure_tiny_model(cache_dir)
 
 
@@ -647,6 +650,209 @@ def _build_random_vl(out: str, text: dict, vision: dict, pixels: tuple[int, int]
     _save(out, model, tokenizer, _vl_processor(tokenizer, Qwen2_5_VLProcessor, *pixels))
 
 
+# Models that give rewards (issue 37), for the bundled arithmetic task: a reward model that scores a conversation and
+# a judge that answers yes or no. Both learn math_reward at build time, on completions of the kinds a policy writes:
+# the tiny policy's own samples and made-up ones (tagged or plain, right or wrong), so that a run rewarded by either
+# should move the policy as the rule-based reward does. Each has a tokenizer of its own, unlike the policy's, so
+# that the trainer's re-rendering of a completion for another tokenizer is exercised.
+RM_NAME = "tiny-rm-v1"
+JUDGE_NAME = "tiny-judge-v1"
+RM_VOCAB = 384
+JUDGE_TEMPLATE = ("Question: {prompt}\nReference answer: {answer}\nResponse: {completion}\n"
+                  "Is the response's tagged answer correct? Answer yes or no.")
+VERDICTS = ("yes", "no")  # one token each in the judge's tokenizer, its first reply token
+REWARD_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1)
+# Builds of one to one and a half minutes on 2 cores. With these steps both tell a tagged answer from an untagged one
+# every time, but a right tagged answer from a wrong one only 3 to 4 times in 5 (they learn some arithmetic; the judge
+# does not learn to compare with the reference in that time: given references that were not the question's answer,
+# so that only comparing would do, it did worse).
+RM_STEPS = 1000
+JUDGE_STEPS = 700
+REWARD_LR = 3e-3
+POLICY_SAMPLES = 512  # completions sampled from the tiny policy, one per bundled prompt drawn
+# (kind, weight): made-up completions of each kind, and the policy's samples (mostly plain, sometimes tagged). Wrong
+# tagged answers are as common as right ones so that the tags alone do not earn a high score.
+COMPLETION_KINDS = (("right tagged", 0.35), ("wrong tagged", 0.35), ("right plain", 0.1), ("wrong plain", 0.05),
+                    ("policy", 0.15))
+
+
+def ensure_reward_model(cache_dir: str) -> str:
+    """A tiny Qwen2ForSequenceClassification (one label, pad_token_id in its config) that scores a conversation of
+    the arithmetic task: [{"role": "system", "content": DEFAULT_SYSTEM}, {"role": "user", "content": the prompt's
+    user text}, {"role": "assistant", "content": completion}] (the prompt as the trainer's data gives it) rendered by
+    its own tokenizer's apply_chat_template(messages, tokenize=False), no generation prompt.
+    The score is the logit at the last token that is not padding, as AutoModelForSequenceClassification gives it;
+    trained to predict math_reward(completion, answer) (_arith_grade; a logit: above 0 for 1, below for 0)."""
+    return _ensure(os.path.join(os.path.abspath(cache_dir), RM_NAME), lambda out: _build_reward(out, cache_dir))
+
+
+def ensure_judge_model(cache_dir: str) -> str:
+    """A tiny Qwen2ForCausalLM judge: given JUDGE_TEMPLATE.format(prompt=user text, completion=..., answer=gold
+    answer) as one user message through its tokenizer's chat template with add_generation_prompt=True, its first
+    reply token is "yes" if math_reward(completion, answer) is 1, else "no" (each one token), then <|im_end|>."""
+    return _ensure(os.path.join(os.path.abspath(cache_dir), JUDGE_NAME), lambda out: _build_judge(out, cache_dir))
+
+
+def _graded_completions(cache_dir: str, n: int, seed: int) -> list[tuple[str, str, str, float]]:
+    """n (user text, completion, gold answer, math_reward) examples of the bundled prompts, their completions drawn
+    from COMPLETION_KINDS; the policy's kind from POLICY_SAMPLES samples of the tiny policy."""
+    with open(BUNDLED_DATA) as f:
+        rows = [(r["messages"][-1]["content"], r["answer"]) for r in json.load(f)]
+    rng = random.Random(seed)
+    sampled = _policy_samples(cache_dir, rng.sample(rows, POLICY_SAMPLES))
+    kinds, weights = zip(*COMPLETION_KINDS)
+    examples = []
+    for _ in range(n):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "policy":
+            examples.append(rng.choice(sampled))
+            continue
+        text, answer = rng.choice(rows)
+        value = answer if kind.startswith("right") else str(rng.choice([v for v in range(26) if str(v) != answer]))
+        form = "<answer>{answer}</answer>" if kind.endswith("tagged") else rng.choice(PLAIN_ANSWERS)
+        examples.append((text, form.format(answer=value), answer))
+    grades = {}
+    for text, completion, answer in examples:
+        if (completion, answer) not in grades:
+            grades[completion, answer] = _arith_grade(completion, answer)
+    return [(text, completion, answer, grades[completion, answer]) for text, completion, answer in examples]
+
+
+def _policy_samples(cache_dir: str, rows: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(user text, completion, answer): one completion sampled from the tiny policy for each row, as a run's first
+    rollout would (the default system prompt, 16 new tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = ensure_tiny_model(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    out = []
+    for i in range(0, len(rows), 128):
+        part = rows[i:i + 128]
+        prompts = [tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM},
+                                                  {"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=False) for text, _ in part]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            ids = policy.generate(**batch, do_sample=True, max_new_tokens=16)
+        completions = tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += [(text, completion, answer) for (text, answer), completion in zip(part, completions)]
+    return out
+
+
+def _reward_config(tokenizer, **extra):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=len(tokenizer), **REWARD_SHAPE, max_position_embeddings=512,
+                       tie_word_embeddings=False, bos_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+                       **extra)
+
+
+def _single_threaded(fit) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as _warm_up
+    try:
+        fit()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _arith_grade(completion: str, answer: str) -> float:
+    """math_reward on this task (the rule rewards live above the leaves): 1.0 if the last <answer>...</answer> holds
+    the integer answer (math-verify's equality of plain numbers), else 0.0."""
+    close = completion.rfind("</answer>")
+    start = completion.rfind("<answer>", 0, close) if close >= 0 else -1
+    if start < 0:
+        return 0.0
+    try:
+        return float(float(completion[start + len("<answer>"):close].strip()) == float(answer))
+    except ValueError:
+        return 0.0
+
+
+def _build_reward(out: str, cache_dir: str) -> None:
+    """The reward model: a regression of math_reward (binary cross-entropy on the score) over graded completions."""
+    import torch
+    from jinja2 import Template
+    from transformers import Qwen2ForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    examples = _graded_completions(cache_dir, 8000, seed=0)
+    template = Template(CHAT_TEMPLATE)
+
+    def conversation(text: str, completion: str) -> list[dict]:  # as the trainer renders it: the system prompt too
+        return [{"role": "system", "content": DEFAULT_SYSTEM}, {"role": "user", "content": text},
+                {"role": "assistant", "content": completion}]
+
+    tokenizer = _train_tokenizer_on([template.render(messages=conversation(t, c)) for t, c, _, _ in examples],
+                                    vocab_size=RM_VOCAB)
+    torch.manual_seed(0)
+    config = _reward_config(tokenizer, num_labels=1)
+    model = Qwen2ForSequenceClassification(config)
+    served = _as_served(tokenizer, config)
+    encoded = [(served(served.apply_chat_template(conversation(t, c), tokenize=False),
+                       add_special_tokens=False)["input_ids"], grade) for t, c, _, grade in examples]
+
+    def draw(rng: random.Random) -> dict:
+        pairs = rng.sample(encoded, 32)
+        batch = _padded([(ids, []) for ids, _ in pairs], served.pad_token_id)
+        return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    grades=torch.tensor([grade for _, grade in pairs]))
+
+    def loss(model, batch: dict):
+        batch = dict(batch)
+        grades = batch.pop("grades")
+        scores = model(**batch).logits[:, 0]
+        return torch.nn.functional.binary_cross_entropy_with_logits(scores, grades)
+
+    _single_threaded(lambda: _fit(model, served.pad_token_id, draw, RM_STEPS, seed=0, lr=REWARD_LR, loss=loss))
+    _save(out, model, tokenizer)
+
+
+def _build_judge(out: str, cache_dir: str) -> None:
+    """The judge: supervised on its verdict for graded completions, the loss on the verdict and <|im_end|> only."""
+    import torch
+    from jinja2 import Template
+    from transformers import Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    examples = _graded_completions(cache_dir, 8000, seed=1)
+    template = Template(CHAT_TEMPLATE)
+
+    def question(text: str, completion: str, answer: str) -> list[dict]:
+        return [{"role": "user", "content": JUDGE_TEMPLATE.format(prompt=text, completion=completion, answer=answer)}]
+
+    tokenizer = _train_tokenizer_on(
+        [template.render(messages=question(t, c, a) + [{"role": "assistant", "content": VERDICTS[grade != 1.0]}])
+         for t, c, a, grade in examples], vocab_size=RM_VOCAB)
+    torch.manual_seed(0)
+    config = _reward_config(tokenizer)
+    model = Qwen2ForCausalLM(config)
+    served = _as_served(tokenizer, config)
+    verdicts = [served(v, add_special_tokens=False)["input_ids"] for v in VERDICTS]
+    if any(len(v) != 1 for v in verdicts):
+        raise RuntimeError(f"the judge's verdicts are not one token each: {verdicts}")
+
+    def encode(text: str, completion: str, answer: str, grade: float) -> tuple[list[int], list[int]]:
+        prompt = served(served.apply_chat_template(question(text, completion, answer), add_generation_prompt=True,
+                                                   tokenize=False), add_special_tokens=False)["input_ids"]
+        reply = verdicts[grade != 1.0] + [served.eos_token_id]
+        return prompt + reply, [-100] * len(prompt) + reply
+
+    encoded = [encode(*e) for e in examples]
+    _single_threaded(lambda: _fit(model, served.pad_token_id, lambda rng: rng.sample(encoded, 32), JUDGE_STEPS,
+                                  seed=0, lr=REWARD_LR))
+    _save(out, model, tokenizer)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -655,6 +861,12 @@ if __name__ == "__main__":
     parser.add_argument("--random", choices=sorted(RANDOM_SHAPES) + sorted(RANDOM_VL_SHAPES),
                         help="a random model of this shape instead")
     parser.add_argument("--vl", action="store_true", help="the tiny vision-language model ('tiny-vl') instead")
+    parser.add_argument("--rm", action="store_true",
+                        help="the tiny reward model ('tiny-rm') and judge ('tiny-judge') instead, one folder a line")
     args = parser.parse_args()
-    print(ensure_random_model(args.cache_dir, args.random) if args.random
-          else ensure_vl_model(args.cache_dir) if args.vl else ensure_tiny_model(args.cache_dir))
+    if args.rm:
+        print(ensure_reward_model(args.cache_dir))
+        print(ensure_judge_model(args.cache_dir))
+    else:
+        print(ensure_random_model(args.cache_dir, args.random) if args.random
+              else ensure_vl_model(args.cache_dir) if args.vl else ensure_tiny_model(args.cache_dir))

@@ -277,7 +277,8 @@ def save(job, step: int) -> str:
                        "policy": list(placement.policy), "reference": list(placement.reference),
                        "critic": list(placement.critic), "colocated": placement.colocated, "seed": cfg.seed,
                        "advantage_estimator": cfg.advantage_estimator, "kl_coef": job.kl.value,
-                       "use_lora": cfg.use_lora}, f, indent=1)
+                       "use_lora": cfg.use_lora,
+                       "reward_norms": {name: norm.state() for name, norm in job.reward_norms.items()}}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(cfg.output_dir, os.path.basename(final))
@@ -304,6 +305,10 @@ def load(job, path: str) -> int:
         deepspeed_engine.load_state(job.critic.engine, os.path.join(path, CRITIC))
     if "kl_coef" in state:
         job.kl.value = float(state["kl_coef"])
+    if job.reward_norms and state.get("reward_norms"):  # reward_model_normalize running: the stats so far
+        from tgrpo.reward.model import RunningNorm
+
+        job.reward_norms = {name: RunningNorm(state["reward_norms"].get(name)) for name in job.reward_norms}
     rng = os.path.join(path, "rng", f"rank{job.rank}.pt")
     if os.path.isfile(rng):
         _set_rng_state(torch.load(rng, weights_only=False))

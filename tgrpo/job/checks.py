@@ -257,9 +257,18 @@ def memory_plan(cfg: Config, placement: Placement, local_world_size: int | None 
     local = local_world_size or placement.world_size
     node = int(os.environ.get("GROUP_RANK", os.environ.get("TGRPO_NODE_RANK", "0")))
     gpu_total = memory.gpu_memory() if on_gpu else None
+    from tgrpo import reward_spec as reward
+
+    try:  # rewards from models: the reward models' and the judge's parameters
+        rm_params = sum(memory.model_shape(reward.resolve(cfg, m.entry)).params for m in reward.entries(cfg)
+                        if m.entry != reward.JUDGE)
+        judge_params = memory.model_shape(reward.judge_dir(cfg)).params if placement.judge else 0
+    except Exception:  # noqa: BLE001 - an architecture transformers cannot build here: counted as nothing
+        rm_params = judge_params = 0
     plan = memory.estimate(cfg, placement, shape, device="cuda" if on_gpu else "cpu", width=width,
                            gpu_total=gpu_total or 0.0, local_ranks=range(node * local, (node + 1) * local),
-                           prompt_length=prompt_length, activations=activations)
+                           prompt_length=prompt_length, activations=activations, reward_params=rm_params,
+                           judge_params=judge_params)
     return (plan, gpu_total, *memory.host_memory())
 
 

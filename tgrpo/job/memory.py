@@ -129,12 +129,14 @@ def _trainable(shape: ModelShape, dp: int, stage: int, width: int, offload: bool
 
 
 def estimate(cfg, placement, shape: ModelShape, *, device: str, width: int, gpu_total: float = 0.0,
-             local_ranks=None, prompt_length: int | None = None, activations: bool = True) -> MemoryPlan:
+             local_ranks=None, prompt_length: int | None = None, activations: bool = True,
+             reward_params: int = 0, judge_params: int = 0) -> MemoryPlan:
     """The plan for this job. device: "cuda" or "cpu" (everything then lives in host memory); width: bytes per
     weight (2 for bf16, 4 for fp32); gpu_total: one GPU's bytes (for the engine's share); local_ranks: the global
     ranks on this host (default: all of them); prompt_length: the longest prompt of the data (default
     max_prompt_length); activations false: what does not depend on the sequences (weights, gradients, optimizer
-    states, engines, processes) alone."""
+    states, engines, processes) alone. reward_params: the reward models' parameters (on reward_ranks, else on the
+    policy ranks, offloaded to the host while the policy trains); judge_params: the judge's (on judge_ranks)."""
     cpu = device == "cpu"
     local = set(range(placement.world_size) if local_ranks is None else local_ranks)
     stage, dp = placement.zero_stage, placement.num_policy
@@ -181,6 +183,16 @@ def estimate(cfg, placement, shape: ModelShape, *, device: str, width: int, gpu_
         busiest = {**policy_static, **policy_train, "CUDA context": CUDA_CONTEXT}
         if engine_share + CUDA_CONTEXT > sum(busiest.values()):
             busiest = {"vLLM engine": engine_share, "CUDA context": CUDA_CONTEXT}
+    rm_bytes = width * reward_params
+    if rm_bytes and not placement.reward:  # scoring on a policy GPU: the policy's states stay, training's do not
+        scoring = {**policy_static, "reward models": rm_bytes, "CUDA context": CUDA_CONTEXT}
+        if placement.colocated:
+            scoring = {**scoring, "vLLM engine (asleep)": ENGINE_ASLEEP}
+        busiest = max(busiest, scoring, key=lambda d: sum(d.values()))
+    elif rm_bytes and rm_bytes + CUDA_CONTEXT > sum(busiest.values()):
+        busiest = {"reward models": rm_bytes, "CUDA context": CUDA_CONTEXT}
+    if judge_params and cfg.judge_gpu_memory_utilization * gpu_total + CUDA_CONTEXT > sum(busiest.values()):
+        busiest = {"judge's vLLM engine": cfg.judge_gpu_memory_utilization * gpu_total, "CUDA context": CUDA_CONTEXT}
     if not cpu:
         plan.gpu = busiest
 
@@ -194,6 +206,14 @@ def estimate(cfg, placement, shape: ModelShape, *, device: str, width: int, gpu_
         host[name] = policy_here * value
     if placement.colocated and not cpu and (cfg.vllm_sleep_level == 1 or cfg.use_lora):  # LoRA keeps the base
         host["engine weights kept while asleep"] = engines_here * width * shape.params
+    reward_here = len(local & set(placement.reward or (placement.policy if rm_bytes else ())))
+    if rm_bytes and (cpu or not placement.reward):  # on the host: CPU runs, and offloaded beside a GPU policy
+        host["reward models" if cpu or placement.reward else "reward models (offloaded)"] = reward_here * rm_bytes
+    judge_here = len(local & set(placement.judge))
+    if judge_params and judge_here:
+        host["processes"] += judge_here * ENGINE_HOST[device]
+        if cpu:
+            host["judge engines"] = judge_here * (cfg.vllm_cpu_kvcache_gib * GiB + width * judge_params)
     if cpu:
         for name, value in {**policy_static, **policy_train}.items():
             host[f"policy {name}"] = policy_here * value

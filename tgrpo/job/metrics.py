@@ -8,6 +8,7 @@ import os
 import statistics
 
 from tgrpo import console
+from tgrpo.reward_spec import conversation
 from tgrpo.rollout.rewards import answer_reward
 
 FLAT_STEPS = 3  # steps in a row whose every group's rewards are equal before the run says it learns nothing
@@ -43,8 +44,8 @@ def step_metrics(samples: list, rollout: list[dict], train: dict) -> dict[str, f
     }
     for name in samples[0].reward_parts:  # its mean and spread over the samples it applies to (TRL's None: NaN)
         values = [v for v in (s.reward_parts[name] for s in samples) if not math.isnan(v)]
-        out[f"reward/{name}"] = statistics.fmean(values) if values else math.nan
-        out[f"reward/{name}/std"] = statistics.pstdev(values) if values else math.nan
+        out[f"reward/{name}"] = out[f"reward/{name}/mean"] = statistics.fmean(values) if values else math.nan
+        out[f"reward/{name}/std"] = statistics.pstdev(values) if values else math.nan  # TRL's rewards/<name>/...
     checker = answer_reward(samples[0].reward_parts)
     if checker:  # the answer-checking reward says which completions are correct
         out["accuracy"] = statistics.fmean(float(s.reward_parts[checker] >= 1.0) for s in samples)
@@ -188,6 +189,8 @@ class Metrics:
             row = {"step": step, "prompt": s.prompt_text, "completion": s.completion_text, "answer": s.answer,
                    "reward": s.reward, "reward_parts": s.reward_parts, "advantage": s.advantage,
                    "truncated": s.truncated}
+            if getattr(s, "prompt", None) is not None:  # the prompt as reward models and judges read it (text parts)
+                row["messages"] = conversation(s.prompt, "")[:-1]
             if s.completion_mask is not None:  # which tokens the model wrote (1) and which the tool did (0)
                 row.update(turns=s.turns, tool_calls=s.tool_calls, completion_ids=s.completion_ids,
                            completion_mask=s.completion_mask,

@@ -7,6 +7,9 @@ One process per GPU (or per CPU slot). Roles come from closed rank ranges in the
 - reference: ranks of their own holding the frozen reference (ZeRO-3 over them); empty puts it on the policy ranks.
 - critic:    (advantage_estimator gae) ranks of their own training the critic; empty puts it on the policy ranks.
              Critic ranks never receive weights from the sync.
+- reward:    ranks of their own holding the reward models of reward_funcs (a whole copy each, scoring a share of
+             the batch); empty puts them on the policy ranks.
+- judge:     ranks of their own, each driving a frozen vLLM engine of judge_model (reward 'judge').
 Split placement gives every rank one role. Colocated placement (colocate: true) gives every rank both rollout and
 policy: each trains a ZeRO-3 shard and drives (or lends its GPU to) an engine that sleeps while the policy trains.
 
@@ -33,6 +36,7 @@ import torch.distributed as dist
 from tgrpo.errors import ConfigError
 
 ROLLOUT, POLICY, REFERENCE, CRITIC = "rollout", "policy", "reference", "critic"
+REWARD, JUDGE = "reward", "judge"
 
 
 def parse_ranges(text: str, field: str, world_size: int | None = None) -> list[int]:
@@ -71,6 +75,8 @@ class Placement:
     critic: tuple[int, ...] = ()
     zero_stage: int = 3  # the policy's (and critic's) ZeRO stage, zero_stage auto resolved
     zero_stage_auto: bool = False
+    reward: tuple[int, ...] = ()
+    judge: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, cfg, world_size: int, local_world_size: int | None = None) -> "Placement":
@@ -78,10 +84,12 @@ class Placement:
         policy = parse_ranges(cfg.policy_ranks, "policy_ranks", world_size)
         reference = parse_ranges(cfg.reference_ranks, "reference_ranks", world_size)
         critic = parse_ranges(cfg.critic_ranks, "critic_ranks", world_size)
+        reward = parse_ranges(cfg.reward_ranks, "reward_ranks", world_size)
+        judge = parse_ranges(cfg.judge_ranks, "judge_ranks", world_size)
         tp = cfg.rollout_tensor_parallel_size
         if not rollout or not policy:
             raise ConfigError("rollout_ranks and policy_ranks must each name at least one rank")
-        beyond = sorted(r for r in rollout + policy + reference + critic if r >= world_size)
+        beyond = sorted(r for r in rollout + policy + reference + critic + reward + judge if r >= world_size)
         if beyond:
             raise ConfigError(f"ranks {beyond} are beyond the world size {world_size} (ranks 0-{world_size - 1}): "
                               "shrink the ranges or launch more processes")
@@ -103,13 +111,22 @@ class Placement:
         if twice:
             raise ConfigError(f"ranks {twice} are in critic_ranks='{cfg.critic_ranks}' and in another role: critic "
                               "ranks hold the critic alone")
+        for name, own, text in (("reward_ranks", reward, cfg.reward_ranks), ("judge_ranks", judge, cfg.judge_ranks)):
+            others = set(rollout) | set(policy) | set(reference) | set(critic) | (set(judge) if own is reward else
+                                                                                    set(reward))
+            twice = sorted(set(own) & others)
+            if twice:
+                raise ConfigError(f"ranks {twice} are in {name}='{text}' and in another role: {name} hold "
+                                  f"{'the reward models' if own is reward else 'the judge'} alone")
         if reference and cfg.beta == 0:
             raise ConfigError("reference_ranks are given but beta=0 loads no reference model: set beta > 0 or "
                               "leave reference_ranks empty")
-        missing = sorted(set(range(world_size)) - set(rollout) - set(policy) - set(reference) - set(critic))
+        missing = sorted(set(range(world_size)) - set(rollout) - set(policy) - set(reference) - set(critic)
+                         - set(reward) - set(judge))
         if missing:
             raise ConfigError(f"ranks {missing} of the {world_size} launched have no role: cover every rank with "
-                              "rollout_ranks, policy_ranks, reference_ranks and critic_ranks")
+                              "rollout_ranks, policy_ranks, reference_ranks, critic_ranks, reward_ranks and "
+                              "judge_ranks")
         rollout = sorted(rollout)
         if len(rollout) % tp:
             raise ConfigError(f"{len(rollout)} rollout ranks do not split into engines of "
@@ -132,7 +149,8 @@ class Placement:
             stage = 3 if len(policy) > 1 or split_partitions else 2
         mode = cfg.sync_mode if cfg.sync_mode != "auto" else ("partitions" if stage == 3 else "gather")
         return cls(world_size, tuple(rollout), tuple(sorted(policy)), tuple(sorted(reference)), tp,
-                   bool(cfg.colocate), senders, mode, tuple(sorted(critic)), stage, cfg.zero_stage == "auto")
+                   bool(cfg.colocate), senders, mode, tuple(sorted(critic)), stage, cfg.zero_stage == "auto",
+                   tuple(sorted(reward)), tuple(sorted(judge)))
 
     @property
     def engine_ranks(self) -> tuple[int, ...]:
@@ -158,12 +176,13 @@ class Placement:
         return [(self.policy[j], *self.engine_ranks[j::k]) for j in range(k)]
 
     def roles(self, rank: int) -> set[str]:
-        return {role for role, ranks in ((ROLLOUT, self.rollout), (POLICY, self.policy),
-                                         (REFERENCE, self.reference), (CRITIC, self.critic)) if rank in ranks}
+        return {role for role, ranks in ((ROLLOUT, self.rollout), (POLICY, self.policy), (REFERENCE, self.reference),
+                                         (CRITIC, self.critic), (REWARD, self.reward), (JUDGE, self.judge))
+                if rank in ranks}
 
     def role_name(self, rank: int) -> str:
         """For messages: 'rollout', 'policy', 'rollout+policy', ..."""
-        return "+".join(r for r in (ROLLOUT, POLICY, REFERENCE, CRITIC) if r in self.roles(rank))
+        return "+".join(r for r in (ROLLOUT, POLICY, REFERENCE, CRITIC, REWARD, JUDGE) if r in self.roles(rank))
 
 
 @dataclass

@@ -6,6 +6,7 @@
 A step, as one batch sees it:
   rollout ranks:    prompts -> vLLM -> rewards ----------------.
   data group:       all_gather of the samples  <-----------------'
+  reward holders:   rewards from models (reward models, the judge) of every sample, gathered to every rank
   reference holders: reference logprobs of every sample (beta > 0), gathered to every rank
   critic holders:   values of every completion token (advantage_estimator gae), gathered to every rank
   every rank:       advantages from the whole batch: group advantages (grpo) or GAE over the values (gae)
@@ -37,7 +38,7 @@ from tgrpo import console
 from tgrpo.algorithm import KLController
 from tgrpo.config import Config, load_config
 from tgrpo.errors import ConfigError, JobError
-from tgrpo.job import build_locks, checkpoint, checks, rank_life
+from tgrpo.job import build_locks, checkpoint, checks, model_rewards, rank_life
 from tgrpo.job.metrics import Metrics, staleness_stats, step_metrics
 from tgrpo.job.placement import CRITIC, POLICY, REFERENCE, Groups, Placement, build_groups
 from tgrpo.job.watchdog import Watchdog, limits as watchdog_limits
@@ -90,6 +91,9 @@ class Job:
     adapter_config: dict | None = None  # use_lora: the adapter's peft config (adapter_config.json)
     stream: object = None  # async_mode, on rollout ranks: the continuous rollout (tgrpo.rollout.stream.GroupStream)
     export_plan: list | None = None  # what a checkpoint exports: the plan, and a frozen vision tower's weights
+    reward_models: dict = field(default_factory=dict)  # the reward models this rank holds, by name
+    judge: object = None  # on a judge rank: its Judge (a frozen vLLM engine)
+    reward_norms: dict = field(default_factory=dict)  # reward_model_normalize running: each reward model's stats
 
     @property
     def engine(self):
@@ -200,6 +204,18 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         critic = CriticWorker(cfg, holders, groups.critic or groups.policy, rank, checks.critic_dir(cfg), device,
                               dtype, placement.zero_stage)
 
+    reward_models, judge = {}, None
+    if model_rewards.reward.entries(cfg):
+        starting("loading the reward models and the judge")
+        problem = None
+        try:
+            reward_models, judge = model_rewards.start(cfg, placement, rank, device, dtype, dtype_name, engine_died)
+        except ConfigError as e:  # on one rank: every rank learns it, rank 0 says it
+            problem = str(e)
+        verdicts = rank_life.gather_objects(problem, groups.data)
+        if any(verdicts):
+            raise ConfigError(next(v for v in verdicts if v))
+
     # The gather plan (checkpoints, colocated and sync_mode gather) and, for sync_mode partitions, the shard plan:
     # zero-copy when every policy rank's shards sit at the same offsets of DeepSpeed's flat buffer.
     split_partitions = not placement.colocated and placement.sync_mode == "partitions"
@@ -224,12 +240,15 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         worker.engine.use_adapter(adapter_config)
     job = Job(cfg, placement, groups, rank, device, model_dir, log, plan, worker, policy, reference, critic,
               KLController(cfg.kl_ctrl, cfg.beta, cfg.kl_target, cfg.kl_horizon), shard_plan=shard_plan,
-              watchdog=watch, adapter_config=adapter_config, export_plan=export_plan or plan)
+              watchdog=watch, adapter_config=adapter_config, export_plan=export_plan or plan,
+              reward_models=reward_models, judge=judge, reward_norms=model_rewards.norms(cfg))
     engines = len(placement.engine_ranks)
     log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
                 f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{placement.zero_stage}"
                 f"{', auto' if placement.zero_stage_auto else ''})"
                 + (f", the reference on {len(placement.reference)}" if placement.reference else "")
+                + (f", reward models on {len(placement.reward)}" if placement.reward else "")
+                + (f", the judge on {len(placement.judge)}" if placement.judge else "")
                 + (f", the critic on {len(placement.critic)}" if placement.critic else
                    ", the critic beside it" if cfg.advantage_estimator == "gae" else "")
                 + (", colocated" if placement.colocated else "")
@@ -331,6 +350,8 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
         rollout_metrics = [m for _, m in everyone if m is not None]
         if placement.colocated and engine is not None:
             engine.sleep()
+        watch(step + 1, "rewards from models")
+        model_stats = model_rewards.attach(job, samples, lambda: _await_others(job))
         if cfg.beta > 0:
             _attach_reference_logprobs(job, job.reference or policy, samples)
         kl_coef = job.kl.value if cfg.kl_in_reward else 0.0  # this step's; the controller moves after it
@@ -345,6 +366,7 @@ def run_steps(job: Job, first: int, last: int, staleness: int) -> list[dict]:
             if cfg.kl_in_reward:
                 kl_into_rewards(samples, kl_coef)
             assign_advantages(samples, cfg.num_generations, cfg.scale_rewards)
+        step_stats.update(model_stats)
         if cfg.async_mode:
             step_stats.update(staleness_stats(samples, step, cfg.max_staleness))
             for s in samples:
@@ -465,6 +487,8 @@ def finish(job: Job) -> None:
     job.log.close()
     if job.stream is not None:
         job.stream.close()
+    if job.judge is not None:
+        job.judge.shutdown()
     if job.worker is not None:
         job.worker.scorer.close()
         if job.worker.retriever is not None:

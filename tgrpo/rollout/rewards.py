@@ -192,7 +192,9 @@ def _load(name: str) -> Callable[[str, str], float]:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr or ":" in attr:
         raise ConfigError(f"unknown reward '{name}' in reward_funcs: choose from {list(BUILTIN)}, '{REMOTE}' "
-                          "(needs reward_url) or 'module:function' naming your f(completion, answer) -> float")
+                          "(needs reward_url), 'judge' (needs judge_model), a reward model's folder (no folder "
+                          f"'{name}' with a config.json here) or 'module:function' naming your f(completion, "
+                          "answer) -> float")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -227,8 +229,10 @@ def check_reward_config(cfg) -> None:
     check(all(math.isfinite(w) for w in weights), f"reward_weights must be finite numbers, got {weights}")
     check(len(set(names)) == len(names), f"reward_funcs names a reward twice ({names}): name each once and "
                                          "set its weight instead")
+    from tgrpo.reward_spec import JUDGE, is_reward_model
+
     for name in names:
-        if name != REMOTE:
+        if name not in (REMOTE, JUDGE) and not is_reward_model(name):
             _load(name)
     if REMOTE in names:
         url = urllib.parse.urlparse(cfg.reward_url)
@@ -242,6 +246,50 @@ def check_reward_config(cfg) -> None:
     check(cfg.reward_timeout_s > 0, f"reward_timeout_s must be > 0 seconds, got {cfg.reward_timeout_s}")
     check(cfg.reward_on_failure in ("fail", "zero"),
           f"reward_on_failure must be 'fail' or 'zero', got '{cfg.reward_on_failure}'")
+    _check_model_rewards(cfg, check)
+
+
+def _check_model_rewards(cfg, check) -> None:
+    """Reward models and the judge: their ranks, folders and options (builds the embedded tiny-rm if named)."""
+    from tgrpo.reward_spec import (JUDGE, check_reward_model_folder, entries, judge_dir, resolve, template_fields,
+                                   verdict_ids)
+
+    models = entries(cfg)
+    reward_models = [m for m in models if m.entry != JUDGE]
+    check(bool(reward_models) or not cfg.reward_ranks,
+          f"reward_ranks='{cfg.reward_ranks}' but reward_funcs names no reward model: add a reward model's folder "
+          "to reward_funcs, or leave reward_ranks empty")
+    judged = any(m.entry == JUDGE for m in models)
+    check(judged or not cfg.judge_ranks, f"judge_ranks='{cfg.judge_ranks}' but reward_funcs has no 'judge': add "
+                                         "'judge' (and its weight), or leave judge_ranks empty")
+    if models:
+        check(not cfg.dynamic_sampling, "dynamic_sampling drops groups on the rollout ranks before rewards from "
+                                        "models are scored (after the gather): turn one of them off")
+        check(cfg.reward_model_batch_tokens >= 1, "reward_model_batch_tokens must be >= 1")
+        check(cfg.reward_model_max_length >= 8, "reward_model_max_length must be >= 8 tokens")
+    names = [m.name for m in models]
+    check(len(set(names)) == len(names), f"two reward models share the name {names}: give their folders different "
+                                         "base names (the metrics name them so)")
+    for m in reward_models:
+        problem = check_reward_model_folder(resolve(cfg, m.entry))
+        check(not problem, problem + ".")
+    if judged:
+        check(bool(cfg.judge_model), "reward 'judge' needs judge_model: a causal LM's folder (or 'tiny-judge'), "
+                                     "e.g. --judge_model /models/Qwen2.5-7B-Instruct")
+        check(bool(cfg.judge_ranks), "reward 'judge' needs judge_ranks: ranks of their own for its vLLM engine, e.g. "
+                                     "launch one more process and set --judge_ranks 3")
+        folder = judge_dir(cfg)
+        check(os.path.isfile(os.path.join(folder, "config.json")),
+              f"judge_model '{cfg.judge_model}' is not a model folder (no config.json there): give a causal LM's "
+              "folder or 'tiny-judge'")
+        template_fields(cfg.judge_template)
+        if cfg.judge_parser == "verdict":
+            from transformers import AutoTokenizer
+
+            verdict_ids(AutoTokenizer.from_pretrained(folder), cfg.judge_verdict_tokens, cfg.judge_model)
+        check(cfg.judge_score_max > 0 and cfg.judge_max_tokens >= 1,
+              "judge_score_max must be > 0 and judge_max_tokens >= 1")
+        check(0 < cfg.judge_gpu_memory_utilization <= 1, "judge_gpu_memory_utilization must be in (0, 1]")
 
 
 def _as_score(value: object) -> float | None:
@@ -377,8 +425,14 @@ class RewardScorer:
     function must be thread-safe; with reward_workers=1 they run one at a time."""
 
     def __init__(self, cfg):
+        """Rewards from models (reward models, the judge) are not scored here: the job adds them once the step's
+        samples are gathered (tgrpo.job.model_rewards)."""
+        from tgrpo.reward_spec import entries
+
         check_reward_config(cfg)
-        self.names, self.weights = list(cfg.reward_funcs), [float(w) for w in cfg.reward_weights]
+        models = {m.index for m in entries(cfg)}
+        kept = [(n, float(w)) for i, (n, w) in enumerate(zip(cfg.reward_funcs, cfg.reward_weights)) if i not in models]
+        self.names, self.weights = [n for n, _ in kept], [w for _, w in kept]
         self.local = {name: _load(name) for name in self.names if name != REMOTE}
         self.batched = {name for name, func in self.local.items() if trl_style(func)}
         self.workers = cfg.reward_workers

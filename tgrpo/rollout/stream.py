@@ -180,7 +180,8 @@ class GroupStream:
                                   prompt_text=p.prompt_text, completion_text=ep.text,
                                   segments=ep.segments if multi else None, turns=ep.turns,
                                   tool_calls=ep.tool_calls, versions=ep.versions,
-                                  group=(self.worker.index, group.position), images=group.media[2]))
+                                  group=(self.worker.index, group.position), images=group.media[2],
+                                  prompt=p.prompt, columns=p.columns))
         group.samples = samples
         group.first_version = min((v for s in samples for v, m in zip(s.versions, s.model_mask) if m),
                                   default=self.version)

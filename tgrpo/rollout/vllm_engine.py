@@ -321,12 +321,14 @@ def _names_a_dead_engine(method):
 class RolloutEngine:
     def __init__(self, model_dir: str, *, dtype: str, seed: int, max_model_len: int, cfg, tag: str,
                  tensor_parallel_size: int = 1, sleep_mode: bool = False, on_engine_death=None,
-                 max_num_seqs: int = 256, lora_rank: int | None = None, images: dict | None = None):
+                 max_num_seqs: int = 256, lora_rank: int | None = None, images: dict | None = None,
+                 gpu_memory_utilization: float | None = None):
         """lora_rank: serve a LoRA adapter of up to this rank (one of vLLM's max_lora_rank sizes) over the base in
         model_dir; syncs then bring the adapter's tensors (use_adapter) and requests are generated with it.
         images (vision-language models): {"per_prompt": the most images of a prompt, "processor": the image
         processor's arguments (min_pixels, max_pixels)}, so that vLLM sizes images as the trainer's processor does;
-        prompts then come with their images (the `images` argument of generate and submit)."""
+        prompts then come with their images (the `images` argument of generate and submit).
+        gpu_memory_utilization: the engine's share of its GPU (default the config's vllm_gpu_memory_utilization)."""
         self.on_gpu = on_gpu = torch.cuda.is_available()
         if on_gpu:
             # vLLM's workers take the first visible GPUs: make those this rank's GPU and the next tp-1 (the engine's
@@ -355,11 +357,12 @@ class RolloutEngine:
         os.environ[_OWNER] = str(os.getpid())
         from vllm import LLM
 
+        share = gpu_memory_utilization or cfg.vllm_gpu_memory_utilization
         before = set(_children())
         with _without_launcher_env():
             self.llm = LLM(
                 model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization if on_gpu else 0.1,
+                gpu_memory_utilization=share if on_gpu else 0.1,
                 logprobs_mode="processed_logprobs", tensor_parallel_size=tensor_parallel_size,
                 enable_sleep_mode=self.sleep_mode, worker_extension_cls="tgrpo.rollout.vllm_engine.WeightReceiver",
                 **engine_settings(cfg, on_gpu, max_num_seqs), **lora_args,
@@ -411,6 +414,21 @@ class RolloutEngine:
                                       for m, s in zip(max_tokens, seeds)], None)
         return [_completion(o) for out in outs for o in out.outputs]
 
+    @_names_a_dead_engine
+    def judge(self, prompt_ids: list[list[int]], *, max_tokens: int, temperature: float, seed: int | None,
+              top_logprobs: int = 0) -> list[tuple[str, dict[int, float]]]:
+        """One answer per prompt for a judge: its text, and the logprobs of the top_logprobs most likely tokens at
+        its first position ({token id: logprob}; empty with top_logprobs 0)."""
+        outs = self._run(prompt_ids, [dict(n=1, max_tokens=max_tokens, temperature=temperature, top_p=1.0,
+                                           seed=seed + i if seed is not None and self.seeded else None,
+                                           logprobs=top_logprobs) for i in range(len(prompt_ids))], None)
+        result = []
+        for out in outs:
+            o = out.outputs[0]
+            first = o.logprobs[0] if top_logprobs and o.logprobs else {}
+            result.append((o.text, {int(t): float(lp.logprob) for t, lp in first.items()}))
+        return result
+
     def _run(self, prompt_ids: list[list[int]], params: list[dict], on_done, images: list[list] | None = None) -> list:
         """Every request into the engine at once (LLM.enqueue), then its steps until all are finished; each
         finished request's output goes to on_done(i, completions) at once. Returns the outputs in prompt order.
@@ -418,7 +436,7 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         ids = self.llm.enqueue([_prompt(p, i) for p, i in zip(prompt_ids, images or [None] * len(prompt_ids))],
-                               [SamplingParams(**kwargs, logprobs=0) for kwargs in params],
+                               [SamplingParams(**{"logprobs": 0, **kwargs}) for kwargs in params],
                                lora_request=self._lora_request, use_tqdm=False)
         outs: list = [None] * len(prompt_ids)
         left = [len(ids)]

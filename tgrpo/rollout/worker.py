@@ -15,6 +15,7 @@ import torch
 from tgrpo import algorithm, console, data, vision
 from tgrpo.batch import Images, Sample
 from tgrpo.policy import lora
+from tgrpo.reward_spec import entries as model_rewards
 from tgrpo.rollout import rewards, tools
 from tgrpo.rollout.vllm_engine import RolloutEngine
 
@@ -33,7 +34,8 @@ class RolloutWorker:
         # vision-language models: the processor that sizes images as the policy sees them (None: a text model)
         self.vision = vision.VisionProcessor.load(model_dir, cfg.min_pixels, cfg.max_pixels)
         self.scorer = rewards.RewardScorer(cfg)
-        rows = self.scorer.wants_rows  # a reward function written for TRL gets every column of the row
+        # a reward function written for TRL gets every column of the row, a reward model the prompt's messages
+        rows = self.scorer.wants_rows or bool(model_rewards(cfg))
         self.prompts, self.dropped = data.load_prompts(cfg, self.tokenizer, keep_columns=rows, vision=self.vision)
         self.eval_prompts: list[data.Prompt] = []
         if cfg.eval_data:
@@ -161,7 +163,7 @@ class RolloutWorker:
                 p = prompts[i]
                 return Sample(p.prompt_ids, c.token_ids, c.logprobs, truncated=c.finish_reason == "length",
                               answer=p.answer, prompt_text=p.prompt_text, completion_text=c.text,
-                              images=media[i][2])
+                              images=media[i][2], prompt=p.prompt, columns=p.columns)
 
             done = None if on_done is None else (lambda i, group: on_done(i, [sample(i, c) for c in group]))
             outs = self.engine.generate([m[0] for m in media], n=n,
@@ -177,7 +179,7 @@ class RolloutWorker:
             top_p=top_p, seed=seed)
         return [Sample(p.prompt_ids, e.ids, e.logprobs, truncated=e.truncated, completion_mask=e.mask,
                        answer=p.answer, prompt_text=p.prompt_text, completion_text=e.text, segments=e.segments,
-                       turns=e.turns, tool_calls=e.tool_calls)
+                       turns=e.turns, tool_calls=e.tool_calls, prompt=p.prompt, columns=p.columns)
                 for p, group in zip(prompts, groups) for e in group], stats
 
     def _generate_groups(self, prompts: list[data.Prompt], step: int, sampling_round: int):

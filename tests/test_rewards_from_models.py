@@ -1,0 +1,128 @@
+"""Rewards from models, end to end under torchrun (real vLLM engines, real DeepSpeed, the embedded tiny-rm and
+tiny-judge): GRPO rewarded by a reward model alone raises its score, with the reward model on a rank of its own
+(killed there and resumed by node.sh) and on the policy rank (running normalisation); the trainer's scores equal the
+models' own, computed here with transformers on the same texts; the same for the LLM judge on its vLLM rank."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, free_port, killed_and_resumed_run, run
+from tgrpo.reward_spec import prompt_text
+
+pytestmark = [pytest.mark.slow]
+CACHE = os.path.join(ROOT, ".cache")
+STEPS = 20
+MARGIN = 0.5  # the reward model's score (a logit), first 5 steps vs last 5; measured over 3 seeds: see the note
+
+
+def _samples(out) -> list[dict]:
+    return [json.loads(line) for line in open(out / "samples.jsonl")]
+
+
+def _rise(values: list[float]) -> tuple[float, float]:
+    return sum(values[:5]) / 5, sum(values[-5:]) / 5
+
+
+def _rm_scores(rows: list[dict]) -> list[float]:
+    """tiny-rm's score of each logged sample, by transformers alone (float32, one text at a time)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tgrpo.tiny import ensure_reward_model
+
+    path = ensure_reward_model(CACHE)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["messages"] + [{"role": "assistant", "content": row["completion"]}],
+                                             tokenize=False)
+        with torch.no_grad():
+            out.append(model(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item())
+    return out
+
+
+@pytest.mark.xdist_group("rm")
+def test_reward_model_on_its_own_rank_raises_its_score_and_a_killed_reward_rank_resumes(tmp_path, monkeypatch):
+    """configs/rm.yaml as a new user runs it (node.sh), the reward rank (2) killed with SIGKILL after the step-10
+    checkpoint: node.sh names it, restarts the job, which resumes and finishes with the first attempt's metrics."""
+    monkeypatch.setenv("TGRPO_TEST_VICTIM_RANK", "2")
+    args = ["train_grpo.py", "--config", "configs/rm.yaml", "--save_steps", "10", "--output_dir", str(tmp_path)]
+    metrics, first_attempt, console, (kill_after, victim, left_alive, left_shm) = killed_and_resumed_run(
+        tmp_path, args[1:], (11, 13))
+    named = [line for line in console.splitlines() if line.startswith("error: rank ")]
+    assert named and named[0].startswith("error: rank 2 ") and "SIGKILL" in named[0], console[-3000:]
+    assert "resumed from" in console and not left_alive and not left_shm
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    for theirs in [m for m in first_attempt if m["step"] > 10]:  # the steps run again after the resume
+        ours = metrics[theirs["step"] - 1]
+        for key in ("reward/mean", "reward/tiny-rm/std", "completion/length_mean", "batch/tokens"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), (kill_after, ours["step"], key)
+    scores = [m["reward/tiny-rm"] for m in metrics]
+    first, last = _rise(scores)
+    print("tiny-rm score per step:", [round(s, 3) for s in scores])
+    assert last > first + MARGIN, (first, last, scores)
+    rows = _samples(tmp_path)
+    direct = _rm_scores(rows)
+    for row, want in zip(rows, direct):
+        assert row["reward_parts"]["tiny-rm"] == pytest.approx(want, abs=1e-4), row
+        assert row["reward"] == pytest.approx(want, abs=1e-4)  # the reward model's score alone, weight 1
+    assert len({round(x, 3) for x in direct}) > 5  # varied texts, varied scores
+
+
+def test_reward_model_on_the_policy_rank_with_running_normalisation(tmp_path):
+    """reward_ranks empty: the reward model on the policy rank (two ranks in all); reward_model_normalize running
+    standardises its scores (the raw mean is logged and rises)."""
+    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "train_grpo.py", "--config", "configs/rm.yaml", "--reward_ranks", "",
+                "--reward_model_normalize", "running", "--max_steps", "14", "--output_dir", str(tmp_path)], 900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    raw = [m["reward/tiny-rm/raw_mean"] for m in metrics]
+    first, last = _rise(raw)
+    print("tiny-rm raw mean per step (colocated, normalised):", [round(s, 3) for s in raw])
+    assert last > first + MARGIN, (first, last, raw)
+    assert abs(metrics[-1]["reward/mean"]) < 1.5  # standardised: around 0, not the raw logits
+    assert "ready in" in done.stdout and "reward models on" not in done.stdout
+
+
+@pytest.mark.xdist_group("judge")
+def test_judge_on_its_own_rank_raises_its_verdict_and_scores_as_the_model_does(tmp_path):
+    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
+                str(free_port()), "train_grpo.py", "--config", "configs/judge.yaml", "--output_dir", str(tmp_path)],
+               900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the judge on 1" in done.stdout
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(m["reward/judge_failures"] == 0 for m in metrics)
+    verdicts = [m["reward/judge"] for m in metrics]
+    first, last = _rise(verdicts)
+    print("judge P(yes) per step:", [round(s, 3) for s in verdicts])
+    assert last > first + JUDGE_MARGIN, (first, last, verdicts)
+    # the judge's verdict as transformers computes it from the same message (float32)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tgrpo.config import Config
+    from tgrpo.tiny import ensure_judge_model
+
+    path = ensure_judge_model(CACHE)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    yes, no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
+    template = Config().judge_template
+    rows = _samples(tmp_path)
+    for row in rows:
+        message = template.format(prompt=prompt_text(row["messages"]), completion=row["completion"],
+                                  answer=row["answer"])
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=True,
+                                            add_generation_prompt=True, return_dict=False)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        want = 1 / (1 + math.exp(logp[no].item() - logp[yes].item()))
+        assert row["reward_parts"]["judge"] == pytest.approx(want, abs=1e-4), row
+
+
+JUDGE_MARGIN = 0.1

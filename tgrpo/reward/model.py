@@ -1,0 +1,99 @@
+"""A sequence-classification reward model (num_labels 1: Skywork-Reward, internlm2-reward and the like) scoring
+completions with its own tokenizer and chat template, batched by a token budget, in the job's dtype (bf16 on GPU).
+
+TRL's rule: the prompt's messages and the completion as the assistant's turn, rendered by the reward model's chat
+template (its tokenizer has one) and tokenized without special tokens added; without a chat template the prompt's
+text and the completion, tokenized as the tokenizer does by default. The score is the model's logit (at the last
+non-pad token, as transformers' ...ForSequenceClassification picks it)."""
+from __future__ import annotations
+
+import torch
+
+from tgrpo.reward_spec import conversation
+
+
+class RewardModel:
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, batch_tokens: int, max_length: int,
+                 offload: bool = False):
+        """offload: between uses the weights wait in host memory (a GPU shared with the policy, which trains
+        meanwhile)."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.path, self.device, self.batch_tokens, self.max_length = path, device, batch_tokens, max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        if model.config.pad_token_id is None:  # the last real token is found by the pad id
+            model.config.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+                else self.tokenizer.eos_token_id
+        self.pad = model.config.pad_token_id
+        self.offload = offload and device.type == "cuda"
+        self.model = model.eval().requires_grad_(False).to("cpu" if self.offload else device)
+        self.truncated = 0  # inputs cut to max_length (their last tokens kept), since the last take_truncated
+
+    def encode(self, prompt, completion: str) -> list[int]:
+        """The reward model's token ids of one (prompt, completion), by TRL's rule (module docstring)."""
+        messages = conversation(prompt, completion)
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
+        if len(ids) > self.max_length:
+            self.truncated += 1
+            ids = ids[-self.max_length:]
+        return ids
+
+    @torch.no_grad()
+    def score(self, prompts: list, completions: list[str]) -> list[float]:
+        """One float per completion (float32 values of the model's logit)."""
+        encoded = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: few pads per batch
+        out = [0.0] * len(encoded)
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            start = 0
+            while start < len(order):
+                width = len(encoded[order[start]])
+                count = max(1, self.batch_tokens // max(1, width))
+                batch = order[start:start + count]
+                start += len(batch)
+                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[row, :len(encoded[i])] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                for row, i in enumerate(batch):
+                    out[i] = float(logits[row, 0].float())
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+        return out
+
+
+class RunningNorm:
+    """reward_model_normalize running: scores standardised by the mean and std of every score seen so far (this
+    batch's included), as OpenRLHF's running reward normalisation; its state goes into checkpoints."""
+
+    def __init__(self, state: dict | None = None):
+        self.count, self.mean, self.m2 = (state or {}).get("count", 0), (state or {}).get("mean", 0.0), \
+            (state or {}).get("m2", 0.0)
+
+    def update(self, values: list[float]) -> None:
+        for x in values:  # Welford
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+    def __call__(self, values: list[float]) -> list[float]:
+        self.update(values)
+        std = (self.m2 / self.count) ** 0.5 if self.count > 1 else 1.0
+        return [(x - self.mean) / max(std, 1e-6) for x in values]
+
+    def state(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}

@@ -33,6 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECONDS = {
     "train": 480, "ppo": 260, "search": 130,  # the groups: a run shared by several tests
     "vl": 300,  # test_vl: configs/vl.yaml killed and resumed (196 s beside another job)
+    # test_rewards_from_models (alone, one worker: 256 s for the three; doubled as for two workers)
+    "rm": 200, "judge": 150, "test_reward_model_on_the_policy_rank_with_running_normalisation": 130,
+    "test_a_judge_answer_without_a_score_is_counted_or_stops_the_run": 150,
     "test_lora_and_async_mode_train_on_image_prompts_in_sync": 120,  # each of the two (64-68 s alone)
     # test_lora (measured alone, beside another user's jobs: the group 165 s, colocated 54 s, TP 40 s; doubled as
     # for two workers)
@@ -129,13 +132,14 @@ def pytest_sessionstart(session):
     config = session.config
     if _is_worker(config) or config.option.collectonly:
         return
-    from tgrpo.tiny import SEARCH_NAME, TINY_NAME, VL_NAME
+    from tgrpo.tiny import JUDGE_NAME, RM_NAME, SEARCH_NAME, TINY_NAME, VL_NAME
 
     _stale_locks()
     cache = os.path.join(ROOT, ".cache")
     model = "import sys; from tgrpo.tiny import ensure_model; ensure_model(sys.argv[1], sys.argv[2])"
     builds = {name: [sys.executable, "-c", model, cache, which]
-              for which, name in (("tiny", TINY_NAME), ("tiny-search", SEARCH_NAME), ("tiny-vl", VL_NAME))
+              for which, name in (("tiny", TINY_NAME), ("tiny-search", SEARCH_NAME), ("tiny-vl", VL_NAME),
+                                  ("tiny-rm", RM_NAME), ("tiny-judge", JUDGE_NAME))
               if not os.path.isfile(os.path.join(cache, name, "done"))}
     op = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm")
     if ("not slow" not in (config.option.markexpr or "") and shutil.which("nvidia-smi") is None

@@ -128,3 +128,28 @@ def test_a_judge_template_naming_an_unknown_column_is_one_line(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(CACHE))
     with pytest.raises(ConfigError, match=r"judge_template names '\{difficulty\}', which is no column"):
         data.load_prompts(cfg, tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["causal-lm-as-reward-model", "judge-template-unknown-column", "verdict-not-a-token"])
+def test_node_sh_refuses_bad_model_rewards_in_one_line_before_any_engine(tmp_path, case):
+    import sys
+
+    from helpers import free_port, run
+
+    if case == "causal-lm-as-reward-model":  # the policy's own folder: a causal LM
+        from tgrpo.tiny import ensure_tiny_model
+
+        args, words = ["--reward_funcs", ensure_tiny_model(CACHE), "--reward_weights", "1"], "not an ...ForSequence"
+    elif case == "judge-template-unknown-column":
+        args = ["--config", "configs/judge.yaml", "--judge_template", "{prompt} {completion} {rubric}"]
+        words = "judge_template names '{rubric}', which is no column"
+    else:
+        args = ["--config", "configs/judge.yaml", "--judge_verdict_tokens", "correct answer", "no"]
+        words = "judge verdict word 'correct answer' is"
+    result = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *args, "--output_dir", str(tmp_path / "out")],
+                 timeout=600, env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert "EngineCore" not in result.stdout + result.stderr  # nothing started

@@ -126,3 +126,24 @@ def test_judge_on_its_own_rank_raises_its_verdict_and_scores_as_the_model_does(t
 
 
 JUDGE_MARGIN = 0.1
+
+
+def test_a_judge_answer_without_a_score_is_counted_or_stops_the_run(tmp_path):
+    """tiny-judge answers yes or no, never a number: with judge_parser score every answer is a failure, scored 0 and
+    counted (judge_on_failure zero), or the run stops with node.sh's one line naming the judge (fail)."""
+    args = ["train_grpo.py", "--config", "configs/judge.yaml", "--judge_parser", "score", "--max_steps", "2",
+            "--prompts_per_step", "8"]
+    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
+                str(free_port()), *args, "--output_dir", str(tmp_path / "zero")], 600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(tmp_path / "zero" / "metrics.jsonl")]
+    assert [m["reward/judge_failures"] for m in metrics] == [64.0, 64.0]
+    assert all(m["reward/judge"] == 0.0 for m in metrics)
+    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
+    done = run(["bash", "launch/node.sh", "0", "127.0.0.1", "--", *args[1:], "--judge_on_failure", "fail",
+                "--output_dir", str(tmp_path / "fail")], 600, env=env)
+    assert done.returncode != 0
+    console = done.stdout + done.stderr
+    named = [line for line in console.splitlines() if line.startswith("error: rank ")]  # node.sh's root cause
+    assert named and named[-1].startswith("error: rank 2 judge failed: RewardError: the judge's answer"), named
+    assert "holds no score" in named[-1] and "judge_on_failure zero" in named[-1]

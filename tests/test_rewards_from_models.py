@@ -16,7 +16,10 @@ from tgrpo.reward_spec import prompt_text
 pytestmark = [pytest.mark.slow]
 CACHE = os.path.join(ROOT, ".cache")
 STEPS = 20
-MARGIN = 0.5  # the reward model's score (a logit), first 5 steps vs last 5; measured over 3 seeds: see the note
+# first 5 steps vs last 5, half the least rise of 3 seeds (configs/rm.yaml and judge.yaml, 20 steps, seeds 1-3 on the
+# 2-core CPU machine): tiny-rm's score (a logit) rose 3.51, 3.80, 3.84; the judge's P(yes) 0.38, 0.39, 0.40
+MARGIN = 1.75
+JUDGE_MARGIN = 0.19
 
 
 def _samples(out) -> list[dict]:
@@ -124,8 +127,6 @@ def test_judge_on_its_own_rank_raises_its_verdict_and_scores_as_the_model_does(t
         want = 1 / (1 + math.exp(logp[no].item() - logp[yes].item()))
         assert row["reward_parts"]["judge"] == pytest.approx(want, abs=1e-4), row
 
-
-JUDGE_MARGIN = 0.1
 
 
 def test_a_judge_answer_without_a_score_is_counted_or_stops_the_run(tmp_path):

@@ -146,17 +146,27 @@ def ensure_random_model(cache_dir: str, shape: str) -> str:
     return out
 
 
-def _build_random(out: str, tiny: str, shape: dict) -> None:
+def ensure_random_reward_model(cache_dir: str, shape: str) -> str:
+    """A reward model of RANDOM_SHAPES[shape] (Qwen2ForSequenceClassification, one label) with random bfloat16
+    weights and the embedded tokenizer (its chat template included), built once: the reward-model benchmark's."""
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random model shape '{shape}': choose one of {sorted(RANDOM_SHAPES)}")
+    tiny = ensure_tiny_model(cache_dir)
+    return _ensure(os.path.join(os.path.abspath(cache_dir), f"random-rm-v1-{shape}"),
+                   lambda out: _build_random(out, tiny, RANDOM_SHAPES[shape], reward_model=True))
+
+
+def _build_random(out: str, tiny: str, shape: dict, reward_model: bool = False) -> None:
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     tokenizer = _full_vocabulary(AutoTokenizer.from_pretrained(tiny), shape["vocab_size"])
     torch.manual_seed(0)
     config = Qwen2Config(**shape, max_position_embeddings=4096, bos_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         torch_dtype="bfloat16")
+                         torch_dtype="bfloat16", **({"num_labels": 1} if reward_model else {}))
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 7B initialises in seconds on a GPU
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model = (Qwen2ForSequenceClassification if reward_model else Qwen2ForCausalLM)(config).to(torch.bfloat16)
     _save(out, model, tokenizer)
 
 

@@ -113,7 +113,7 @@ def test_weights_holding_nan_are_never_saved(world, tmp_path):
                           placement=SimpleNamespace(sync_source=0, world_size=1, rollout=[], policy=[0],
                                                     reference=[], critic=[], colocated=False),
                           policy=SimpleNamespace(engine=engine, model=engine.module), model_dir=world,
-                          plan=sync.model_plan(engine.module, 1 << 20), export_plan=None)
+                          plan=sync.model_plan(engine.module, 1 << 20), export_plan=None, reward_norms={})
     good = checkpoint.save(job, 1)
     assert checkpoint.find_latest(str(tmp_path)) == good
     with torch.no_grad():

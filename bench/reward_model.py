@@ -74,21 +74,10 @@ def main() -> None:
         sync()
         return time.perf_counter() - start
 
-    # the ceiling's batches: exactly the ones RewardModel.score forms (its encode, order and budget), on the device
+    # the ceiling's batches: exactly the ones RewardModel.score forms (its encode and batches), on the device
     encoded = [model.encode(p, c) for p, c in zip(prompts, completions)]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    batches, start, padded = [], 0, 0
-    while start < len(order):
-        width = len(encoded[order[start]])
-        batch = order[start:start + max(1, args.batch_tokens // width)]
-        start += len(batch)
-        ids = torch.full((len(batch), width), model.pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
-            mask[row, :len(encoded[i])] = 1
-        batches.append((ids.to(device), mask.to(device)))
-        padded += ids.numel()
+    batches = [(ids.to(device), mask.to(device)) for _, ids, mask in model.batches(encoded)]
+    padded = sum(ids.numel() for ids, _ in batches)
     tokens = sum(len(e) for e in encoded)
 
     @torch.no_grad()

@@ -45,26 +45,31 @@ class RewardModel:
             ids = ids[-self.max_length:]
         return ids
 
+    def batches(self, encoded: list[list[int]]):
+        """(indices into encoded, input_ids, attention_mask) of each batch: longest first (few pads), at most
+        batch_tokens tokens with padding, right-padded, on the CPU."""
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        start = 0
+        while start < len(order):
+            width = len(encoded[order[start]])
+            batch = order[start:start + max(1, self.batch_tokens // max(1, width))]
+            start += len(batch)
+            ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, :len(encoded[i])] = 1
+            yield batch, ids, mask
+
     @torch.no_grad()
     def score(self, prompts: list, completions: list[str]) -> list[float]:
         """One float per completion (float32 values of the model's logit)."""
         encoded = [self.encode(p, c) for p, c in zip(prompts, completions)]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: few pads per batch
         out = [0.0] * len(encoded)
         if self.offload:
             self.model.to(self.device)
         try:
-            start = 0
-            while start < len(order):
-                width = len(encoded[order[start]])
-                count = max(1, self.batch_tokens // max(1, width))
-                batch = order[start:start + count]
-                start += len(batch)
-                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[row, :len(encoded[i])] = 1
+            for batch, ids, mask in self.batches(encoded):
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 for row, i in enumerate(batch):
                     out[i] = float(logits[row, 0].float())

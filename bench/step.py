@@ -69,7 +69,7 @@ import zlib
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PHASES = [("time/step_s", "step"), ("time/generate_s", "generate"), ("time/reward_s", "reward"),
-          ("time/gather_s", "gather"), ("time/values_s", "values"), ("critic/train_s", "critic"),
+          ("time/gather_s", "gather"), ("time/model_reward_s", "rm_wait"), ("time/model_reward_busy_s", "rm_busy"), ("time/values_s", "values"), ("critic/train_s", "critic"),
           ("time/train_s", "train"), ("time/sync_s", "sync")]  # values, critic: advantage_estimator gae
 LENGTHS = ("fixed", "varied", "longtail")
 LENGTH_WORDS = {"fixed": "every completion max_completion_length tokens",
@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="Steps per mode, the first of which is a warm-up.")
     parser.add_argument("--random_model", default="", help="Time a random model of this shape (tgrpo/tiny.py "
                         "RANDOM_SHAPES: 60m, 0.5b, 1.5b, 7b) instead of --model.")
+    parser.add_argument("--reward_model", default="", help="Also score every completion with a random reward model "
+                        "of this shape (tgrpo/tiny.py RANDOM_SHAPES), placed as the trainer places it; rm_wait_s is "
+                        "what a step waits for its scores after the gather, rm_busy_s the scoring thread's time.")
     parser.add_argument("--overlap", action="store_true", help="Also time max_staleness 1 (split placement).")
     parser.add_argument("--async", dest="async_", action="store_true", help="Also time async_mode (split placement), "
                         "after the other modes, on the same engines and models.")
@@ -123,6 +126,11 @@ def main() -> None:
 
             cfg.model = ensure_random_model(cfg.cache_dir, ours.random_model)
             cfg.reward_funcs, cfg.reward_weights = ["bench.random_rewards:reward"], [1.0]
+        if ours.reward_model:  # beside the other rewards, where the trainer puts it (reward_ranks, else the policy's)
+            from tgrpo.tiny import ensure_random_reward_model
+
+            cfg.reward_funcs = [*cfg.reward_funcs, ensure_random_reward_model(cfg.cache_dir, ours.reward_model)]
+            cfg.reward_weights = [*(cfg.reward_weights or [1.0] * (len(cfg.reward_funcs) - 1)), 1.0]
         overlap = ours.overlap and not cfg.colocate
         asynchronous = ours.async_ and not cfg.colocate
         modes = 1 + overlap + asynchronous

@@ -88,6 +88,49 @@ def test_reward_model_batches_score_as_transformers_scores_each_text_alone():
     assert len(set(round(s, 4) for s in scores)) == len(scores)  # really different texts, different scores
 
 
+def test_the_scoring_thread_scores_groups_as_they_come_as_the_model_scores_them_at_once():
+    """Groups submitted from two threads while the scoring thread works (several groups to a batch, in whatever
+    order they come) get, by their keys, exactly the scores the reward model gives the same texts in one call;
+    truncated inputs are counted per group; an error on the scoring thread is raised by the take that waits."""
+    import threading
+
+    from tgrpo.reward.model import RewardModel
+    from tgrpo.reward.service import Group, ScoringService
+    from tgrpo.tiny import ensure_reward_model
+
+    model = RewardModel(ensure_reward_model(CACHE), torch.device("cpu"), torch.float32, batch_tokens=256,
+                        max_length=60)
+    groups = [Group((e, p), [{"role": "user", "content": f"What is {p} + {e}?"}],
+                    [f"<answer>{p + e + k}</answer>" + " so" * (k * p) for k in range(4)], str(p + e), {})
+              for e in range(2) for p in range(6)]
+    want, cut = {}, 0
+    for g in groups:  # each group alone, in one call
+        want[g.key] = model.score([g.prompt] * 4, g.completions)
+        cut += sum(model.last_truncated)
+    service = ScoringService({"tiny-rm": model}, None, torch.device("cpu"), keep=4)
+    feeders = [threading.Thread(target=lambda e=e: [service.submit(g) for g in groups if g.key[0] == e])
+               for e in range(2)]
+    for t in feeders:
+        t.start()
+    for t in feeders:
+        t.join()
+    got, stats = service.take([g.key for g in reversed(groups)])
+    for key, scores in want.items():
+        assert got[key]["tiny-rm"] == pytest.approx(scores, abs=1e-5), key
+    assert stats["truncated"] == cut > 0 and stats["busy_s"] > 0 and stats["judge_failures"] == 0
+
+    class Broken:  # a judge whose engine fails
+        def score(self, *args):
+            raise RuntimeError("the judge's engine is gone")
+
+    broken = ScoringService({}, Broken(), torch.device("cpu"), keep=4)
+    broken.submit(groups[0])
+    with pytest.raises(RuntimeError, match="engine is gone"):
+        broken.take([groups[0].key])
+    service.close()
+    broken.close()
+
+
 def test_bad_model_reward_settings_are_one_line(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -1,7 +1,8 @@
 """Rewards from models, end to end under torchrun (real vLLM engines, real DeepSpeed, the embedded tiny-rm and
 tiny-judge): GRPO rewarded by a reward model alone raises its score, with the reward model on a rank of its own
-(killed there and resumed by node.sh) and on the policy rank (running normalisation); the trainer's scores equal the
-models' own, computed here with transformers on the same texts; the same for the LLM judge on its vLLM rank."""
+(killed there and resumed by node.sh) and colocated, scored while the engine generates (running normalisation); the
+trainer's scores equal the models' own, computed here with transformers on the same texts; the same for the LLM
+judge on its vLLM rank, each group sent to it as it finishes."""
 import json
 import math
 import os
@@ -76,12 +77,15 @@ def test_reward_model_on_its_own_rank_raises_its_score_and_a_killed_reward_rank_
     assert len({round(x, 3) for x in direct}) > 5  # varied texts, varied scores
 
 
-def test_reward_model_on_the_policy_rank_with_running_normalisation(tmp_path):
-    """reward_ranks empty: the reward model on the policy rank (two ranks in all); reward_model_normalize running
-    standardises its scores (the raw mean is logged and rises)."""
-    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+def test_reward_model_colocated_scores_while_generating_with_running_normalisation(tmp_path):
+    """One colocated rank (engine, policy and reward model): with score_while_generating its groups are scored on
+    the scoring thread while its engine generates the rest; reward_model_normalize running standardises the scores
+    (the raw mean is logged and rises)."""
+    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
                 str(free_port()), "train_grpo.py", "--config", "configs/rm.yaml", "--reward_ranks", "",
-                "--reward_model_normalize", "running", "--max_steps", "14", "--output_dir", str(tmp_path)], 900)
+                "--colocate", "true", "--rollout_ranks", "all", "--policy_ranks", "all",
+                "--score_while_generating", "true", "--reward_model_normalize", "running", "--max_steps", "14",
+                "--output_dir", str(tmp_path)], 900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     raw = [m["reward/tiny-rm/raw_mean"] for m in metrics]
@@ -89,14 +93,15 @@ def test_reward_model_on_the_policy_rank_with_running_normalisation(tmp_path):
     print("tiny-rm raw mean per step (colocated, normalised):", [round(s, 3) for s in raw])
     assert last > first + MARGIN, (first, last, raw)
     assert abs(metrics[-1]["reward/mean"]) < 1.5  # standardised: around 0, not the raw logits
-    assert "ready in" in done.stdout and "reward models on" not in done.stdout
+    assert all(m["time/model_reward_busy_s"] > 0 for m in metrics)
+    assert "ready in" in done.stdout and "colocated" in done.stdout and "reward models on" not in done.stdout
 
 
 @pytest.mark.xdist_group("judge")
 def test_judge_on_its_own_rank_raises_its_verdict_and_scores_as_the_model_does(tmp_path):
     done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
-                str(free_port()), "train_grpo.py", "--config", "configs/judge.yaml", "--output_dir", str(tmp_path)],
-               900)
+                str(free_port()), "train_grpo.py", "--config", "configs/judge.yaml", "--score_while_generating",
+                "true", "--output_dir", str(tmp_path)], 900)  # each group sent to the judge as it finishes
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "the judge on 1" in done.stdout
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -131,11 +136,14 @@ def test_judge_on_its_own_rank_raises_its_verdict_and_scores_as_the_model_does(t
 
 def test_a_judge_answer_without_a_score_is_counted_or_stops_the_run(tmp_path):
     """tiny-judge answers yes or no, never a number: with judge_parser score every answer is a failure, scored 0 and
-    counted (judge_on_failure zero), or the run stops with node.sh's one line naming the judge (fail)."""
+    counted (judge_on_failure zero; in async_mode, groups judged as the stream finishes them, each step counting
+    its own), or the run stops with node.sh's one line naming the judge (fail)."""
     args = ["train_grpo.py", "--config", "configs/judge.yaml", "--judge_parser", "score", "--max_steps", "2",
             "--prompts_per_step", "8"]
     done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
-                str(free_port()), *args, "--output_dir", str(tmp_path / "zero")], 600)
+                str(free_port()), *args, "--async_mode", "true", "--max_staleness", "1", "--tis_cap", "2.0",
+                "--score_while_generating",
+                "true", "--output_dir", str(tmp_path / "zero")], 600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = [json.loads(line) for line in open(tmp_path / "zero" / "metrics.jsonl")]
     assert [m["reward/judge_failures"] for m in metrics] == [64.0, 64.0]

@@ -174,8 +174,9 @@ class Config:
     judge_gpu_memory_utilization: float = _f(0.85, "Share of a judge rank's GPU for its vLLM engine.")
     score_while_generating: Optional[bool] = _f(
         None, "Score each prompt's group on the reward threads as soon as its completions are finished, while the "
-        "engine generates the rest. Unset: on with GPU engines; off with vLLM's CPU backend, whose engine needs the "
-        "cores the reward workers would take (see bench/README.md).")
+        "engine generates the rest; reward models and the judge too (sent to their ranks as groups finish, or on a "
+        "colocated rank's GPU beside its engine). Unset: on with GPU engines; off with vLLM's CPU backend, whose "
+        "engine needs the cores the reward workers would take (see bench/README.md).")
 
     # --- algorithm -------------------------------------------------------------------------------------------
     advantage_estimator: Literal["grpo", "gae"] = _f(

@@ -187,7 +187,10 @@ def estimate(cfg, placement, shape: ModelShape, *, device: str, width: int, gpu_
     if rm_bytes and not placement.reward:  # scoring on a policy GPU: the policy's states stay, training's do not
         scoring = {**policy_static, "reward models": rm_bytes, "CUDA context": CUDA_CONTEXT}
         if placement.colocated:
-            scoring = {**scoring, "vLLM engine (asleep)": ENGINE_ASLEEP}
+            streaming = cfg.score_while_generating if cfg.score_while_generating is not None else not cpu
+            # scored while the engine generates (tgrpo.job.model_rewards): beside the awake engine
+            engine = {"vLLM engine (awake)": engine_share} if streaming else {"vLLM engine (asleep)": ENGINE_ASLEEP}
+            scoring = {**policy_static, "reward models": rm_bytes, "CUDA contexts": 2 * CUDA_CONTEXT, **engine}
         busiest = max(busiest, scoring, key=lambda d: sum(d.values()))
     elif rm_bytes and rm_bytes + CUDA_CONTEXT > sum(busiest.values()):
         busiest = {"reward models": rm_bytes, "CUDA context": CUDA_CONTEXT}

@@ -37,6 +37,7 @@ from tgrpo.errors import ConfigError
 
 ROLLOUT, POLICY, REFERENCE, CRITIC = "rollout", "policy", "reference", "critic"
 REWARD, JUDGE = "reward", "judge"
+REWARDS_TIMEOUT_S = 7 * 24 * 3600
 
 
 def parse_ranges(text: str, field: str, world_size: int | None = None) -> list[int]:
@@ -197,6 +198,9 @@ class Groups:
     # all of them on an engine rank, its own on a policy rank, none elsewhere
     parts: list = field(default_factory=list)
     critic: dist.ProcessGroup | None = None  # the critic ranks', when they are ranks of their own
+    # every rank's gloo group in which finished groups travel to reward and judge ranks of their own (a holder's
+    # thread waits in it across whole steps, so its timeout is long: the job's watchdog watches for hangs)
+    rewards: dist.ProcessGroup | None = None
 
 
 def build_partition_groups(placement: Placement, backend: str, timeout_s: int) -> list[tuple]:
@@ -233,6 +237,9 @@ def build_groups(placement: Placement, backend: str, timeout_s: int) -> Groups:
     reference = (dist.new_group(list(placement.reference), backend=backend, timeout=timeout)
                  if placement.reference else None)
     critic = dist.new_group(list(placement.critic), backend=backend, timeout=timeout) if placement.critic else None
+    rewards = (dist.new_group(list(range(placement.world_size)), backend="gloo",
+                              timeout=timedelta(seconds=max(timeout_s, REWARDS_TIMEOUT_S)))
+               if placement.reward or placement.judge else None)
     sync, sync_src, is_sender, parts = None, 0, False, []
     if not placement.colocated and placement.sync_mode == "gather":
         sync, sync_src, is_sender = build_sync_groups(placement, placement.senders, backend, timeout_s)
@@ -244,4 +251,5 @@ def build_groups(placement: Placement, backend: str, timeout_s: int) -> Groups:
         reference=reference if rank in placement.reference else None,
         sync=sync, sync_src=sync_src, is_sender=is_sender, parts=parts,
         critic=critic if rank in placement.critic else None,
+        rewards=rewards,
     )

@@ -91,8 +91,7 @@ class Job:
     adapter_config: dict | None = None  # use_lora: the adapter's peft config (adapter_config.json)
     stream: object = None  # async_mode, on rollout ranks: the continuous rollout (tgrpo.rollout.stream.GroupStream)
     export_plan: list | None = None  # what a checkpoint exports: the plan, and a frozen vision tower's weights
-    reward_models: dict = field(default_factory=dict)  # the reward models this rank holds, by name
-    judge: object = None  # on a judge rank: its Judge (a frozen vLLM engine)
+    scoring: model_rewards.Scoring | None = None  # rewards from models: what this rank holds, scores, sends
     reward_norms: dict = field(default_factory=dict)  # reward_model_normalize running: each reward model's stats
 
     @property
@@ -204,17 +203,20 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
         critic = CriticWorker(cfg, holders, groups.critic or groups.policy, rank, checks.critic_dir(cfg), device,
                               dtype, placement.zero_stage)
 
-    reward_models, judge = {}, None
+    scoring = None
     if model_rewards.reward.entries(cfg):
         starting("loading the reward models and the judge")
         problem = None
         try:
-            reward_models, judge = model_rewards.start(cfg, placement, rank, device, dtype, dtype_name, engine_died)
+            scoring = model_rewards.start(cfg, placement, rank, device, dtype, dtype_name, groups.rewards,
+                                          engine_died)
         except ConfigError as e:  # on one rank: every rank learns it, rank 0 says it
             problem = str(e)
         verdicts = rank_life.gather_objects(problem, groups.data)
         if any(verdicts):
             raise ConfigError(next(v for v in verdicts if v))
+        if worker is not None:
+            worker.finished_group = scoring.sink()
 
     # The gather plan (checkpoints, colocated and sync_mode gather) and, for sync_mode partitions, the shard plan:
     # zero-copy when every policy rank's shards sit at the same offsets of DeepSpeed's flat buffer.
@@ -241,7 +243,7 @@ def setup(cfg: Config, placement: Placement, rank: int, connection: Connection |
     job = Job(cfg, placement, groups, rank, device, model_dir, log, plan, worker, policy, reference, critic,
               KLController(cfg.kl_ctrl, cfg.beta, cfg.kl_target, cfg.kl_horizon), shard_plan=shard_plan,
               watchdog=watch, adapter_config=adapter_config, export_plan=export_plan or plan,
-              reward_models=reward_models, judge=judge, reward_norms=model_rewards.norms(cfg))
+              scoring=scoring, reward_norms=model_rewards.norms(cfg))
     engines = len(placement.engine_ranks)
     log.message(f"ready in {time.perf_counter() - t_start:.0f} s: {engines} vLLM engine{'s' * (engines > 1)}, the "
                 f"policy on {placement.num_policy} rank{'s' * (placement.num_policy > 1)} (ZeRO-{placement.zero_stage}"
@@ -487,8 +489,8 @@ def finish(job: Job) -> None:
     job.log.close()
     if job.stream is not None:
         job.stream.close()
-    if job.judge is not None:
-        job.judge.shutdown()
+    if job.scoring is not None:
+        job.scoring.close()
     if job.worker is not None:
         job.worker.scorer.close()
         if job.worker.retriever is not None:

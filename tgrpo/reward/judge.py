@@ -70,8 +70,8 @@ class Judge:
         return self.tokenizer(message)["input_ids"]
 
     def score(self, prompts: list, completions: list[str], answers: list[str], columns: list[dict],
-              seed: int | None = None) -> tuple[list[float], int]:
-        """(one score in [0, 1] per completion, how many answers held no score)."""
+              seed: int | None = None) -> tuple[list[float], list[bool]]:
+        """(one score in [0, 1] per completion, whether its answer held no score: a failure, scored 0)."""
         ids = [self.encode(self.message(p, c, a, col)) for p, c, a, col in zip(prompts, completions, answers, columns)]
         verdict = self.cfg.judge_parser == "verdict"
         room = self.max_len - (1 if verdict else self.cfg.judge_max_tokens)
@@ -80,7 +80,7 @@ class Judge:
             [ids[i] for i in fits], max_tokens=1 if verdict else self.cfg.judge_max_tokens,
             temperature=1.0 if verdict else 0.0, seed=seed, top_logprobs=TOP_LOGPROBS if verdict else 0)))
         outs = [answered.get(i, ("", {})) for i in range(len(ids))]
-        scores, failures = [], 0
+        scores, failed = [], []
         for (text, top), completion in zip(outs, completions):
             value = (verdict_probability(top, *self.verdict_ids) if verdict
                      else parse_score(text, self.cfg.judge_score_max))
@@ -91,9 +91,9 @@ class Judge:
                     raise RewardError(f"the judge's answer {text[:80]!r} to completion {completion[:60]!r} holds no "
                                       f"{'verdict' if verdict else 'score'}: fix judge_template or judge_parser, or "
                                       "set judge_on_failure zero to score such answers 0 and count them")
-                value, failures = 0.0, failures + 1
-            scores.append(value)
-        return scores, failures
+            failed.append(value is None)
+            scores.append(0.0 if value is None else value)
+        return scores, failed
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -30,20 +30,19 @@ class RewardModel:
         self.pad = model.config.pad_token_id
         self.offload = offload and device.type == "cuda"
         self.model = model.eval().requires_grad_(False).to("cpu" if self.offload else device)
-        self.truncated = 0  # inputs cut to max_length (their last tokens kept), since the last take_truncated
+        self.on_device = not self.offload
+        self.last_truncated: list[bool] = []  # of the last score()'s inputs: cut to max_length (last tokens kept)
 
-    def encode(self, prompt, completion: str) -> list[int]:
-        """The reward model's token ids of one (prompt, completion), by TRL's rule (module docstring)."""
+    def encode(self, prompt, completion: str, cut: bool = True) -> list[int]:
+        """The reward model's token ids of one (prompt, completion), by TRL's rule (module docstring), cut to the
+        last max_length (cut)."""
         messages = conversation(prompt, completion)
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
-        if len(ids) > self.max_length:
-            self.truncated += 1
-            ids = ids[-self.max_length:]
-        return ids
+        return ids[-self.max_length:] if cut else ids
 
     def batches(self, encoded: list[list[int]]):
         """(indices into encoded, input_ids, attention_mask) of each batch: longest first (few pads), at most
@@ -63,21 +62,27 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, prompts: list, completions: list[str]) -> list[float]:
-        """One float per completion (float32 values of the model's logit)."""
-        encoded = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        """One float per completion (float32 values of the model's logit). An offloaded model comes onto the GPU
+        for it and stays there until release()."""
+        full = [self.encode(p, c, cut=False) for p, c in zip(prompts, completions)]
+        self.last_truncated = [len(x) > self.max_length for x in full]
+        encoded = [x[-self.max_length:] for x in full]
         out = [0.0] * len(encoded)
-        if self.offload:
+        if not self.on_device:
             self.model.to(self.device)
-        try:
-            for batch, ids, mask in self.batches(encoded):
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                for row, i in enumerate(batch):
-                    out[i] = float(logits[row, 0].float())
-        finally:
-            if self.offload:
-                self.model.to("cpu")
-                torch.cuda.empty_cache()
+            self.on_device = True
+        for batch, ids, mask in self.batches(encoded):
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for row, i in enumerate(batch):
+                out[i] = float(logits[row, 0].float())
         return out
+
+    def release(self) -> None:
+        """An offloaded model back to host memory (the policy trains on its GPU next)."""
+        if self.offload and self.on_device:
+            self.model.to("cpu")
+            self.on_device = False
+            torch.cuda.empty_cache()
 
 
 class RunningNorm:

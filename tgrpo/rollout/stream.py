@@ -187,6 +187,8 @@ class GroupStream:
                                   default=self.version)
         group.futures = self.worker.scorer.submit([s.completion_text for s in samples], [s.answer for s in samples],
                                                   self.worker.rows(samples, [p] * len(samples)))
+        if self.worker.finished_group is not None:  # rewards from models: judged as it comes, not when taken
+            self.worker.finished_group(samples)
 
     def _collect_scored(self) -> None:
         for group in [g for g in self.groups.values() if g.futures is not None]:

@@ -53,6 +53,9 @@ class RolloutWorker:
         self.ignore_eos = False
         self.score_while_generating = (cfg.score_while_generating if cfg.score_while_generating is not None
                                        else torch.cuda.is_available())
+        # finished_group(samples): set by the job when models score this rank's groups as they finish (their
+        # holders' threads, tgrpo.job.model_rewards); called with each prompt's samples, their .group set
+        self.finished_group: Callable[[list[Sample]], None] | None = None
 
     def _connect_retriever(self):
         """Pre-flight, before any engine starts: one search must get an answer, or the run stops with one line
@@ -189,13 +192,32 @@ class RolloutWorker:
         cfg = self.cfg
         n = cfg.num_generations
         submitted: dict[int, dict] = {}
+        handed: set[int] = set()  # groups given to finished_group while the engine generated
 
-        def score_group(i: int, group: list[Sample]) -> None:
-            submitted[i] = self.scorer.submit([s.completion_text for s in group], [s.answer for s in group],
-                                              self.rows(group, [prompts[i]] * len(group)))
+        def key(i: int) -> tuple[int, int]:  # (engine, position in its stream of prompts), as async_mode numbers it
+            if sampling_round == 0:
+                return self.index, step * len(prompts) + i
+            return self.index, -1 - ((step * cfg.max_sampling_rounds + sampling_round) * len(prompts) + i)  # extra
 
+        def group_done(i: int, group: list[Sample]) -> None:
+            if self.score_while_generating:
+                submitted[i] = self.scorer.submit([s.completion_text for s in group], [s.answer for s in group],
+                                                  self.rows(group, [prompts[i]] * len(group)))
+            if self.finished_group is not None:
+                for s in group:
+                    s.group = key(i)
+                self.finished_group(group)
+                handed.add(i)
+
+        streaming = self.score_while_generating or self.finished_group is not None
         samples, stats = self._complete(prompts, n, cfg.temperature, _seed(cfg.seed, step, self.index, sampling_round),
-                                        on_done=score_group if self.score_while_generating else None)
+                                        on_done=group_done if streaming else None)
+        for j, s in enumerate(samples):
+            s.group = key(j // n)
+        if self.finished_group is not None:  # multi-turn episodes end together: their groups go now
+            for i in range(len(prompts)):
+                if i not in handed:
+                    self.finished_group(samples[i * n:(i + 1) * n])
         reward_stats = self.score(samples, [submitted[i] for i in range(len(prompts))]
                                   if len(submitted) == len(prompts) else None, [p for p in prompts for _ in range(n)])
         stats = {**stats, **reward_stats, "generated_tokens": sum(s.model_tokens for s in samples)}

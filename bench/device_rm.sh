@@ -18,8 +18,9 @@
 #                                                                       model built on the GPU; bench/reward_model.py
 #   2 (carry .gpu/b):   bash bench/device_rm.sh 2   part 2
 #   3 (carry .gpu/c):   bash bench/device_rm.sh 3   part 3; the stack unpacked into /tmp/site
-#   4 (carry .gpu/xg):  bash bench/device_rm.sh 4   xgrammar; the step without and with the reward model (streamed)
-#   5 (no carry):       bash bench/device_rm.sh 5   the step with the reward model scored after generation
+#   4 (carry .gpu/xg):  bash bench/device_rm.sh 4   xgrammar; the step without the reward model, with it streamed,
+#                                                   with it scored after generation (each job at most 180 s)
+#   5 (no carry):       bash bench/device_rm.sh 5   the last again alone, should it not have finished in 4
 set -u
 stage=${1:?stage 1 to 5}
 OUT=${OUT:-/tmp/out}
@@ -71,8 +72,9 @@ tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall('/tmp/si
   python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.gpu/xg/*.whl')]"
   python3 -c "import vllm, deepspeed, torch; print('vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, \
 'torch', torch.__version__, torch.cuda.get_device_name())"
-  bench none
-  bench rm-streamed --reward_model 7b
+  LIMIT=${LIMIT:-180} bench none
+  LIMIT=${LIMIT:-180} bench rm-streamed --reward_model 7b
+  LIMIT=${LIMIT:-180} bench rm-after --reward_model 7b --score_while_generating false
   ;;
 5)
   test -d /tmp/site/xgrammar || { echo "no stack in /tmp/site: the machine was given back between calls"; exit 3; }

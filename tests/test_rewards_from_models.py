@@ -2,7 +2,7 @@
 tiny-judge): GRPO rewarded by a reward model alone raises its score, with the reward model on a rank of its own
 (killed there and resumed by node.sh) and colocated, scored while the engine generates (running normalisation); the
 trainer's scores equal the models' own, computed here with transformers on the same texts; the same for the LLM
-judge on its vLLM rank, each group sent to it as it finishes."""
+judge on its vLLM rank (in async_mode each group sent to it as the stream finishes it)."""
 import json
 import math
 import os
@@ -51,10 +51,12 @@ def _rm_scores(rows: list[dict]) -> list[float]:
 
 @pytest.mark.xdist_group("rm")
 def test_reward_model_on_its_own_rank_raises_its_score_and_a_killed_reward_rank_resumes(tmp_path, monkeypatch):
-    """configs/rm.yaml as a new user runs it (node.sh), the reward rank (2) killed with SIGKILL after the step-10
-    checkpoint: node.sh names it, restarts the job, which resumes and finishes with the first attempt's metrics."""
+    """configs/rm.yaml as a new user runs it (node.sh), each group sent to the reward rank as it finishes
+    (score_while_generating, as on GPU), the reward rank (2) killed with SIGKILL after the step-10 checkpoint: node.sh
+    names it, restarts the job, which resumes and finishes with the first attempt's metrics."""
     monkeypatch.setenv("TGRPO_TEST_VICTIM_RANK", "2")
-    args = ["train_grpo.py", "--config", "configs/rm.yaml", "--save_steps", "10", "--output_dir", str(tmp_path)]
+    args = ["train_grpo.py", "--config", "configs/rm.yaml", "--save_steps", "10", "--score_while_generating", "true",
+            "--output_dir", str(tmp_path)]
     metrics, first_attempt, console, (kill_after, victim, left_alive, left_shm) = killed_and_resumed_run(
         tmp_path, args[1:], (11, 13))
     named = [line for line in console.splitlines() if line.startswith("error: rank ")]
@@ -100,8 +102,8 @@ def test_reward_model_colocated_scores_while_generating_with_running_normalisati
 @pytest.mark.xdist_group("judge")
 def test_judge_on_its_own_rank_raises_its_verdict_and_scores_as_the_model_does(tmp_path):
     done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
-                str(free_port()), "train_grpo.py", "--config", "configs/judge.yaml", "--score_while_generating",
-                "true", "--output_dir", str(tmp_path)], 900)  # each group sent to the judge as it finishes
+                str(free_port()), "train_grpo.py", "--config", "configs/judge.yaml", "--output_dir", str(tmp_path)],
+               900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "the judge on 1" in done.stdout
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -142,8 +144,7 @@ def test_a_judge_answer_without_a_score_is_counted_or_stops_the_run(tmp_path):
             "--prompts_per_step", "8"]
     done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
                 str(free_port()), *args, "--async_mode", "true", "--max_staleness", "1", "--tis_cap", "2.0",
-                "--score_while_generating",
-                "true", "--output_dir", str(tmp_path / "zero")], 600)
+                "--score_while_generating", "true", "--output_dir", str(tmp_path / "zero")], 600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = [json.loads(line) for line in open(tmp_path / "zero" / "metrics.jsonl")]
     assert [m["reward/judge_failures"] for m in metrics] == [64.0, 64.0]

@@ -19,8 +19,9 @@
 #   2 (carry .gpu/b):   bash bench/device_rm.sh 2   part 2
 #   3 (carry .gpu/c):   bash bench/device_rm.sh 3   part 3; the stack unpacked into /tmp/site
 #   4 (carry .gpu/xg):  bash bench/device_rm.sh 4   xgrammar; the step without the reward model, with it streamed,
-#                                                   with it scored after generation (each job at most 180 s)
-#   5 (no carry):       bash bench/device_rm.sh 5   the last again alone, should it not have finished in 4
+#                                                   with it scored after generation (each job at most 180 s; ALL=0:
+#                                                   the first two alone, for a call with less time)
+#   5 (no carry):       bash bench/device_rm.sh 5   the step with it scored after generation, alone
 set -u
 stage=${1:?stage 1 to 5}
 OUT=${OUT:-/tmp/out}
@@ -74,7 +75,7 @@ tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall('/tmp/si
 'torch', torch.__version__, torch.cuda.get_device_name())"
   LIMIT=${LIMIT:-180} bench none
   LIMIT=${LIMIT:-180} bench rm-streamed --reward_model 7b
-  LIMIT=${LIMIT:-180} bench rm-after --reward_model 7b --score_while_generating false
+  [ "${ALL:-1}" = 1 ] && LIMIT=${LIMIT:-180} bench rm-after --reward_model 7b --score_while_generating false
   ;;
 5)
   test -d /tmp/site/xgrammar || { echo "no stack in /tmp/site: the machine was given back between calls"; exit 3; }

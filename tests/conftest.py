@@ -34,7 +34,7 @@ SECONDS = {
     "train": 480, "ppo": 260, "search": 130,  # the groups: a run shared by several tests
     "vl": 300,  # test_vl: configs/vl.yaml killed and resumed (196 s beside another job)
     # test_rewards_from_models (alone, one worker: 256 s for the three; doubled as for two workers)
-    "rm": 200, "judge": 150, "test_reward_model_colocated_scores_while_generating_with_running_normalisation": 90,
+    "rm": 200, "judge": 150, "test_reward_model_colocated_scores_while_generating_with_running_normalisation": 150,
     "test_a_judge_answer_without_a_score_is_counted_or_stops_the_run": 150,
     "test_lora_and_async_mode_train_on_image_prompts_in_sync": 120,  # each of the two (64-68 s alone)
     # test_lora (measured alone, beside another user's jobs: the group 165 s, colocated 54 s, TP 40 s; doubled as

@@ -82,14 +82,18 @@ def test_reward_model_on_its_own_rank_raises_its_score_and_a_killed_reward_rank_
 def test_reward_model_colocated_scores_while_generating_with_running_normalisation(tmp_path):
     """One colocated rank (engine, policy and reward model): with score_while_generating its groups are scored on
     the scoring thread while its engine generates the rest; reward_model_normalize running standardises the scores
-    (the raw mean is logged and rises)."""
-    done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                str(free_port()), "train_grpo.py", "--config", "configs/rm.yaml", "--reward_ranks", "",
-                "--colocate", "true", "--rollout_ranks", "all", "--policy_ranks", "all",
-                "--score_while_generating", "true", "--reward_model_normalize", "running", "--max_steps", "14",
-                "--output_dir", str(tmp_path)], 900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    (the raw mean is logged and rises); a run resumed from the step-7 checkpoint goes on with the same running
+    statistics, so its steps 8-14 equal the first run's."""
+    def train(out, *extra):
+        done = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                    str(free_port()), "train_grpo.py", "--config", "configs/rm.yaml", "--reward_ranks", "",
+                    "--colocate", "true", "--rollout_ranks", "all", "--policy_ranks", "all",
+                    "--score_while_generating", "true", "--reward_model_normalize", "running", "--max_steps", "14",
+                    "--save_steps", "7", "--output_dir", str(out), *extra], 900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done, [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+    done, metrics = train(tmp_path / "run")
     raw = [m["reward/tiny-rm/raw_mean"] for m in metrics]
     first, last = _rise(raw)
     print("tiny-rm raw mean per step (colocated, normalised):", [round(s, 3) for s in raw])
@@ -97,6 +101,13 @@ def test_reward_model_colocated_scores_while_generating_with_running_normalisati
     assert abs(metrics[-1]["reward/mean"]) < 1.5  # standardised: around 0, not the raw logits
     assert all(m["time/model_reward_busy_s"] > 0 for m in metrics)
     assert "ready in" in done.stdout and "colocated" in done.stdout and "reward models on" not in done.stdout
+    resumed_run, resumed = train(tmp_path / "resumed", "--resume", str(tmp_path / "run" / "checkpoints" / "step-7"))
+    assert "resumed from" in resumed_run.stdout
+    assert [m["step"] for m in resumed] == list(range(8, 15))
+    for ours in resumed:
+        theirs = metrics[ours["step"] - 1]
+        for key in ("reward/tiny-rm/raw_mean", "reward/mean", "reward/tiny-rm/std", "completion/length_mean"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-5), (ours["step"], key)
 
 
 @pytest.mark.xdist_group("judge")

@@ -194,10 +194,9 @@ class RolloutWorker:
         submitted: dict[int, dict] = {}
         handed: set[int] = set()  # groups given to finished_group while the engine generated
 
-        def key(i: int) -> tuple[int, int]:  # (engine, position in its stream of prompts), as async_mode numbers it
-            if sampling_round == 0:
-                return self.index, step * len(prompts) + i
-            return self.index, -1 - ((step * cfg.max_sampling_rounds + sampling_round) * len(prompts) + i)  # extra
+        def key(i: int) -> tuple[int, int] | None:  # (engine, position in its stream of prompts), async's numbering;
+            # dynamic sampling's extra rounds have none (models, which need it, refuse dynamic sampling)
+            return (self.index, step * len(prompts) + i) if sampling_round == 0 else None
 
         def group_done(i: int, group: list[Sample]) -> None:
             if self.score_while_generating:

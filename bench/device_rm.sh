@@ -30,6 +30,7 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 HF_HUB_OFFLINE=1 TOKENIZERS_P
 export PYTHONPATH=/tmp/site:$PWD
 log=$OUT/stage$stage.log
 exec > >(tee -a "$log") 2>&1
+. bench/gpu_stack.sh
 echo "== stage $stage $(date -u +%FT%TZ) in $PWD"
 C="--config configs/default.yaml --colocate true --rollout_ranks all --policy_ranks all --random_model 1.5b \
 --prompts_per_step 32 --num_generations 8 --max_completion_length 512 --lengths varied \
@@ -48,7 +49,7 @@ bench() {  # the step bench with extra flags; its log and the trainer's metrics 
 
 case $stage in
 1)
-  mkdir -p /tmp/asm .cache && cp .gpu/a/part00 /tmp/asm/
+  mkdir -p .cache && stack_part .gpu/a/part00
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -V; free -g; nproc
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -58,27 +59,19 @@ case $stage in
   du -sh .cache/*
   ;;
 2)
-  mkdir -p /tmp/asm && cp .gpu/b/part* /tmp/asm/ && ls -la /tmp/asm
+  stack_part .gpu/b/part*
   ;;
 3)
-  mkdir -p /tmp/asm /tmp/site && cp .gpu/c/part* /tmp/asm/ && ls -la /tmp/asm
-  t0=$(date +%s)
-  if command -v xz >/dev/null; then cat /tmp/asm/part* | xz -dc -T0 | tar x -C /tmp/site
-  else cat /tmp/asm/part* | python3 -c "import lzma, sys, tarfile
-tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall('/tmp/site')"; fi
-  echo "unpacked in $(( $(date +%s) - t0 )) s"; du -sh /tmp/site
+  stack_part .gpu/c/part* && stack_unpack
   ;;
 4)
-  test -d /tmp/site/vllm || { echo "no stack in /tmp/site: the machine was given back between calls"; exit 3; }
-  python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.gpu/xg/*.whl')]"
-  python3 -c "import vllm, deepspeed, torch; print('vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, \
-'torch', torch.__version__, torch.cuda.get_device_name())"
+  stack_ready xgrammar
   LIMIT=${LIMIT:-180} bench none
   LIMIT=${LIMIT:-180} bench rm-streamed --reward_model 7b
   [ "${ALL:-1}" = 1 ] && LIMIT=${LIMIT:-180} bench rm-after --reward_model 7b --score_while_generating false
   ;;
 5)
-  test -d /tmp/site/xgrammar || { echo "no stack in /tmp/site: the machine was given back between calls"; exit 3; }
+  stack_ready
   bench rm-after --reward_model 7b --score_while_generating false
   ;;
 esac

@@ -23,6 +23,7 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 HF_HUB_OFFLINE=1 TOKENIZERS_P
 export PYTHONPATH=/tmp/site:$PWD
 log=$OUT/stage$stage.log
 exec > >(tee -a "$log") 2>&1
+. bench/gpu_stack.sh
 echo "== stage $stage $(date -u +%FT%TZ) in $PWD"
 mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 # Full fine-tuning of 3.75B on one card: bf16 weights and gradients, fp32 master weights and AdamW moments 60 GB.
@@ -49,7 +50,7 @@ bench() {  # the bench with extra flags; its log and the trainer's metrics under
 
 case $stage in
 1)
-  mkdir -p /tmp/asm .cache && cp .gpu/a/part00 /tmp/asm/
+  mkdir -p .cache && stack_part .gpu/a/part00
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -V; free -g; nproc
   python3 -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', \
@@ -58,25 +59,17 @@ torchvision.__version__, 'transformers', transformers.__version__)"
   du -sh .cache/*
   ;;
 2)
-  mkdir -p /tmp/asm && cp .gpu/b/part* /tmp/asm/ && ls -la /tmp/asm
+  stack_part .gpu/b/part*
   ;;
 3)
-  mkdir -p /tmp/asm /tmp/site && cp .gpu/c/part* /tmp/asm/ && ls -la /tmp/asm
-  t0=$(date +%s)
-  if command -v xz >/dev/null; then cat /tmp/asm/part* | xz -dc -T0 | tar x -C /tmp/site
-  else cat /tmp/asm/part* | python3 -c "import lzma, sys, tarfile
-tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall('/tmp/site')"; fi
-  echo "unpacked in $(( $(date +%s) - t0 )) s"; du -sh /tmp/site
+  stack_part .gpu/c/part* && stack_unpack
   ;;
 4)
-  test -d /tmp/site/vllm || { echo "no stack in /tmp/site: the machine was given back between calls"; exit 3; }
-  python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.gpu/xg/*.whl')]"
-  python3 -c "import vllm, deepspeed, torch; print('vllm', vllm.__version__, 'deepspeed', deepspeed.__version__, \
-'torch', torch.__version__, torch.cuda.get_device_name())"
+  stack_ready xgrammar
   LIMIT=${LIMIT:-575} bench full --steps 2 --plain_steps 2 --bare_repeats 1
   ;;
 5)
-  test -d /tmp/site/xgrammar || { echo "no stack in /tmp/site: the machine was given back between calls"; exit 3; }
+  stack_ready
   bench frozen --steps 3 --plain_steps 2 --bare_repeats 0 --freeze_vision_tower true
   ;;
 esac

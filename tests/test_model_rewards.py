@@ -91,7 +91,8 @@ def test_reward_model_batches_score_as_transformers_scores_each_text_alone():
 def test_the_scoring_thread_scores_groups_as_they_come_as_the_model_scores_them_at_once():
     """Groups submitted from two threads while the scoring thread works (several groups to a batch, in whatever
     order they come) get, by their keys, exactly the scores the reward model gives the same texts in one call;
-    truncated inputs are counted per group; an error on the scoring thread is raised by the take that waits."""
+    truncated inputs are counted per group; an error on the scoring thread, or on the channel that feeds it, is raised
+    by the take that waits."""
     import threading
 
     from tgrpo.reward.model import RewardModel
@@ -127,6 +128,15 @@ def test_the_scoring_thread_scores_groups_as_they_come_as_the_model_scores_them_
     broken.submit(groups[0])
     with pytest.raises(RuntimeError, match="engine is gone"):
         broken.take([groups[0].key])
+    # a holder whose channel stopped receiving (its process group went down) fails the take that waits for groups
+    # that will never come, at once rather than at the watchdog's limit
+    from tgrpo.job.model_rewards import Channel
+
+    channel = Channel(None, 0, senders=[1], receivers=[0])
+    channel.listen(service.submit)  # no process group here: its receiving thread fails on its first recv
+    channel.thread.join(timeout=10)
+    with pytest.raises(RuntimeError, match="stopped receiving"):
+        service.take([("never", 0)], channel.check)
     service.close()
     broken.close()
 

@@ -75,6 +75,12 @@ class Channel:
         self.thread = threading.Thread(target=receive, name="tgrpo-reward-channel", daemon=True)
         self.thread.start()
 
+    def check(self) -> None:
+        """Raise if the receiving thread stopped on an error: the groups it would have delivered never come, so a
+        step waiting for their scores fails now, not at the watchdog's limit."""
+        if self.error is not None:
+            raise RuntimeError(f"the reward channel stopped receiving groups: {self.error!r}") from self.error
+
     def close(self, timeout: float = 60.0) -> None:
         """A sender: tell every holder it is done, and see its sends through. A holder: wait for its thread."""
         if self.rank in self.senders:
@@ -210,7 +216,8 @@ def attach(job, samples: list, wait) -> dict:
                 held.append(j)
                 if not any(k in scoring.streamed for k in kinds):
                     scoring.service.submit(_group(g))
-        scores, stats = scoring.service.take([groups[j][0].group for j in held])
+        scores, stats = scoring.service.take([groups[j][0].group for j in held],
+                                             scoring.channel.check if scoring.channel is not None else None)
         scoring.service.release()
         mine = {j: scores[groups[j][0].group] for j in held}
     if cfg.async_mode:

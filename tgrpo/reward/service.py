@@ -101,16 +101,18 @@ class ScoringService:
             start = end
         return out
 
-    def take(self, keys: list[tuple]) -> tuple[dict[tuple, dict[str, list[float]]], dict]:
+    def take(self, keys: list[tuple], check=None) -> tuple[dict[tuple, dict[str, list[float]]], dict]:
         """The scores of these groups (every one submitted), waiting for those not scored yet, and their counts
         (judge failures, inputs truncated) with the seconds the thread scored since the last take. A scoring error
-        is raised here."""
+        is raised here, and whatever check() raises while it waits (what feeds the thread has stopped)."""
         with self.done:
             while not all(k in self.scores for k in keys):
                 if self.error is not None:
                     raise self.error
                 if not self.thread.is_alive():
                     raise RuntimeError("the reward-model scoring thread stopped")
+                if check is not None:
+                    check()
                 self.done.wait(timeout=1.0)
             if self.error is not None:
                 raise self.error

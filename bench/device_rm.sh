@@ -22,6 +22,8 @@
 #                                                   with it scored after generation (each job at most 180 s; ALL=0:
 #                                                   the first two alone, for a call with less time)
 #   5 (no carry):       bash bench/device_rm.sh 5   the step with it scored after generation, alone
+# With little device time left, three calls: 1, 2, then (carry .gpu/c .gpu/xg, 49 MiB together)
+#   bash bench/device_rm.sh 3 && ALL=0 bash bench/device_rm.sh 4   (~10 min in all, the machine's start aside)
 set -u
 stage=${1:?stage 1 to 5}
 OUT=${OUT:-/tmp/out}

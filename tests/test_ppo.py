@@ -68,8 +68,11 @@ def test_ppo_learns_the_toy_task_and_its_critic_the_returns(ppo):
     variance = [m["critic/explained_variance"] for m in metrics]
     print("value loss:", [round(v, 4) for v in losses], "explained variance:", [round(v, 3) for v in variance])
     # the critic's raw loss follows the returns' variance, which grows as the rewards move away from 0 toward 0.5;
-    # the share of that variance the critic explains is what it learned: from below zero to clearly above it
-    assert sum(variance[-5:]) / 5 > max(0.05, sum(variance[:5]) / 5 + 0.1), variance
+    # the share of that variance the critic explains is what it learned: the untrained critic's at step 1 (its
+    # values were computed before its first update) against the trained one's over the last 10 steps. (The first
+    # five steps' mean is no baseline: the critic learns within a step or two, and a step-to-step spread of +-0.1
+    # made the comparison of two five-step means fail on a run that learned; seen once in CI, 2026-12-08.)
+    assert sum(variance[-10:]) / 10 > max(0.05, variance[0] + 0.1), variance
     assert all(v >= 0 for v in losses)
     for key in ("critic/clip_fraction", "critic/values_mean", "returns/mean", "returns/std", "advantages/raw_mean",
                 "advantages/raw_std", "critic/lr", "kl_ctrl/coef", "kl_ctrl/kl_per_token"):
